@@ -1,0 +1,143 @@
+"""Image files in, tensors out, and back: decoding any common file to 8-bit RGB, listing folders.
+
+    img = load_rgb("photo.tif")            # PIL RGB, or raises BadImage naming the file and why
+    x = to_tensor(img)                     # (3, H, W) float in [-1, 1]
+    save_grid([orig, recon], "grid.png")   # rows of [-1, 1] batches side by side
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".jfif"}
+
+
+class BadImage(ValueError):
+    """An input that cannot be used as an RGB image; the message names the file and the reason."""
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Every image file below `folder` (recursive, by extension), sorted for reproducibility."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found below {folder}")
+    return files
+
+
+def _to_8bit_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: alpha composited on white, 16-bit/float scaled, CMYK/palette converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        if img.mode == "F" and a.max() <= 1.0:
+            top = 1.0
+        a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if img.mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def load_rgb(source, max_pixels: int = 100_000_000, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode a path, bytes or PIL image to an 8-bit RGB PIL image, or raise BadImage.
+
+    `draft_size` lets JPEG decode at a reduced scale when the caller will downscale anyway.
+    """
+    name = str(source) if isinstance(source, (str, Path)) else f"<{type(source).__name__}>"
+    try:
+        if isinstance(source, Image.Image):
+            img = source
+        else:
+            if isinstance(source, (bytes, bytearray)):
+                import io
+                source = io.BytesIO(source)
+            elif os.path.getsize(source) == 0:
+                raise BadImage(f"{name}: empty file (0 bytes)")
+            img = Image.open(source)
+        w, h = img.size
+        if w * h > max_pixels:
+            raise BadImage(f"{name}: {w}x{h} = {w * h} pixels exceeds max_image_pixels={max_pixels}")
+        if w < 1 or h < 1:
+            raise BadImage(f"{name}: empty image {w}x{h}")
+        if draft_size is not None and img.format == "JPEG":
+            img.draft("RGB", draft_size)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's palette/EXIF chatter
+            img.load()  # decode now, so a truncated file fails here and not later
+        return _to_8bit_rgb(img)
+    except BadImage:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, MemoryError) as e:
+        raise BadImage(f"{name}: cannot decode ({type(e).__name__}: {e})") from e
+
+
+# truncated files must raise, not decode half an image silently
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+Image.MAX_IMAGE_PIXELS = None  # we check max_pixels ourselves, with a message that names the file
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float32 in [-1, 1]"""
+    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    return a.permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float -> uint8 in [0, 255], rounded (what a saved PNG holds)"""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] -> PIL RGB"""
+    return Image.fromarray(to_uint8(x).permute(1, 2, 0).cpu().numpy())
+
+
+def atomic_save_image(img: Image.Image, path: str | Path, **kwargs) -> None:
+    """Write an image through a temporary file and a rename, so no half-written file is left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        img.save(tmp, **kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def make_grid(rows: Sequence[torch.Tensor], pad: int = 2) -> Image.Image:
+    """rows: tensors (N, 3, H, W) in [-1, 1] of equal shape; column i of row r is rows[r][i]."""
+    import torchvision.utils as vutils
+
+    n = rows[0].shape[0]
+    stacked = torch.stack([r.detach().float().cpu() for r in rows], dim=0)  # (R, N, 3, H, W)
+    flat = stacked.reshape(-1, *stacked.shape[2:])
+    grid = vutils.make_grid(flat.clamp(-1, 1), nrow=n, padding=pad, normalize=True, value_range=(-1, 1), pad_value=1.0)
+    return to_pil(grid * 2 - 1)
+
+
+def center_crop_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Crop (…, H, W) centrally so that H and W are multiples of `multiple`."""
+    h, w = x.shape[-2:]
+    nh, nw = h - h % multiple, w - w % multiple
+    if nh == 0 or nw == 0:
+        raise ValueError(f"image {w}x{h} is smaller than the downsampling factor {multiple}")
+    top, left = (h - nh) // 2, (w - nw) // 2
+    return x[..., top:top + nh, left:left + nw]

@@ -1,0 +1,65 @@
+"""Loading autoencoders from disk, whatever form they come in.
+
+    vae = load_autoencoder("path/to/diffusers-folder")   # AutoencoderKL or AutoencoderTiny
+    vae = load_autoencoder("runs/quickstart")            # newest checkpoint of a run (EMA weights)
+
+Only safetensors and JSON are read; nothing is unpickled.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffusers import AutoencoderKL
+
+from . import checkpoint as ckpt
+from .config import config_from_dict
+from .model import AUTOENCODER_CLASSES, diffusers_kwargs
+
+
+class NotAnAutoencoder(ValueError):
+    """A path that holds no autoencoder we can load; the message says what was expected."""
+
+
+def load_from_checkpoint(path: str | Path, weights: str = "ema") -> AutoencoderKL:
+    """The VAE of a training checkpoint (or a run's newest), with its EMA or raw weights."""
+    found = ckpt.find_checkpoint(path)
+    state = ckpt.read_state(found)
+    cfg = config_from_dict(state["config"])
+    vae = AutoencoderKL(**diffusers_kwargs(cfg.model))
+    name = {"ema": "ema.safetensors", "raw": "model.safetensors"}.get(weights)
+    if name is None:
+        raise ValueError(f"unknown weights {weights!r}; valid choices: ema, raw")
+    file = found / name
+    if weights == "ema" and not file.is_file():
+        raise FileNotFoundError(f"{found}: no ema.safetensors (EMA was off in this run); use weights='raw'")
+    vae.load_state_dict(ckpt.load_tensors(file), strict=True)
+    return vae.eval()
+
+
+def load_diffusers_folder(path: str | Path):
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise NotAnAutoencoder(f"{path}/config.json: unreadable ({e})") from e
+    cls_name = config.get("_class_name")
+    if cls_name not in AUTOENCODER_CLASSES:
+        raise NotAnAutoencoder(f"{path}/config.json: _class_name is {cls_name!r}; expected one of "
+                               f"{', '.join(AUTOENCODER_CLASSES)}")
+    if not any(path.glob("*.safetensors")):
+        raise NotAnAutoencoder(f"{path}: no .safetensors weights (only safetensors are loaded, never pickles)")
+    return AUTOENCODER_CLASSES[cls_name].from_pretrained(str(path), use_safetensors=True).eval()
+
+
+def load_autoencoder(path: str | Path):
+    """A diffusers folder, a training run or checkpoint, as an eval-mode diffusers autoencoder."""
+    path = Path(path)
+    if not path.exists():
+        raise NotAnAutoencoder(f"{path} does not exist")
+    if path.is_dir() and (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
+        return load_diffusers_folder(path)
+    if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "state.json").is_file()):
+        return load_from_checkpoint(path)
+    raise NotAnAutoencoder(f"{path}: not a diffusers autoencoder folder (config.json + *.safetensors) "
+                           "nor a latentvae training run or checkpoint")

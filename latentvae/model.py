@@ -1,0 +1,85 @@
+"""The network: `diffusers.AutoencoderKL` built from a ModelConfig, or loaded from disk.
+
+Also a small uniform interface over the diffusers autoencoders we use (AutoencoderKL and, for
+the TAESD references, AutoencoderTiny), so evaluation and encoding treat them alike:
+
+    vae = build_vae(cfg.model)                  # random init
+    mean, logvar = encode_moments(vae, x)       # x in [-1, 1], (B, 3, H, W) -> (B, C, H/f, W/f)
+    x_hat = decode(vae, mean)                   # raw (unscaled) latents -> [-1, 1]
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from diffusers import AutoencoderKL, AutoencoderTiny
+
+from .config import ModelConfig
+
+AUTOENCODER_CLASSES = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
+
+
+def diffusers_kwargs(m: ModelConfig) -> dict:
+    """ModelConfig -> AutoencoderKL constructor arguments (= its saved config.json)."""
+    n = len(m.block_out_channels)
+    return dict(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(m.block_out_channels), layers_per_block=m.layers_per_block,
+        latent_channels=m.latent_channels, norm_num_groups=m.norm_num_groups,
+        use_quant_conv=m.use_quant_conv, use_post_quant_conv=m.use_post_quant_conv,
+        mid_block_add_attention=m.mid_block_add_attention,
+    )
+
+
+def build_vae(m: ModelConfig) -> AutoencoderKL:
+    """A randomly initialised AutoencoderKL, or the one `m.init_from` points to."""
+    if m.init_from:
+        from .io import load_autoencoder  # local import: io imports this module
+        vae = load_autoencoder(m.init_from)
+        if not isinstance(vae, AutoencoderKL):
+            raise ValueError(f"model.init_from={m.init_from}: training needs an AutoencoderKL, got {type(vae).__name__}")
+    else:
+        vae = AutoencoderKL(**diffusers_kwargs(m))
+    if m.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    if m.train_decoder_only:
+        for module in (vae.encoder, vae.quant_conv):
+            if module is not None:
+                module.requires_grad_(False)
+    return vae
+
+
+def downsample_factor(vae) -> int:
+    if isinstance(vae, AutoencoderTiny):
+        return 2 ** sum(1 for m in vae.encoder.layers if isinstance(m, torch.nn.Conv2d) and m.stride[0] == 2)
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def latent_channels(vae) -> int:
+    return vae.config.latent_channels
+
+
+def encode_moments(vae, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """[-1, 1] images -> (mean, logvar) of the posterior; logvar is None for deterministic encoders."""
+    if isinstance(vae, AutoencoderTiny):
+        return vae.encode(x).latents, None
+    dist = vae.encode(x).latent_dist
+    return dist.mean, dist.logvar
+
+
+def decode(vae, z: torch.Tensor) -> torch.Tensor:
+    """raw latents -> [-1, 1] images"""
+    return vae.decode(z).sample
+
+
+def last_decoder_layer(vae: AutoencoderKL) -> torch.nn.Parameter:
+    """The weight whose gradient norms set the adaptive GAN weight (LDM's `get_last_layer`)."""
+    return vae.decoder.conv_out.weight
+
+
+def describe(vae) -> str:
+    n = sum(p.numel() for p in vae.parameters())
+    return (f"{type(vae).__name__}: {n / 1e6:.2f}M parameters, {latent_channels(vae)} latent channels, "
+            f"/{downsample_factor(vae)}")
+

@@ -1,0 +1,80 @@
+"""Configs: presets, YAML + --set overrides, and errors that name the valid keys and choices."""
+import pytest
+import yaml
+
+from latentvae.config import MODEL_PRESETS, Config, ConfigError, config_from_dict, load_config
+from latentvae.losses import D_LOSSES, G_LOSSES, RECON_LOSSES
+from latentvae.model import build_vae, downsample_factor
+
+
+def test_sd_and_flux_presets_match_the_real_architectures():
+    sd = load_config(None, ["model.preset=sd"]).model
+    assert sd.block_out_channels == (128, 256, 512, 512) and sd.layers_per_block == 2
+    assert sd.latent_channels == 4 and sd.use_quant_conv
+    flux = load_config(None, ["model.preset=flux"]).model
+    assert flux.block_out_channels == (128, 256, 512, 512) and flux.latent_channels == 16
+    assert not flux.use_quant_conv and not flux.use_post_quant_conv
+
+
+def test_sd_preset_builds_the_stable_diffusion_vae_shape():
+    vae = build_vae(load_config(None, ["model.preset=sd"]).model)
+    assert downsample_factor(vae) == 8
+    assert 83e6 < sum(p.numel() for p in vae.parameters()) < 84e6  # SD VAE: 83.65M parameters
+
+
+def test_yaml_then_set_overrides_in_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"preset": "tiny", "latent_channels": 8}, "train": {"lr": 0.5}}))
+    cfg = load_config(path, ["train.lr=1e-4", "train.betas=[0.9, 0.99]", "loss.lpips_dir=null"])
+    assert cfg.model.block_out_channels == MODEL_PRESETS["tiny"]["block_out_channels"]
+    assert cfg.model.latent_channels == 8  # YAML key beside the preset wins over the preset
+    assert cfg.train.lr == 1e-4 and cfg.train.betas == (0.9, 0.99) and cfg.loss.lpips_dir is None
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.lrr=1", "unknown key train.lrr; valid keys in 'train': seed, steps"),
+    ("trian.lr=1", "unknown section 'trian'; valid sections: model, loss, data, train"),
+    ("train.steps=ten", "train.steps: expected an integer, got 'ten'"),
+    ("train.steps=1.5", "train.steps: expected an integer"),
+    ("train.channels_last=maybe", "train.channels_last: expected true or false"),
+    ("loss.recon=l3", "loss.recon: unknown choice 'l3'; valid choices: l1, mse"),
+    ("loss.gan_loss=wgan", "valid choices: hinge, vanilla"),
+    ("model.preset=sdxl-huge", "valid choices: sd, flux, small"),
+    ("train.mixed_precision=fp8", "valid choices: auto, no, bf16, fp16"),
+    ("data.resolution=100", "multiple of the downsampling factor 8"),
+    ("train.ema_decay=1.5", "train.ema_decay must be in [0, 1)"),
+    ("lr=1", "expected section.key=value"),
+])
+def test_bad_overrides_fail_at_once_naming_the_valid_ones(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert needle in str(e.value)
+
+
+def test_bad_yaml_key_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  resolutoin: 64\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*|unknown key data.resolutoin"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_string_choices_match_the_function_tables():
+    import typing
+    from latentvae.config import LossConfig
+    hints = typing.get_type_hints(LossConfig)
+    assert set(typing.get_args(hints["recon"])) == set(RECON_LOSSES)
+    assert set(typing.get_args(hints["gan_loss"])) == set(D_LOSSES) == set(G_LOSSES)
+
+
+def test_saved_config_round_trips():
+    cfg = load_config(None, ["model.preset=flux", "train.lr=3e-5"])
+    assert config_from_dict(cfg.to_dict()) == cfg
+    assert Config() == config_from_dict(Config().to_dict())
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+    for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
+        load_config(path)

@@ -1,0 +1,159 @@
+"""Each loss term trains what it should and nothing else; the adaptive GAN weight; LPIPS sanity."""
+import pytest
+import torch
+from torchvision.transforms.functional import gaussian_blur
+
+from latentvae.config import LossConfig, load_config
+from latentvae.discriminator import PatchDiscriminator
+from latentvae.losses import adaptive_weight, discriminator_loss, generator_loss, kl_to_standard_normal
+from latentvae.model import build_vae, last_decoder_layer
+from latentvae.perceptual import LPIPSWeightsError, load_lpips, lpips_distance
+from latentvae.trainer import Autoencoder
+
+
+def _grad_groups(vae, disc=None):
+    groups = {
+        "encoder": list(vae.encoder.parameters()) + list(vae.quant_conv.parameters()),
+        "decoder": list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters()),
+    }
+    if disc is not None:
+        groups["disc"] = list(disc.parameters())
+    return {k: sum(float(p.grad.abs().sum()) for p in ps if p.grad is not None) for k, ps in groups.items()}
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    vae = build_vae(load_config(None, ["model.preset=test"]).model)
+    ae = Autoencoder(vae, stochastic=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    return vae, ae, x
+
+
+def _only(**weights):
+    base = dict(recon_weight=0.0, lpips_weight=0.0, kl_weight=0.0, gan_weight=1.0, adaptive_weight=False)
+    base.update(weights)
+    return LossConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def lpips_alex():
+    from conftest import LPIPS_DIR
+    if LPIPS_DIR is None:
+        pytest.skip("no offline LPIPS weights")
+    return load_lpips("alex", LPIPS_DIR)
+
+
+@pytest.mark.parametrize("term, expect", [
+    ("recon", {"encoder", "decoder"}),
+    ("lpips", {"encoder", "decoder"}),
+    ("kl", {"encoder"}),
+])
+def test_each_term_sends_gradient_where_it_should(term, expect, lpips_alex):
+    vae, ae, x = _setup()
+    cfg = _only(**{"recon": dict(recon_weight=1.0), "lpips": dict(lpips_weight=1.0), "kl": dict(kl_weight=1.0)}[term])
+    x_hat, mean, logvar = ae(x)
+    loss, _ = generator_loss(cfg, x, x_hat, mean, logvar, step=0, lpips=lpips_alex)
+    loss.backward()
+    got = _grad_groups(vae)
+    assert {k for k, v in got.items() if v > 0} == expect, got
+    assert all(p.grad is None for p in lpips_alex.parameters())  # LPIPS itself stays frozen
+
+
+def test_gan_term_trains_the_vae_and_not_the_discriminator():
+    vae, ae, x = _setup()
+    disc = PatchDiscriminator(layers=2, channels=8)
+    x_hat, mean, logvar = ae(x)
+    disc.requires_grad_(False)  # as Trainer.generator_step does
+    loss, logs = generator_loss(_only(), x, x_hat, mean, logvar, step=0, disc=disc)
+    loss.backward()
+    got = _grad_groups(vae, disc)
+    assert got["decoder"] > 0 and got["encoder"] > 0 and got["disc"] == 0
+    assert "g_loss" in logs
+
+
+def test_discriminator_loss_sees_detached_reconstructions():
+    vae, ae, x = _setup()
+    disc = PatchDiscriminator(layers=2, channels=8)
+    x_hat, _, _ = ae(x)
+    d, logs = discriminator_loss(LossConfig(gan=True), disc, x, x_hat)
+    d.backward()
+    got = _grad_groups(vae, disc)
+    assert got["disc"] > 0 and got["encoder"] == 0 and got["decoder"] == 0
+    assert set(logs) == {"d_loss", "logits_real", "logits_fake"}
+
+
+def test_adaptive_weight_matches_a_hand_computation():
+    torch.manual_seed(0)
+    w = torch.randn(3, 4, requires_grad=True)
+    h = torch.randn(5, 4)
+    out = h @ w.T  # (5, 3)
+    rec = out.square().mean()
+    g = -(out * torch.tensor([1.0, -2.0, 0.5])).mean()
+    # by hand: d rec/dW = 2/15 * out^T h ; d g/dW = -c_i * sum_n h_n / 15
+    rec_grad = 2.0 / 15 * out.detach().T @ h
+    g_grad = -torch.tensor([1.0, -2.0, 0.5])[:, None] * h.sum(0)[None, :] / 15
+    expected = rec_grad.norm() / (g_grad.norm() + 1e-4)
+    got = adaptive_weight(rec, g, w)
+    assert torch.allclose(got, expected, rtol=1e-5)
+    assert not got.requires_grad
+
+
+def test_adaptive_weight_at_the_decoder_last_layer_balances_the_terms():
+    vae, ae, x = _setup()
+    disc = PatchDiscriminator(layers=2, channels=8).requires_grad_(False)
+    x_hat, mean, logvar = ae(x)
+    cfg = LossConfig(recon_weight=1.0, lpips_weight=0.0, kl_weight=0.0, gan_weight=0.5, adaptive_weight=True)
+    _, logs = generator_loss(cfg, x, x_hat, mean, logvar, 0, disc=disc, last_layer=last_decoder_layer(vae))
+    last = last_decoder_layer(vae)
+    rec = (x_hat - x).abs().mean()
+    g = -disc(x_hat).mean()
+    gr = torch.autograd.grad(rec, last, retain_graph=True)[0]
+    gg = torch.autograd.grad(g, last, retain_graph=True)[0]
+    assert torch.allclose(logs["d_weight"], 0.5 * gr.norm() / (gg.norm() + 1e-4), rtol=1e-4)
+
+
+def test_kl_is_zero_exactly_at_the_prior_and_positive_elsewhere():
+    zeros = torch.zeros(1, 4, 2, 2)
+    assert kl_to_standard_normal(zeros, zeros).abs().max() == 0
+    assert (kl_to_standard_normal(zeros + 1, zeros) > 0).all()
+    assert (kl_to_standard_normal(zeros, zeros - 2) > 0).all()
+
+
+def test_autoencoder_mode_is_deterministic_and_vae_mode_samples():
+    vae, _, x = _setup()
+    ae, sampling = Autoencoder(vae, stochastic=False), Autoencoder(vae, stochastic=True)
+    with torch.no_grad():
+        assert torch.equal(ae(x)[0], ae(x)[0])
+        assert not torch.equal(sampling(x)[0], sampling(x)[0])
+
+
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_lpips_is_zero_on_identity_and_grows_with_blur(net):
+    from conftest import LPIPS_DIR, make_photo
+    from latentvae.images import to_tensor
+    if LPIPS_DIR is None:
+        pytest.skip("no offline LPIPS weights")
+    model = load_lpips(net, LPIPS_DIR)
+    x = torch.stack([to_tensor(make_photo((64, 64), seed=s)) for s in range(2)])
+    assert lpips_distance(model, x, x).abs().max() < 1e-6
+    dists = [float(lpips_distance(model, x, gaussian_blur(x, 9, sigma)).mean()) for sigma in (0.5, 1.0, 2.0, 4.0)]
+    assert all(a < b for a, b in zip(dists, dists[1:])), dists
+
+
+def test_lpips_without_weights_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.delenv("LATENTVAE_LPIPS_DIR", raising=False)
+    with pytest.raises(LPIPSWeightsError, match="vgg16_features.safetensors does not exist"):
+        load_lpips("vgg", str(tmp_path))
+    monkeypatch.setenv("LATENTVAE_LPIPS_DIR", str(tmp_path / "nope"))
+    with pytest.raises(LPIPSWeightsError, match="LATENTVAE_LPIPS_DIR=.*is not a folder"):
+        load_lpips("alex")
+    # no folder at all: torchvision's loader is tried; offline it must fail loudly, never go random
+    monkeypatch.delenv("LATENTVAE_LPIPS_DIR")
+    import torchvision.models as tvm
+    def offline(*a, **k):
+        raise OSError("no network")
+    monkeypatch.setattr(tvm, "alexnet", offline)
+    monkeypatch.setattr("lpips.pretrained_networks.tv.alexnet", offline)
+    with pytest.raises(LPIPSWeightsError, match="torchvision could not load"):
+        load_lpips("alex")
+

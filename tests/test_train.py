@@ -1,0 +1,117 @@
+"""Training end to end on tiny configs: exact resume, skipped non-finite steps, checkpoints."""
+import json
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+
+from latentvae import checkpoint as ckpt
+from latentvae.trainer import NonFiniteError, Trainer
+
+
+def _run(cfg, out, resume=None):
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    trainer = Trainer(cfg, out, resume=resume, show_progress=False)
+    trainer.run()
+    return trainer
+
+
+def _tensors(path):
+    return {f.name: ckpt.load_tensors(f) for f in sorted(path.glob("*.safetensors"))}
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_config, tmp_path):
+    cfg = tiny_config(**{"loss.gan": "true", "loss.gan_start": "2", "train.lr_schedule": "cosine",
+                         "train.lr_warmup_steps": "2", "train.grad_accum": "2", "train.ema_decay": "0.9",
+                         "loss.lpips_crop": "32", "data.resolution": "48"})
+    _run(cfg, tmp_path / "a")
+    full = ckpt.final_dir(tmp_path / "a", 6)
+    # "crash" after step 3: keep only that checkpoint, resume with a different worker count
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(ckpt.final_dir(tmp_path / "b", 6))
+    _run(replace(cfg, data=replace(cfg.data, num_workers=1)), tmp_path / "b", resume="latest")
+    resumed = ckpt.final_dir(tmp_path / "b", 6)
+    a, b = _tensors(full), _tensors(resumed)
+    assert set(a) == {"model.safetensors", "ema.safetensors", "disc.safetensors", "optim-g.safetensors",
+                      "optim-d.safetensors", "rng-rank0.safetensors"}
+    for name in a:
+        for key in a[name]:
+            assert torch.allclose(a[name][key].float(), b[name][key].float(), atol=1e-6, rtol=0), (name, key)
+    sa, sb = ckpt.read_state(full), ckpt.read_state(resumed)
+    assert sa["micro_step"] == sb["micro_step"] == 12 and sa["scheduler_g"] == sb["scheduler_g"]
+    # and training did move the weights
+    first = _tensors(ckpt.final_dir(tmp_path / "b", 3))["model.safetensors"]
+    assert any(not torch.equal(first[k], a["model.safetensors"][k]) for k in first)
+
+
+def test_run_folder_holds_checkpoints_logs_grids_and_rotates(tiny_config, tmp_path):
+    cfg = tiny_config(**{"train.steps": "8", "train.save_every": "2", "train.keep_last": "2"})
+    _run(cfg, tmp_path / "r")
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path / "r")]
+    assert names == ["checkpoint-00000006", "checkpoint-00000008"]
+    assert not [p for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in (tmp_path / "r" / "samples").glob("*.png"))[-1] == "recon-00000008.png"
+    assert list((tmp_path / "r" / "tb").rglob("events.out.tfevents.*"))
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["model"]["preset"] == "test"
+
+
+def test_interrupted_checkpoint_write_is_never_taken_as_complete(tiny_config, tmp_path, monkeypatch):
+    cfg = tiny_config(**{"train.steps": "4", "train.save_every": "2"})
+    calls = {"n": 0}
+    real = ckpt.write_json
+
+    def crash_on_second_state(path, data):
+        if path.name == "state.json":
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError("disk full")
+        return real(path, data)
+
+    monkeypatch.setattr(ckpt, "write_json", crash_on_second_state)
+    with pytest.raises(OSError, match="disk full"):
+        _run(cfg, tmp_path / "r")
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "r")] == ["checkpoint-00000002"]
+    assert ckpt.find_checkpoint(tmp_path / "r").name == "checkpoint-00000002"
+    monkeypatch.setattr(ckpt, "write_json", real)
+    _run(cfg, tmp_path / "r", resume="latest")  # leftovers cleaned, run completes
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "r")][-1] == "checkpoint-00000004"
+
+
+def test_nonfinite_steps_are_skipped_counted_and_eventually_stop_the_run(tiny_config, tmp_path, monkeypatch):
+    import latentvae.trainer as tr
+    real = tr.generator_loss
+    poison = {"from_step": 3, "calls": 0}
+
+    def sometimes_nan(cfg, x, *a, **k):
+        loss, logs = real(cfg, x, *a, **k)
+        poison["calls"] += 1
+        if poison["calls"] == 2 or poison["calls"] > poison["from_step"]:
+            loss = loss * float("nan")
+        return loss, logs
+
+    monkeypatch.setattr(tr, "generator_loss", sometimes_nan)
+    cfg = tiny_config(**{"train.steps": "50", "train.save_every": "100", "train.max_nonfinite_in_row": "4"})
+    with pytest.raises(NonFiniteError, match="4 consecutive updates had non-finite gradients"):
+        _run(cfg, tmp_path / "r")
+    last = ckpt.find_checkpoint(tmp_path / "r")
+    state = ckpt.read_state(last)
+    assert state["step"] == 2 and state["nonfinite_total"] == 5 and state["nonfinite_in_row"] == 4
+    weights = ckpt.load_tensors(last / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_decoder_only_training_leaves_the_encoder_untouched(tiny_config, tmp_path):
+    cfg = tiny_config(**{"model.train_decoder_only": "true", "train.steps": "3", "train.save_every": "3"})
+    t = _run(cfg, tmp_path / "r")
+    first = _tensors(tmp_path / "r" / "checkpoints" / "checkpoint-00000003")["model.safetensors"]
+    torch.manual_seed(cfg.train.seed)
+    from latentvae.model import build_vae
+    init = build_vae(cfg.model).state_dict()
+    for k, v in first.items():
+        if k.startswith(("encoder.", "quant_conv.")):
+            assert torch.equal(v, init[k]), k
+    assert any(not torch.equal(first[k], init[k]) for k in first if k.startswith("decoder."))
+    assert all(not p.requires_grad for p in t.vae.encoder.parameters())
