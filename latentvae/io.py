@@ -2,8 +2,11 @@
 
     vae = load_autoencoder("path/to/diffusers-folder")   # AutoencoderKL or AutoencoderTiny
     vae = load_autoencoder("runs/quickstart")            # newest checkpoint of a run (EMA weights)
+    vae = load_autoencoder("sd-vae-ft-mse.safetensors")  # original LDM / SD key names (convert.py)
+    vae = load_autoencoder("taesd:flux")                 # TAESD reference, AutoencoderTiny (convert.py)
 
-Only safetensors and JSON are read; nothing is unpickled.
+Only safetensors and JSON are read (and torch files only with `weights_only=True`); nothing is
+unpickled.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from pathlib import Path
 from diffusers import AutoencoderKL
 
 from . import checkpoint as ckpt
+from . import convert
 from .config import config_from_dict
 from .model import AUTOENCODER_CLASSES, diffusers_kwargs
 
@@ -25,8 +29,10 @@ def load_from_checkpoint(path: str | Path, weights: str = "ema") -> AutoencoderK
     """The VAE of a training checkpoint (or a run's newest), with its EMA or raw weights."""
     found = ckpt.find_checkpoint(path)
     state = ckpt.read_state(found)
-    cfg = config_from_dict(state["config"])
-    vae = AutoencoderKL(**diffusers_kwargs(cfg.model))
+    if "vae_config" in state:  # the architecture actually trained (also with model.init_from)
+        vae = AutoencoderKL.from_config(state["vae_config"])
+    else:
+        vae = AutoencoderKL(**diffusers_kwargs(config_from_dict(state["config"]).model))
     name = {"ema": "ema.safetensors", "raw": "model.safetensors"}.get(weights)
     if name is None:
         raise ValueError(f"unknown weights {weights!r}; valid choices: ema, raw")
@@ -52,14 +58,32 @@ def load_diffusers_folder(path: str | Path):
     return AUTOENCODER_CLASSES[cls_name].from_pretrained(str(path), use_safetensors=True).eval()
 
 
-def load_autoencoder(path: str | Path):
-    """A diffusers folder, a training run or checkpoint, as an eval-mode diffusers autoencoder."""
+def load_autoencoder(path: str | Path, taesd_dir: str | Path | None = None, weights: str = "ema",
+                     norm_num_groups: int = 32):
+    """Any supported form, as an eval-mode diffusers autoencoder:
+
+    `taesd:sd|sdxl|sd3|flux` (from `taesd_dir`, $LATENTVAE_TAESD_DIR or ../shared/weights/taesd),
+    an LDM/SD VAE weight file (`norm_num_groups` is not stored in it; all SD-family VAEs use 32),
+    a diffusers folder, or a training run / checkpoint (`weights`: ema or raw).
+    """
+    if str(path).startswith(convert.TAESD_PREFIX):
+        try:
+            return convert.load_taesd(str(path), taesd_dir)
+        except (ValueError, FileNotFoundError) as e:
+            raise NotAnAutoencoder(str(e)) from e
     path = Path(path)
     if not path.exists():
-        raise NotAnAutoencoder(f"{path} does not exist")
+        raise NotAnAutoencoder(f"{path} does not exist (expected a diffusers folder, a training run or checkpoint, "
+                               f"an LDM .safetensors file, or one of "
+                               f"{', '.join(convert.TAESD_PREFIX + v for v in convert.TAESD_VARIANTS)})")
+    if path.is_file():
+        try:
+            return convert.load_ldm_vae(path, norm_num_groups)
+        except convert.ConversionError as e:
+            raise NotAnAutoencoder(str(e)) from e
     if path.is_dir() and (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
         return load_diffusers_folder(path)
     if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "state.json").is_file()):
-        return load_from_checkpoint(path)
+        return load_from_checkpoint(path, weights)
     raise NotAnAutoencoder(f"{path}: not a diffusers autoencoder folder (config.json + *.safetensors) "
                            "nor a latentvae training run or checkpoint")

@@ -103,6 +103,8 @@ class Trainer:
             mixed_precision=resolve_mixed_precision(t.mixed_precision, device_type),
             gradient_accumulation_steps=t.grad_accum, log_with="tensorboard", project_dir=str(self.out))
         self.channels_last = resolve_channels_last(t.channels_last, self.acc.device.type)
+        if self.acc.device.type == "cpu":
+            torch.set_num_threads(t.cpu_threads or cpu_threads_per_process(self.acc.num_processes))
         self.show_progress = show_progress
         set_seed(t.seed)  # identical initial weights on every process
         self.state = TrainState()
@@ -328,7 +330,7 @@ class Trainer:
         with self.acc.autocast():
             mean = vae.encode(x).latent_dist.mean
             x_hat = vae.decode(mean).sample.float().clamp(-1, 1)
-        err = (x_hat - x).abs() * 2 - 1
+        err = ((x_hat - x).abs().mean(1, keepdim=True).expand_as(x) * 2).clamp(0, 1) * 2 - 1  # |error| x2, gray
         grid = make_grid([x, x_hat, err])
         path = self.out / "samples" / f"recon-{self.state.step:08d}.png"
         atomic_save_image(grid, path)
@@ -370,6 +372,8 @@ class Trainer:
                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                 "ema_optimization_step": self.ema.optimization_step if self.ema is not None else None,
                 "config": self.cfg.to_dict(),
+                # the architecture actually trained (with model.init_from it comes from that folder)
+                "vae_config": {k: v for k, v in self.vae.config.items() if not k.startswith("_")},
             }
             ckpt.write_json(tmp / "state.json", state)  # last: marks the folder complete
             final = ckpt.commit(self.out, st.step, self.cfg.train.keep_last)
@@ -405,6 +409,13 @@ class Trainer:
                                 nonfinite_total=state["nonfinite_total"], nonfinite_in_row=state["nonfinite_in_row"],
                                 bad_images=list(state["bad_images"]))
         self.acc.print(f"resumed from {path} at step {self.state.step}")
+
+
+def cpu_threads_per_process(num_processes: int) -> int:
+    import os
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))
+    return max(1, cores // max(1, local))
 
 
 def _env_cpu() -> bool:

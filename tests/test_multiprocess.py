@@ -22,7 +22,7 @@ def _launch(nproc, out, overrides, tmp_path):
 
 
 def test_two_ranks_hold_identical_weights_equal_to_one_rank_with_twice_the_batch(image_folder, tmp_path):
-    extra = {"model.mode": "ae", "train.steps": "4", "train.save_every": "4", "train.image_every": "4"}
+    extra = {"model.mode": "ae", "train.cpu_threads": "1", "train.steps": "4", "train.save_every": "4", "train.image_every": "4"}
     if LPIPS_DIR:
         extra["loss.lpips_dir"] = LPIPS_DIR
     else:
@@ -34,12 +34,24 @@ def test_two_ranks_hold_identical_weights_equal_to_one_rank_with_twice_the_batch
         assert torch.equal(r0[k], r1[k]), k
     _launch(1, tmp_path / "one", tiny_overrides(image_folder, **{**extra, "train.batch_size": "4"}), tmp_path)
     one = load_file(str(tmp_path / "one" / "final-rank0.safetensors"))
-    init = None
-    for k in r0:
-        assert torch.allclose(r0[k], one[k], atol=2e-5, rtol=1e-4), (k, (r0[k] - one[k]).abs().max())
-    # the run trained: weights moved from the seed's initialisation
     from latentvae.config import load_config
     from latentvae.model import build_vae
     torch.manual_seed(0)
     init = build_vae(load_config(None, ["model.preset=test"]).model).state_dict()
-    assert any(not torch.allclose(init[k], r0[k]) for k in r0)
+    for k in r0:
+        # equal up to summation order; Adam can turn a rounding difference in a near-zero gradient
+        # into a full step on that element, so compare norms against how far training moved
+        moved = (one[k] - init[k]).norm()
+        assert moved > 0, k
+        assert (r0[k] - one[k]).norm() <= 1e-6 + 0.02 * moved, (k, float((r0[k] - one[k]).norm()), float(moved))
+
+
+def test_two_ranks_with_the_gan_and_accumulation_stay_in_sync(image_folder, tmp_path):
+    extra = {"loss.gan": "true", "loss.gan_start": "1", "train.grad_accum": "2", "train.steps": "3",
+             "train.save_every": "3", "train.image_every": "3", "loss.lpips_weight": "0"}
+    _launch(2, tmp_path / "gan", tiny_overrides(image_folder, **extra), tmp_path)
+    r0, r1 = (load_file(str(tmp_path / "gan" / f"final-rank{r}.safetensors")) for r in (0, 1))
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+    disc = load_file(str(next((tmp_path / "gan" / "checkpoints").glob("checkpoint-*")) / "disc.safetensors"))
+    assert disc  # the discriminator trained and was saved

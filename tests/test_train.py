@@ -115,3 +115,19 @@ def test_decoder_only_training_leaves_the_encoder_untouched(tiny_config, tmp_pat
             assert torch.equal(v, init[k]), k
     assert any(not torch.equal(first[k], init[k]) for k in first if k.startswith("decoder."))
     assert all(not p.requires_grad for p in t.vae.encoder.parameters())
+
+
+def test_init_from_a_diffusers_folder_starts_from_its_weights(tiny_config, tmp_path):
+    from diffusers import AutoencoderKL
+    from latentvae.model import diffusers_kwargs
+    cfg = tiny_config(**{"train.steps": "1", "train.save_every": "1", "train.lr": "1e-12", "train.ema_decay": "0"})
+    torch.manual_seed(123)
+    pretrained = AutoencoderKL(**diffusers_kwargs(cfg.model))
+    pretrained.save_pretrained(tmp_path / "pre")
+    cfg = replace(cfg, model=replace(cfg.model, init_from=str(tmp_path / "pre")))
+    _run(cfg, tmp_path / "r")
+    trained = _tensors(ckpt.final_dir(tmp_path / "r", 1))["model.safetensors"]
+    for k, v in pretrained.state_dict().items():
+        assert torch.allclose(v, trained[k], atol=1e-6), k  # lr ~ 0: still the pretrained weights
+    state = ckpt.read_state(ckpt.final_dir(tmp_path / "r", 1))
+    assert state["vae_config"]["block_out_channels"] == [8, 16]
