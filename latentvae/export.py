@@ -1,0 +1,332 @@
+"""Export a training run to a diffusers folder, with measured latent statistics and a model card.
+
+    latentvae export runs/quickstart out/my-vae --calibrate data/samples/train
+    latentvae export runs/quickstart/checkpoints/checkpoint-00000300 out/my-vae --weights raw --dtype fp16
+
+OUT gets `config.json` + `diffusion_pytorch_model.safetensors` (loadable by
+`diffusers.AutoencoderKL.from_pretrained(OUT)`), `README.md` (model card: training config, data,
+latent statistics, evaluation figures) and `latentvae_export.json` (the same facts, machine-readable,
+including whether the scaling factors were measured). The folder is written beside OUT under a
+hidden temporary name, reloaded and compared with the training model, and only then renamed into
+place, so a folder named OUT is always complete. See docs/export.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from diffusers import AutoencoderKL
+
+from . import checkpoint as ckpt
+from .calibrate import (CONVENTIONS, CalibrationConfig, Fp16Report, LatentStats, calibrate, fp16_check,
+                        format_fp16, format_stats)
+from .config import config_from_dict
+from .io import load_from_checkpoint
+from .model import decode, downsample_factor, encode_moments
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+WEIGHTS = {"ema": "the EMA of the training weights", "raw": "the training weights themselves"}
+FP32_TOLERANCE = 1e-5
+UNMEASURED_SCALING = 1.0  # identity: diffusers needs some value; 1.0 is not passed off as measured
+METADATA_FILE = "latentvae_export.json"
+
+
+class ExportError(RuntimeError):
+    """The export could not be completed or did not verify; OUT was left untouched."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    weights: str = "ema"  # "ema" or "raw"
+    dtype: str = "fp32"  # key of DTYPES
+    calibrate: Optional[str] = None  # image folder / dataset to measure latent statistics on
+    convention: Optional[str] = None  # key of calibrate.CONVENTIONS; None: by latent channels
+    count: int = 64
+    resolution: int = 256
+    fp16_images: int = 2  # calibration images decoded in fp16 (slow on a CPU)
+    eval_summary: Optional[str] = None  # None: RUN/eval/summary.json when it exists
+    overwrite: bool = False
+
+    def check(self) -> None:
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"unknown weights {self.weights!r}; valid choices: {', '.join(WEIGHTS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; valid choices: {', '.join(DTYPES)}")
+        if self.convention is not None and self.convention not in CONVENTIONS:
+            raise ValueError(f"unknown convention {self.convention!r}; valid choices: {', '.join(CONVENTIONS)}")
+        if self.convention is not None and self.calibrate is None:
+            raise ValueError("--convention chooses how measured factors are written; it needs --calibrate DATA")
+        if self.count <= 0 or self.resolution <= 0:
+            raise ValueError("calibration count and resolution must be positive")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out: Path
+    checkpoint: Path
+    step: int
+    stats: Optional[LatentStats]
+    fp16: Optional[Fp16Report]
+    max_diff: dict[str, float] = field(default_factory=dict)  # encode/decode vs the training model
+
+
+# ----------------------------------------------------------------------------- small pieces
+def run_folder(found_checkpoint: Path) -> Path:
+    """RUN of RUN/checkpoints/checkpoint-XXXXXXXX."""
+    return found_checkpoint.parent.parent
+
+
+def find_eval_summary(found_checkpoint: Path, explicit: Optional[str]) -> Optional[Path]:
+    if explicit is not None:
+        if not Path(explicit).is_file():
+            raise FileNotFoundError(f"--eval-summary {explicit} does not exist")
+        return Path(explicit)
+    default = run_folder(found_checkpoint) / "eval" / "summary.json"
+    return default if default.is_file() else None
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+
+
+def staging_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.tmp-{os.getpid()}"
+
+
+def clean_stale(out: Path) -> None:
+    """Remove hidden leftovers of earlier interrupted exports to OUT."""
+    for p in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def latent_config(stats: Optional[LatentStats], fp16: Optional[Fp16Report]) -> dict[str, Any]:
+    """The diffusers config entries this export sets."""
+    entries = stats.config_entries() if stats else {"scaling_factor": UNMEASURED_SCALING, "shift_factor": None,
+                                                    "latents_mean": None, "latents_std": None}
+    return {**entries, "force_upcast": True if fp16 is None else fp16.force_upcast}
+
+
+def probe_images(vae, n: int = 2) -> torch.Tensor:
+    """Fixed images to compare the export with the training model: seeded, smooth, in [-1, 1]."""
+    f = downsample_factor(vae)
+    g = torch.Generator().manual_seed(0)
+    low = torch.rand(n, 3, 8, 8, generator=g) * 2 - 1
+    return torch.nn.functional.interpolate(low, size=(8 * f, 8 * f), mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def compare(a, b, x: torch.Tensor) -> dict[str, float]:
+    """max |difference| of the encoder means, and of the decodes of a's mean, between two fp32 VAEs."""
+    mean_a, _ = encode_moments(a, x)
+    mean_b, _ = encode_moments(b, x)
+    return {"encode": float((mean_a - mean_b).abs().max()), "decode": float((decode(a, mean_a) - decode(b, mean_a)).abs().max())}
+
+
+def verify(folder: Path, vae: AutoencoderKL, dtype: str) -> dict[str, float]:
+    """Reload `folder` with diffusers; no missing/unexpected keys, weights equal, outputs close."""
+    loaded, info = AutoencoderKL.from_pretrained(str(folder), torch_dtype=DTYPES[dtype], use_safetensors=True,
+                                                 output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v}
+    if problems:
+        raise ExportError(f"{folder}: diffusers reloads it with {problems}")
+    want = {k: v.to(DTYPES[dtype]) for k, v in vae.state_dict().items()}
+    got = loaded.state_dict()
+    if want.keys() != got.keys() or not all(torch.equal(want[k], got[k]) for k in want):
+        raise ExportError(f"{folder}: reloaded weights differ from the training weights cast to {dtype}")
+    # outputs: in fp32 the exported model must reproduce the training model; in fp16/bf16 the
+    # difference is the weight rounding alone (compared in fp32 arithmetic), reported, not bounded
+    diff = compare(vae, loaded.float().eval(), probe_images(vae))
+    if dtype == "fp32" and max(diff.values()) >= FP32_TOLERANCE:
+        raise ExportError(f"{folder}: reloaded fp32 model differs from the training model by {diff} "
+                          f"(tolerance {FP32_TOLERANCE})")
+    return diff
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Rename the verified staging folder to OUT, replacing an old OUT only after that succeeds."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old.exists():
+            os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- the model card
+def data_seen(cfg, state: dict) -> dict[str, Any]:
+    d, t = cfg.data, cfg.train
+    procs = int(state.get("num_processes", 1))
+    seen = {"source": d.source, "kind": d.kind, "split": d.split, "val_source": d.val_source,
+            "resolution": d.resolution, "short_side": [d.short_side_min, d.short_side_max], "flip": d.flip,
+            "steps": int(state["step"]), "processes": procs,
+            "crops_seen": int(state["step"]) * t.batch_size * t.grad_accum * procs,
+            "bad_images": len(state.get("bad_images", []))}
+    if Path(d.source).is_dir():
+        from .images import list_images
+        try:
+            seen["source_files"] = len(list_images(d.source))
+        except FileNotFoundError:
+            pass
+    return seen
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def model_card(meta: dict[str, Any]) -> str:
+    lc, stats, fp16 = meta["latent_config"], meta["latent_statistics"], meta["fp16"]
+    lines = ["---", "library_name: diffusers", "tags: [autoencoder, vae, latentvae]", "---", "",
+             f"# AutoencoderKL exported by latentvae", "",
+             f"From `{meta['checkpoint']}` (step {meta['step']}), {meta['weights']} weights, stored as {meta['dtype']}.",
+             "", "```python", "from diffusers import AutoencoderKL",
+             "vae = AutoencoderKL.from_pretrained(\"path/to/this/folder\")", "```", "", "## Latent scaling", ""]
+    if stats is None:
+        lines += ["**The latent scaling factors were NOT measured** (exported without `--calibrate`).",
+                  f"`config.json` holds `scaling_factor: {UNMEASURED_SCALING}`, an unmeasured placeholder (identity), "
+                  "with no shift_factor / latents_mean / latents_std. Measure them before training a diffusion "
+                  "model: `latentvae export RUN OUT --calibrate IMAGES`."]
+    else:
+        conv = {"sd": "SD/SDXL: the diffusion model sees `z * scaling_factor`",
+                "sd3": "SD3/FLUX: the diffusion model sees `(z - shift_factor) * scaling_factor`"}[stats["convention"]]
+        lines += [f"Measured on {stats['images']} images ({stats['resolution']}px, `{stats['source']}`), "
+                  f"{conv}.", "", "| entry | value |", "|---|---|",
+                  f"| scaling_factor | {lc['scaling_factor']:.6g} |",
+                  f"| shift_factor | {lc['shift_factor'] if lc['shift_factor'] is None else format(lc['shift_factor'], '.6g')} |",
+                  "| latents_mean | " + ", ".join(f"{v:.4g}" for v in lc["latents_mean"]) + " |",
+                  "| latents_std | " + ", ".join(f"{v:.4g}" for v in lc["latents_std"]) + " |", "",
+                  "Latent health: KL per element "
+                  + ("n/a" if stats["health"]["kl_per_element"] is None else f"{stats['health']['kl_per_element']:.4g} nats")
+                  + "; channels carrying no information: " + (", ".join(map(str, stats["health"]["dead_channels"])) or "none")
+                  + "."]
+    lines += ["", "## fp16", "", f"`force_upcast: {lc['force_upcast']}`. "
+              + (fp16["note"] if fp16 else "Not checked (no calibration images): force_upcast kept True.")]
+    lines += ["", "## Data seen in training", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in meta["data"].items()]
+    lines += ["", "## Evaluation", ""]
+    if meta["evaluation"] is None:
+        lines.append("No evaluation summary was found (RUN/eval/summary.json or --eval-summary).")
+    else:
+        lines += [f"From `{meta['evaluation_file']}`:", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in flatten(meta["evaluation"]).items()]
+    lines += ["", "## Training config", "", "```json", json.dumps(meta["training_config"], indent=2, sort_keys=True),
+              "```", "", "## Export check", "",
+              f"Reloaded with `AutoencoderKL.from_pretrained`: no missing or unexpected keys; weights identical to "
+              f"the training weights cast to {meta['dtype']}; max abs difference vs the training model: "
+              + ", ".join(f"{k} {v:.3g}" for k, v in meta["max_abs_diff"].items()) + ".", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the export
+def measure(vae: AutoencoderKL, options: ExportOptions, use_mean: bool = False,
+            log=print) -> tuple[Optional[LatentStats], Optional[Fp16Report]]:
+    if options.calibrate is None:
+        log(f"latent statistics: NOT measured (no --calibrate); config.json gets the unmeasured placeholder "
+            f"scaling_factor={UNMEASURED_SCALING} and force_upcast=True")
+        return None, None
+    stats = calibrate(vae, CalibrationConfig(options.calibrate, options.count, options.resolution, options.convention,
+                                             keep_latents=options.fp16_images, use_mean=use_mean))
+    log(format_stats(stats))
+    fp16 = fp16_check(vae, stats.sample_latents) if options.fp16_images > 0 else None
+    log(format_fp16(fp16) if fp16 else "fp16 check: skipped (--fp16-images 0); force_upcast kept True")
+    return stats, fp16
+
+
+def export(run: str | Path, out: str | Path, options: ExportOptions = ExportOptions(), log=print) -> ExportResult:
+    """RUN (a training run or one checkpoint) -> verified diffusers folder OUT."""
+    options.check()
+    out = Path(out)
+    check_out(out, options.overwrite)
+    found = ckpt.find_checkpoint(run)
+    state = ckpt.read_state(found)
+    cfg = config_from_dict(state["config"])
+    vae = load_from_checkpoint(found, options.weights).float()
+    summary_file = find_eval_summary(found, options.eval_summary)
+    log(f"exporting {found} (step {state['step']}, {options.weights} weights) -> {out} as {options.dtype}")
+
+    stats, fp16 = measure(vae, options, use_mean=cfg.model.mode == "ae", log=log)
+    lc = latent_config(stats, fp16)
+    vae.register_to_config(**lc)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(out)
+    tmp = staging_dir(out)
+    try:
+        tmp.mkdir()
+        stored = copy.deepcopy(vae) if options.dtype == "fp32" else copy.deepcopy(vae).to(DTYPES[options.dtype])
+        stored.save_pretrained(str(tmp), safe_serialization=True)
+        diff = verify(tmp, vae, options.dtype)
+        meta = {"format": "latentvae-export-1", "checkpoint": str(found), "step": int(state["step"]),
+                "weights": options.weights, "dtype": options.dtype, "latent_config": lc,
+                "scaling_measured": stats is not None,
+                "latent_statistics": stats.to_dict() if stats else None, "fp16": fp16.to_dict() if fp16 else None,
+                "data": data_seen(cfg, state), "training_config": cfg.to_dict(),
+                "evaluation_file": str(summary_file) if summary_file else None,
+                "evaluation": json.loads(summary_file.read_text()) if summary_file else None,
+                "max_abs_diff": diff}
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        (tmp / "README.md").write_text(model_card(meta))
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log("reloaded with AutoencoderKL.from_pretrained: no missing/unexpected keys; max abs difference vs the "
+        "training model: " + ", ".join(f"{k} {v:.3g}" for k, v in diff.items())
+        + (f" (fp32 tolerance {FP32_TOLERANCE})" if options.dtype == "fp32" else f" (weights rounded to {options.dtype})"))
+    log(f"wrote {out}")
+    return ExportResult(out, found, int(state["step"]), stats, fp16, diff)
+
+
+# ----------------------------------------------------------------------------- command line
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="latentvae export", description="Export a training run to a diffusers "
+                                "AutoencoderKL folder, optionally with measured latent scaling factors.")
+    p.add_argument("run", help="training output folder (its newest checkpoint) or one checkpoint folder")
+    p.add_argument("out", help="diffusers folder to write")
+    p.add_argument("--weights", choices=list(WEIGHTS), default="ema", help="EMA (default) or raw training weights")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="stored dtype of the weights")
+    p.add_argument("--calibrate", metavar="DATA", help="image folder or dataset: measure the latent statistics on it")
+    p.add_argument("--convention", choices=list(CONVENTIONS),
+                   help="sd: z*scaling_factor; sd3: (z-shift_factor)*scaling_factor (default: sd3 for 16 latent "
+                        "channels, else sd)")
+    p.add_argument("--count", type=int, default=64, help="calibration images (default 64)")
+    p.add_argument("--resolution", type=int, default=256, help="calibration crop size (default 256)")
+    p.add_argument("--fp16-images", type=int, default=2, help="calibration images decoded in fp16 to check for "
+                   "overflow (default 2; 0 skips the check and keeps force_upcast=True)")
+    p.add_argument("--eval-summary", help="evaluation summary JSON for the model card (default: RUN/eval/summary.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    return p
+
+
+def main(argv=None) -> None:
+    a = parser().parse_args(argv)
+    options = ExportOptions(a.weights, a.dtype, a.calibrate, a.convention, a.count, a.resolution, a.fp16_images,
+                            a.eval_summary, a.overwrite)
+    try:
+        export(a.run, a.out, options)
+    except (FileNotFoundError, FileExistsError, ValueError, ExportError) as e:
+        sys.exit(f"export failed: {e}")
+
+
+if __name__ == "__main__":
+    main()

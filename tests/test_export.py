@@ -1,0 +1,247 @@
+"""Export to diffusers: reload and compare, measured latent factors, safe writes, fp16 check."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+
+from helpers_ckpt import make_run, tiny_config
+from latentvae import export as ex
+from latentvae.calibrate import (CalibrationConfig, batch_moments, calibrate, factors, fp16_check,
+                                 health, merge_moments)
+from latentvae.export import ExportOptions, export, main
+from latentvae.io import load_from_checkpoint
+from latentvae.model import build_vae, decode, encode_moments
+
+FAST = dict(count=3, resolution=32, fp16_images=1)  # calibration sized for a test
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture
+def run(tmp_path):
+    return make_run(tmp_path / "run")
+
+
+def test_export_reloads_in_diffusers_and_matches_training_model(run, tmp_path, image_folder):
+    out = tmp_path / "vae"
+    result = export(run, out, ExportOptions(calibrate=str(image_folder), **FAST), log=quiet)
+    loaded, info = AutoencoderKL.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    trained = load_from_checkpoint(run, "ema")
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        m_t, lv_t = encode_moments(trained, x)
+        m_l, lv_l = encode_moments(loaded, x)
+        assert (m_t - m_l).abs().max() < 1e-5 and (lv_t - lv_l).abs().max() < 1e-5
+        assert (decode(trained, m_t) - decode(loaded, m_t)).abs().max() < 1e-5
+    assert max(result.max_diff.values()) < 1e-5
+    assert loaded.config.scaling_factor == pytest.approx(result.stats.scaling_factor)
+    assert loaded.config.latents_std == pytest.approx(list(result.stats.latents_std))
+    meta = json.loads((out / "latentvae_export.json").read_text())
+    assert meta["scaling_measured"] and meta["step"] == 4 and meta["training_config"]["model"]["preset"] == "test"
+    card = (out / "README.md").read_text()
+    assert "Measured on 3 images" in card and "## Training config" in card and "NOT measured" not in card
+
+
+def test_ema_and_raw_export_their_own_weights(run, tmp_path):
+    ckpt_dir = run / "checkpoints" / "checkpoint-00000004"
+    exported = {}
+    for weights, file in [("ema", "ema.safetensors"), ("raw", "model.safetensors")]:
+        export(run, tmp_path / weights, ExportOptions(weights=weights), log=quiet)
+        exported[weights] = load_file(tmp_path / weights / "diffusion_pytorch_model.safetensors")
+        source = load_file(ckpt_dir / file)
+        assert all(torch.equal(exported[weights][k], source[k]) for k in source)
+    assert any(not torch.equal(exported["ema"][k], exported["raw"][k]) for k in exported["ema"])
+
+
+def test_without_calibration_the_factors_are_marked_unmeasured(run, tmp_path, capsys):
+    main([str(run), str(tmp_path / "vae")])
+    printed = capsys.readouterr().out
+    assert "NOT measured" in printed
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert config["scaling_factor"] == 1.0 and config["shift_factor"] is None and config["force_upcast"] is True
+    assert json.loads((tmp_path / "vae" / "latentvae_export.json").read_text())["scaling_measured"] is False
+    assert "NOT measured" in (tmp_path / "vae" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_half_precision_exports_store_that_dtype(run, tmp_path, dtype, torch_dtype):
+    export(run, tmp_path / "vae", ExportOptions(dtype=dtype), log=quiet)
+    tensors = load_file(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch_dtype}
+    AutoencoderKL.from_pretrained(tmp_path / "vae", torch_dtype=torch_dtype)
+
+
+def test_model_card_holds_the_evaluation_summary(run, tmp_path):
+    (run / "eval").mkdir()
+    (run / "eval" / "summary.json").write_text(json.dumps({"psnr": 27.5, "lpips": {"vgg": 0.125}}))
+    export(run, tmp_path / "vae", ExportOptions(), log=quiet)
+    card = (tmp_path / "vae" / "README.md").read_text()
+    assert "| psnr | 27.5 |" in card and "| lpips.vgg | 0.125 |" in card
+
+
+# ----------------------------------------------------------------------------- latent statistics
+def known_moments(means, stds, n=1000):
+    """Posterior N(mean_c, std_c^2) at every position: the moments of its samples are known exactly."""
+    c = len(means)
+    mu = torch.tensor(means, dtype=torch.float64).view(1, c, 1, 1).expand(n, c, 2, 2)
+    logvar = (torch.tensor(stds, dtype=torch.float64) ** 2).log().view(1, c, 1, 1).expand(n, c, 2, 2)
+    return batch_moments(mu, logvar)
+
+
+def expected(means, stds):
+    m, s = torch.tensor(means, dtype=torch.float64), torch.tensor(stds, dtype=torch.float64)
+    g_mean = m.mean()
+    g_std = ((s ** 2 + m ** 2).mean() - g_mean ** 2).sqrt()
+    return float(g_mean), float(g_std)
+
+
+@pytest.mark.parametrize("means,stds", [([0.0, 0.0, 0.0, 0.0], [5.49, 5.49, 5.49, 5.49]),
+                                        ([1.0, -2.0, 0.5, 0.0], [0.5, 2.0, 1.0, 3.0])])
+def test_factors_of_known_latents(means, stds):
+    m = known_moments(means, stds)
+    g_mean, g_std = expected(means, stds)
+    sd, sd3 = factors(m, "sd"), factors(m, "sd3")
+    assert sd["scaling_factor"] == pytest.approx(1 / g_std) and sd["shift_factor"] is None
+    assert sd3["scaling_factor"] == pytest.approx(1 / g_std) and sd3["shift_factor"] == pytest.approx(g_mean)
+    assert sd["latents_mean"] == pytest.approx(means) and sd["latents_std"] == pytest.approx(stds)
+    # the SD convention's published example: latents of std 5.49 -> 0.18215
+    if stds[0] == 5.49:
+        assert sd["scaling_factor"] == pytest.approx(0.18215, abs=1e-4)
+
+
+def test_factors_of_sampled_latents_and_batch_merging():
+    g = torch.Generator().manual_seed(0)
+    means, stds = torch.tensor([0.3, -1.0, 2.0]), torch.tensor([1.5, 0.2, 4.0])
+    z = means.view(1, 3, 1, 1) + stds.view(1, 3, 1, 1) * torch.randn(64, 3, 16, 16, generator=g)
+    merged = None
+    for part in z.split(16):  # batch by batch, as calibrate() accumulates
+        merged = merge_moments(merged, batch_moments(part, None))
+    f = factors(merged, "sd3")
+    assert f["shift_factor"] == pytest.approx(float(z.mean()), abs=1e-5)
+    assert f["scaling_factor"] == pytest.approx(1 / float(z.flatten().std()), rel=1e-4)
+    assert f["latents_std"] == pytest.approx(stds.tolist(), rel=0.02)
+    assert health(merged).kl_per_element is None  # no logvar: KL is not defined
+
+
+def test_unknown_convention_names_the_choices():
+    with pytest.raises(ValueError, match="valid choices: sd, sd3"):
+        factors(known_moments([0.0], [1.0]), "flux")
+
+
+def test_health_flags_channels_whose_posterior_is_the_prior():
+    h = health(known_moments([0.0, 2.0], [1.0, 0.5]))
+    assert h.dead_channels == (0,)
+    assert h.channel_kl[0] == pytest.approx(0.0, abs=1e-12)
+    assert h.channel_kl[1] == pytest.approx(0.5 * (4 + 0.25 - 1 - torch.tensor(0.25).log().item()))
+
+
+def constant_posterior_vae(means, logvars, **model):
+    """A tiny VAE whose posterior is N(means, exp(logvars)) for every image (quant_conv = bias only)."""
+    vae = build_vae(tiny_config(latent_channels=len(means), **model).model).eval()
+    with torch.no_grad():
+        vae.quant_conv.weight.zero_()
+        vae.quant_conv.bias.copy_(torch.tensor(list(means) + list(logvars)))
+    return vae
+
+
+def test_calibration_end_to_end_measures_a_known_posterior(image_folder):
+    means, stds = [0.5, -1.0, 0.0, 2.0], [2.0, 0.5, 1.0, 1.5]
+    vae = constant_posterior_vae(means, [2 * torch.tensor(s).log().item() for s in stds])
+    stats = calibrate(vae, CalibrationConfig(str(image_folder), count=5, resolution=32))
+    g_mean, g_std = expected(means, stds)
+    assert stats.convention == "sd" and stats.images == 5
+    assert stats.scaling_factor == pytest.approx(1 / g_std, rel=1e-5)
+    assert list(stats.latents_mean) == pytest.approx(means, abs=1e-5)
+    assert list(stats.latents_std) == pytest.approx(stds, rel=1e-5)
+    assert stats.health.dead_channels == (2,)  # N(0, 1) whatever the image: carries nothing
+
+
+def test_sixteen_channel_models_default_to_the_sd3_convention(image_folder):
+    means = [0.1 * i for i in range(16)]
+    vae = constant_posterior_vae(means, [0.0] * 16, use_quant_conv=True)
+    stats = calibrate(vae, CalibrationConfig(str(image_folder), count=2, resolution=32))
+    g_mean, g_std = expected(means, [1.0] * 16)
+    assert stats.convention == "sd3"
+    assert stats.shift_factor == pytest.approx(g_mean, abs=1e-6)
+    assert stats.scaling_factor == pytest.approx(1 / g_std, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- fp16
+def test_fp16_check_sees_overflow_and_keeps_force_upcast():
+    vae = build_vae(tiny_config().model).eval()
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    fine = fp16_check(vae, z)
+    assert fine.ran and not fine.overflow_modules and fine.output_finite and fine.force_upcast is False
+    with torch.no_grad():
+        vae.post_quant_conv.weight.mul_(1e6)  # activations far beyond fp16's 65504
+    bad = fp16_check(vae, z)
+    assert bad.force_upcast is True and "post_quant_conv" in bad.overflow_modules
+    assert bad.peak_fp32 > 65504
+
+
+def test_fp16_that_cannot_run_keeps_force_upcast(monkeypatch):
+    vae = build_vae(tiny_config().model).eval()
+
+    def refuse(*_a, **_k):
+        raise RuntimeError('"slow_conv2d_cpu" not implemented for \'Half\'')
+    import latentvae.calibrate as cal
+    real = cal.activation_peaks
+    monkeypatch.setattr(cal, "activation_peaks",
+                        lambda v, z: refuse() if z.dtype == torch.float16 else real(v, z))
+    report = fp16_check(vae, torch.zeros(1, 4, 8, 8))
+    assert not report.ran and report.force_upcast is True and "does not run" in report.note
+
+
+# ----------------------------------------------------------------------------- safe writes
+def save_half_then_fail(self, folder, **kwargs):
+    (Path(folder) / "config.json").write_text("{}")
+    raise KeyboardInterrupt("interrupted while writing")
+
+
+def fail_verify(*_a, **_k):
+    raise RuntimeError("verification crashed")
+
+
+@pytest.mark.parametrize("target,replacement", [("save_pretrained", save_half_then_fail), ("verify", fail_verify)])
+def test_an_interrupted_export_leaves_nothing_that_looks_complete(run, tmp_path, monkeypatch, target, replacement):
+    exports = tmp_path / "exports"
+    if target == "save_pretrained":
+        monkeypatch.setattr(AutoencoderKL, "save_pretrained", replacement)
+    else:
+        monkeypatch.setattr(ex, "verify", replacement)
+    with pytest.raises((KeyboardInterrupt, RuntimeError)):
+        export(run, exports / "vae", ExportOptions(), log=quiet)
+    assert not (exports / "vae").exists()
+    assert list(exports.iterdir()) == []  # not even the hidden staging folder
+    monkeypatch.undo()
+    export(run, exports / "vae", ExportOptions(), log=quiet)
+    AutoencoderKL.from_pretrained(exports / "vae")
+    assert sorted(p.name for p in exports.iterdir()) == ["vae"]
+
+
+def test_refuses_a_non_empty_out_unless_overwrite(run, tmp_path):
+    out = tmp_path / "vae"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export(run, out, ExportOptions(), log=quiet)
+    assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(SystemExit, match="not empty"):
+        main([str(run), str(out)])
+    export(run, out, ExportOptions(overwrite=True), log=quiet)
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "vae"]
+
+
+def test_bad_options_name_the_valid_choices(run, tmp_path):
+    with pytest.raises(ValueError, match="valid choices: fp32, fp16, bf16"):
+        export(run, tmp_path / "vae", ExportOptions(dtype="fp8"), log=quiet)
+    with pytest.raises(ValueError, match="needs --calibrate"):
+        export(run, tmp_path / "vae", ExportOptions(convention="sd3"), log=quiet)
+    assert not (tmp_path / "vae").exists()
