@@ -29,7 +29,7 @@ class ModelConfig:
     block_out_channels: tuple[int, ...] = (32, 64, 128, 128)
     layers_per_block: int = 1
     latent_channels: int = 4
-    norm_num_groups: int = 32
+    norm_num_groups: int = 8  # 4 channels per group in the 32-channel block, as SD (128 / 32)
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
@@ -45,12 +45,13 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
                norm_num_groups=32, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True),
     "flux": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
                  norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True),
+    # CPU presets keep SD's 4 channels per GroupNorm group (see validate)
     "small": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1, latent_channels=4,
-                  norm_num_groups=32, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True),
+                  norm_num_groups=8, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True),
     "small-f16": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1, latent_channels=16,
-                      norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True),
+                      norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True),
     "tiny": dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, latent_channels=4,
-                 norm_num_groups=16, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True),
+                 norm_num_groups=4, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True),
     # two blocks, /2: for unit tests only
     "test": dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
                  norm_num_groups=4, use_quant_conv=True, use_post_quant_conv=True,
@@ -275,6 +276,12 @@ def validate(cfg: Config) -> None:
     for c in m.block_out_channels:
         if c % m.norm_num_groups:
             raise ConfigError(f"model.block_out_channels: {c} is not divisible by model.norm_num_groups={m.norm_num_groups}")
+        if c == m.norm_num_groups:
+            # one channel per group is instance norm: the decoder's last GroupNorm (over the first
+            # block's channels) then fixes every image's mean colour to a learned constant
+            raise ConfigError(f"model.norm_num_groups={m.norm_num_groups} puts one channel per group in a "
+                              f"{c}-channel block, which erases each image's mean colour; use at most {c // 2} "
+                              f"(the SD VAE has 4 channels per group: 128 / 32)")
     factor = 2 ** (len(m.block_out_channels) - 1)
     if d.resolution % factor:
         raise ConfigError(f"data.resolution={d.resolution} must be a multiple of the downsampling factor {factor}")

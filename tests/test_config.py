@@ -78,3 +78,16 @@ def test_shipped_configs_load():
     from pathlib import Path
     for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
         load_config(path)
+
+
+@pytest.mark.parametrize("preset", sorted(MODEL_PRESETS))
+def test_every_preset_keeps_several_channels_per_norm_group(preset):
+    m = load_config(None, [f"model.preset={preset}"]).model
+    assert min(m.block_out_channels) // m.norm_num_groups >= 2
+
+
+def test_one_channel_per_norm_group_is_refused_with_the_reason():
+    # GroupNorm with one channel per group normalizes away each image's mean colour in the
+    # decoder's last norm layer: the small preset trained that way could not reproduce red
+    with pytest.raises(ConfigError, match="mean colour"):
+        load_config(None, ["model.preset=small", "model.norm_num_groups=32"])

@@ -50,7 +50,7 @@ def test_ldm_checkpoint_converts_and_reproduces_the_model(tmp_path, prefix, atte
 
 def test_training_can_start_from_an_ldm_checkpoint(tmp_path):
     # SD-family VAEs use 32 groups; the default of load_autoencoder / model.init_from
-    cfg = tiny_config(block_out_channels=(32, 32), norm_num_groups=32)
+    cfg = tiny_config(block_out_channels=(64, 64), norm_num_groups=32)
     vae = build_vae(cfg.model).eval()
     save_file(to_ldm_state_dict(vae), tmp_path / "vae.safetensors")
     from dataclasses import replace
