@@ -37,8 +37,12 @@ class ImageSource:
     def name(self, i: int) -> str:
         return self.names[i]
 
+    def raw(self, i: int) -> Any:
+        """What `load_rgb` takes for image i (here a path), undecoded."""
+        return self.items[i]
+
     def load(self, i: int) -> Image.Image:
-        return load_rgb(self.items[i], self.max_pixels)
+        return load_rgb(self.raw(i), self.max_pixels)
 
     def subset(self, indices: list[int]) -> "ImageSource":
         return type(self)([self.items[i] for i in indices], [self.names[i] for i in indices], self.max_pixels)
@@ -56,12 +60,17 @@ class HFImageSource(ImageSource):
     def name(self, i: int) -> str:
         return f"{self.label}[{self.indices[i]}]"
 
-    def load(self, i: int) -> Image.Image:
+    def raw(self, i: int) -> Any:
+        """Row i's image cell as `load_rgb` takes it: PIL image, bytes or path; BadImage if empty."""
         value = self.dataset[self.indices[i]][self.column]
         if isinstance(value, dict):  # undecoded Image feature: {"bytes": ..., "path": ...}
             value = value.get("bytes") or value.get("path")
         if value is None:
             raise BadImage(f"{self.name(i)}: column {self.column!r} is empty")
+        return value
+
+    def load(self, i: int) -> Image.Image:
+        value = self.raw(i)
         try:
             return load_rgb(value, self.max_pixels)
         except BadImage as e:

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".jfif"}
 
@@ -80,11 +80,35 @@ def load_rgb(source, max_pixels: int = 100_000_000, draft_size: tuple[int, int] 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's palette/EXIF chatter
             img.load()  # decode now, so a truncated file fails here and not later
+            img = _upright(img)
         return _to_8bit_rgb(img)
     except BadImage:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, MemoryError) as e:
         raise BadImage(f"{name}: cannot decode ({type(e).__name__}: {e})") from e
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation (camera photos: upright, as every viewer shows them); an
+    unreadable EXIF block leaves the pixels as stored rather than failing the image."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:
+        return img
+
+
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) as displayed: swapped when the EXIF orientation turns the image by 90 degrees,
+    as `load_rgb` will (read from the header, without decoding pixels)."""
+    w, h = img.size
+    try:
+        turned = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    except Exception:  # a broken EXIF block: load_rgb's exif_transpose leaves such an image as is
+        turned = False
+    return (h, w) if turned else (w, h)
 
 
 # truncated files must raise, not decode half an image silently

@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import make_photo
 from latentvae.config import DataConfig
 from latentvae.data import CropStream, StreamSampler, collate, open_source, split_holdout
-from latentvae.images import BadImage, list_images, load_rgb
+from latentvae.images import BadImage, list_images, load_rgb, oriented_size
 
 
 def _write_odd_images(folder):
@@ -124,3 +124,20 @@ def test_hf_dataset_source_with_image_column(tmp_path):
     assert len(src) == 3 and src.load(1).size == (40, 36)
     with pytest.raises(ValueError, match="no image column 'image'; columns: img, caption"):
         open_source(str(tmp_path / "ds"))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_exif_orientation_is_applied_so_photos_load_upright(tmp_path, fmt):
+    # a 40x20 image stored sideways with orientation 6 ("rotate 90 CW to display"): shown 20x40
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:, :20] = 255  # left half white as stored -> top half white as displayed
+    img = Image.fromarray(a)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / f"sideways.{fmt.lower()}"
+    img.save(path, fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+    out = np.asarray(load_rgb(path), dtype=np.float64)
+    assert out.shape == (40, 20, 3)
+    assert out[:20].mean() > 200 and out[20:].mean() < 55
+    with Image.open(path) as raw:
+        assert oriented_size(raw) == (20, 40)

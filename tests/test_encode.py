@@ -1,0 +1,263 @@
+"""latentvae encode/decode: exactly-once after kill -9, two processes, manifest, passthrough, buckets.
+
+    python -m pytest tests/test_encode.py -q
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from conftest import make_photo
+from latentvae.buckets import Preprocess, make_buckets, nearest_bucket
+from latentvae.data import open_source
+from latentvae.encode import (EncodeConfig, decode_main, encode, from_storage, load_preprocessed, verify_cache,
+                              weights_sha256)
+from latentvae.model import decode, encode_moments
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vae") / "tiny"
+    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4,
+                  layers_per_block=1).save_pretrained(path)
+    return path
+
+
+def photos(folder: Path, n: int, sizes=((48, 40), (40, 64), (80, 40))) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        make_photo(size=sizes[i % len(sizes)], seed=i).save(folder / f"p{i:03d}.{'jpg' if i % 2 else 'png'}")
+    return folder
+
+
+def bad_files(folder: Path) -> dict[str, str]:
+    """name -> a word the failure reason must contain"""
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("not an image at all")
+    make_photo(size=(64, 64), seed=99).save(folder / "full.jpg", quality=95)
+    data = (folder / "full.jpg").read_bytes()
+    (folder / "full.jpg").unlink()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    return {"zero.jpg": "empty", "text.jpg": "cannot identify", "truncated.jpg": "truncated"}
+
+
+def cfg(vae_dir, data, out, **kw) -> EncodeConfig:
+    base = dict(resolution=32, batch_size=3, shard_size=4, num_workers=0, progress=False)
+    return EncodeConfig(vae=str(vae_dir), data=str(data), out=str(out), **{**base, **kw})
+
+
+def rows(out: Path) -> datasets.Dataset:
+    return datasets.load_dataset("parquet", data_files=sorted(str(p) for p in (out / "data").glob("*.parquet")),
+                                 split="train", cache_dir=str(out.parent / "hf-cache"))
+
+
+def load_folder(out: Path) -> datasets.Dataset:
+    """`load_dataset(DST)` as a trainer calls it (own cache dir: tests reuse folder names within a second)"""
+    return datasets.load_dataset(str(out), split="train", cache_dir=str(out.parent / "hf-cache-folder"))
+
+
+def assert_exactly_once(out: Path, ids: list[str], flips=(False,)):
+    ds = rows(out)
+    got = Counter(zip(ds["source_id"], ds["flipped"]))
+    want = Counter((i, f) for i in ids for f in flips)
+    assert got == want, (got - want, want - got)
+
+
+# ----------------------------------------------------------------------------- buckets
+def test_buckets_have_factor_sides_about_the_same_area_and_both_orientations():
+    b = make_buckets(256, 8, max_aspect=2.0)
+    assert (256, 256) in b
+    for w, h in b:
+        assert w % 8 == 0 and h % 8 == 0
+        assert 0.95 * 256 ** 2 <= w * h <= 256 ** 2
+        assert 0.5 <= w / h <= 2.0
+        assert (h, w) in b
+    assert nearest_bucket((1920, 1080), b) == min(b, key=lambda s: abs(np.log(s[0] / s[1]) - np.log(16 / 9)))
+    assert nearest_bucket((1000, 1000), b) == (256, 256)
+    w, h = nearest_bucket((600, 1800), b)  # 1:3 portrait -> the tallest bucket
+    assert h / w == max(y / x for x, y in b)
+
+
+def test_unknown_preprocessing_mode_names_the_valid_ones():
+    with pytest.raises(ValueError, match="center-crop, buckets"):
+        Preprocess("random-crop")
+    with pytest.raises(ValueError, match="valid choices: mean, moments, sample"):
+        EncodeConfig("v", "d", "o", store="latents")
+
+
+# ----------------------------------------------------------------------------- one process, in-process
+def test_encode_buckets_flip_manifest_failures_and_decode_round_trip(vae_dir, tmp_path, capsys):
+    data = photos(tmp_path / "imgs", 7)
+    reasons = bad_files(data)
+    out = tmp_path / "cache"
+    m = encode(cfg(vae_dir, data, out, preprocess="buckets", flip=True, store="moments", dtype="fp32"))
+    src = open_source(str(data))
+    good = [src.name(i) for i in range(len(src)) if Path(src.name(i)).name not in reasons]
+    assert_exactly_once(out, good, flips=(False, True))
+
+    # manifest: identity, factors, preprocessing, counts, failures with reasons
+    assert m == {**json.loads((out / "manifest.json").read_text()), "this_run": m["this_run"]}
+    vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
+    assert m["vae"]["weights_sha256"] == weights_sha256(vae) and m["vae"]["scaling_factor"] == 0.18215
+    assert m["vae"]["downsample_factor"] == 2 and m["dtype"] == "fp32" and m["store"] == "moments"
+    assert m["preprocessing"]["mode"] == "buckets" and m["preprocessing"]["flip"] is True
+    assert m["counts"] == {**m["counts"], "inputs": 10, "encoded_inputs": 7, "rows": 14, "failures": 3}
+    assert sum(s["rows"] for s in m["shards"]) == 14 and all(s["rows"] <= 4 for s in m["shards"])
+    assert sorted(Path(f["source_id"]).name for f in m["failures"]) == sorted(reasons)
+    for f in m["failures"]:
+        assert reasons[Path(f["source_id"]).name] in f["reason"], f
+    fail_lines = [json.loads(line) for line in (out / "failures-rank0.jsonl").read_text().splitlines()]
+    assert len(fail_lines) == 3
+
+    # rows: latent = encoder(preprocessed image), shape = pixels / factor, buckets by aspect
+    pre = Preprocess("buckets", 32, 2, flip=True)
+    ds = load_folder(out).with_format("numpy")  # the folder itself loads
+    assert len(ds) == 14
+    for r in ds.select(range(0, 14, 3)):
+        x = load_preprocessed(src, int(r["source_index"]), pre, True)["pixels"]
+        if r["flipped"]:
+            x = x.flip(-1)
+        assert list(r["pixel_size"]) == list(x.shape[1:])
+        orig_h, orig_w = r["original_size"]
+        assert tuple(x.shape[1:][::-1]) == pre.target_size((orig_w, orig_h))
+        with torch.no_grad():
+            mean, logvar = encode_moments(vae, x[None].float() / 127.5 - 1)
+        assert list(r["latent_shape"]) == [4, x.shape[1] // 2, x.shape[2] // 2]
+        torch.testing.assert_close(from_storage(r["latent_mean"], "fp32"), mean[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(from_storage(r["latent_logvar"], "fp32"), logvar[0], atol=1e-5, rtol=1e-4)
+
+    # decode round trip: the reported PSNR is that of decoder(stored latent) vs the preprocessed source
+    report = verify_cache(out, num=5, seed=1)
+    assert len(report["samples"]) == 5
+    for s in report["samples"]:
+        i = [src.name(k) for k in range(len(src))].index(s["source_id"])
+        x = load_preprocessed(src, i, pre, True)["pixels"]
+        x = x.flip(-1) if s["flipped"] else x
+        with torch.no_grad():
+            x_hat = decode(vae, encode_moments(vae, x[None].float() / 127.5 - 1)[0])[0]
+        expect = 10 * np.log10(255 ** 2 / ((x.double() - ((x_hat.clamp(-1, 1) + 1) * 127.5).round().double()) ** 2).mean())
+        assert abs(s["psnr"] - float(expect)) < 0.05
+    decode_main([str(out), "--num", "2", "--save-dir", str(tmp_path / "pairs")])
+    assert "mean PSNR" in capsys.readouterr().out and len(list((tmp_path / "pairs").glob("*.png"))) == 2
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_storage_round_trips_to_the_fp32_latent(vae_dir, tmp_path, dtype):
+    data = photos(tmp_path / "imgs", 3)
+    ref = encode(cfg(vae_dir, data, tmp_path / "fp32", dtype="fp32"))
+    half = encode(cfg(vae_dir, data, tmp_path / dtype, dtype=dtype, num_workers=1))
+    assert half["dtype"] == dtype and ref["counts"]["rows"] == half["counts"]["rows"] == 3
+    a = {r["source_index"]: r for r in rows(tmp_path / "fp32")}
+    for r in rows(tmp_path / dtype):
+        z32 = from_storage(a[r["source_index"]]["latent_mean"], "fp32")
+        z = from_storage(r["latent_mean"], dtype)
+        torch.testing.assert_close(z, z32.to(getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[dtype])).float())
+
+
+def test_passthrough_columns_of_a_datasets_input(vae_dir, tmp_path):
+    names = ["cat", "dog"]
+    items = {"image": [make_photo(size=(40 + 8 * i, 40), seed=i) for i in range(5)],
+             "caption": [f"photo number {i}" for i in range(5)], "label": [i % 2 for i in range(5)]}
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=names)})
+    datasets.Dataset.from_dict(items, features=features).save_to_disk(str(tmp_path / "ds"))
+    out = tmp_path / "cache"
+    m = encode(cfg(vae_dir, tmp_path / "ds", out, flip=True, store="sample"))
+    ds = load_folder(out)
+    assert len(ds) == 10 and m["counts"]["failures"] == 0
+    assert ds.features["label"] == datasets.ClassLabel(names=names)  # the feature, not just the ints
+    for r in ds:
+        i = r["source_index"]
+        assert r["caption"] == f"photo number {i}" and r["label"] == i % 2
+        assert r["source_id"].endswith(f"[{i}]") and len(r["latent_sample"]) == 4
+    # a sample is mean + std * noise with noise seeded per (seed, index, flip): the same on a rerun
+    # with another batch size (up to fp16 rounding of a mean whose conv summation order changed)
+    again = encode(cfg(vae_dir, tmp_path / "ds", tmp_path / "again", flip=True, store="sample", batch_size=2))
+    assert again["counts"]["rows"] == 10
+    b = {(r["source_index"], r["flipped"]): r["latent_sample"] for r in rows(tmp_path / "again")}
+    for r in ds:
+        np.testing.assert_allclose(np.array(r["latent_sample"]), np.array(b[(r["source_index"], r["flipped"])]),
+                                   rtol=2e-3, atol=2e-3)
+
+
+def test_resume_ignores_partial_files_and_refuses_other_settings(vae_dir, tmp_path):
+    data = photos(tmp_path / "imgs", 9)
+    out = tmp_path / "cache"
+    c = cfg(vae_dir, data, out)
+    encode(c)
+    shards = sorted((out / "data").glob("*.parquet"))
+    shards[1].rename(out / "data" / f".{shards[1].name}.tmp")  # as if killed before the rename
+    (out / "manifest.json").unlink()
+    with open(out / "failures-rank0.jsonl", "a") as f:
+        f.write('{"source_index": 3, "source_id": "cut sho')  # as if killed mid-line
+    m = encode(c)
+    assert m["this_run"]["rows_encoded"] == 4 and m["this_run"]["attempt"] == 2
+    assert not list((out / "data").glob(".*.tmp"))
+    src = open_source(str(data))
+    assert_exactly_once(out, [src.name(i) for i in range(len(src))])
+    assert encode(c)["this_run"]["rows_encoded"] == 0  # finished: a rerun does nothing
+    with pytest.raises(ValueError, match="preprocessing"):
+        encode(cfg(vae_dir, data, out, resolution=16))
+
+
+# ----------------------------------------------------------------------------- subprocesses
+def _env():
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+
+
+def test_kill9_mid_run_then_resume_holds_every_image_exactly_once(vae_dir, tmp_path):
+    data = photos(tmp_path / "imgs", 80, sizes=((96, 96), (128, 80)))
+    (data / "zero.png").write_bytes(b"")
+    out = tmp_path / "cache"
+    args = ["--vae", str(vae_dir), "--data", str(data), "--out", str(out), "--resolution", "64",
+            "--shard-size", "2", "--batch-size", "2", "--num-workers", "1", "--no-progress", "--flip"]
+    proc = subprocess.Popen([sys.executable, "-m", "latentvae.encode", *args], env=_env(), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while len(list((out / "data").glob("*.parquet"))) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = len(list((out / "data").glob("*.parquet")))
+    assert not (out / "manifest.json").exists() and 3 <= n_before < 80, "the kill did not land mid-run"
+    from latentvae.encode import main
+    main(args)  # the same command resumes
+    src = open_source(str(data))
+    ids = [src.name(i) for i in range(len(src)) if not src.name(i).endswith("zero.png")]
+    assert_exactly_once(out, ids, flips=(False, True))
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"]["rows"] == 160 and m["counts"]["failures"] == 1
+
+
+def test_two_processes_give_the_union_of_inputs_without_duplicates(vae_dir, tmp_path):
+    data = photos(tmp_path / "imgs", 11)
+    (data / "text.jpg").write_text("not an image")
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "latentvae.encode", "--vae", str(vae_dir), "--data", str(data), "--out", str(out),
+           "--resolution", "32", "--shard-size", "3", "--batch-size", "2", "--num-workers", "0", "--no-progress"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "on 2 process(es)" in proc.stdout
+    ranks = {p.name.split("-")[2] for p in (out / "data").glob("*.parquet")}
+    assert ranks == {"000", "001"}  # each process wrote its own shards
+    src = open_source(str(data))
+    assert_exactly_once(out, [src.name(i) for i in range(len(src)) if not src.name(i).endswith("text.jpg")])
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"]["failures"] == 1 and m["failures"][0]["source_id"].endswith("text.jpg")
