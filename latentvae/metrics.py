@@ -1,0 +1,133 @@
+"""Image-quality numbers for reconstructions, with their conventions fixed in one place.
+
+    psnr(x_u8, y_u8)                     # dB, on uint8 images (what a saved PNG holds)
+    ssim(x_u8, y_u8)                     # scikit-image, Wang et al. 2004 settings
+    hf_energy_ratio(x_u8, y_u8)          # radial power spectrum above half Nyquist, y over x
+    laplacian_var_ratio(x_u8, y_u8)      # variance of the Laplacian, y over x
+    gaussian_fit_distances(real, draws)  # how far latent draws fall from a Gaussian fit of `real`
+
+Image inputs are (H, W, 3) numpy arrays, `x` the original and `y` the reconstruction: uint8 for
+PSNR/SSIM; uint8 or float in [0, 1] for the sharpness ratios (evaluate.py passes the unquantized
+output there: rounding to 8 bits adds white noise, ~1/12 LSB², that would floor a heavily blurred
+image's high-frequency energy).
+PSNR and SSIM come from scikit-image (https://scikit-image.org/docs/stable/api/skimage.metrics.html);
+LPIPS lives in perceptual.py. docs/evaluation.md states every convention and why.
+"""
+from __future__ import annotations
+
+import numpy as np
+from skimage.color import rgb2gray
+from skimage.filters import laplace, window
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+HF_CUTOFF = 0.25  # cycles/pixel: the upper half of the band below Nyquist (0.5)
+
+
+def psnr(x: np.ndarray, y: np.ndarray) -> float:
+    """PSNR in dB of two uint8 images (peak 255); inf for identical images."""
+    if np.array_equal(x, y):
+        return float("inf")  # skimage would divide by zero with a warning
+    return float(peak_signal_noise_ratio(x, y, data_range=255))
+
+
+def pooled_psnr(squared_error_sum: float, count: int) -> float:
+    """PSNR of the MSE pooled over all pixel values of all images (not the mean of per-image PSNRs)."""
+    mse = squared_error_sum / count
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def squared_error_sum(x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.square(x.astype(np.float64) - y.astype(np.float64)).sum())
+
+
+def ssim(x: np.ndarray, y: np.ndarray) -> float:
+    """SSIM of RGB uint8 images, channel mean; Gaussian window sigma 1.5, population covariance
+    (the settings of Wang et al. 2004 and of most published VAE tables)."""
+    return float(structural_similarity(x, y, data_range=255, channel_axis=-1, gaussian_weights=True,
+                                       sigma=1.5, use_sample_covariance=False))
+
+
+def luma(x: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8, or float in [0, 1] -> (H, W) float64 luminance in [0, 1] (ITU-R 709 weights)"""
+    return rgb2gray(x)
+
+
+def windowed_power(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(power spectrum, radial frequency in cycles/pixel) of a mean-removed, 2-D Hann-windowed image.
+
+    The window keeps the image border (a jump where the FFT wraps around) from leaking energy
+    into every frequency."""
+    g = (gray - gray.mean()) * window("hann", gray.shape)
+    power = np.abs(np.fft.fft2(g)) ** 2
+    fy = np.fft.fftfreq(gray.shape[0])[:, None]
+    fx = np.fft.fftfreq(gray.shape[1])[None, :]
+    return power, np.sqrt(fx ** 2 + fy ** 2)
+
+
+def radial_power_spectrum(gray: np.ndarray, bins: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Power averaged over rings up to Nyquist: (ring centres in cycles/pixel, mean power)."""
+    power, r = windowed_power(gray)
+    edges = np.linspace(0, 0.5, bins + 1)
+    idx = np.digitize(r, edges) - 1
+    keep = (idx >= 0) & (idx < bins)
+    sums = np.bincount(idx[keep], weights=power[keep], minlength=bins)
+    counts = np.bincount(idx[keep], minlength=bins)
+    return (edges[:-1] + edges[1:]) / 2, sums / np.maximum(counts, 1)
+
+
+def high_frequency_energy(gray: np.ndarray, cutoff: float = HF_CUTOFF) -> float:
+    """Spectral energy at radial frequencies in [cutoff, 0.5] cycles/pixel."""
+    power, r = windowed_power(gray)
+    return float(power[(r >= cutoff) & (r <= 0.5)].sum())
+
+
+def hf_energy_ratio(x: np.ndarray, y: np.ndarray, cutoff: float = HF_CUTOFF) -> float:
+    """High-frequency spectral energy of y over that of x: 1 = as sharp, < 1 = blurrier, > 1 = noisier."""
+    return high_frequency_energy(luma(y), cutoff) / max(high_frequency_energy(luma(x), cutoff), 1e-12)
+
+
+def laplacian_variance(gray: np.ndarray) -> float:
+    """Variance of the 3x3 Laplacian of a [0, 1] image: the classic focus/blur measure."""
+    return float(laplace(gray, ksize=3).var())
+
+
+def laplacian_var_ratio(x: np.ndarray, y: np.ndarray) -> float:
+    """Laplacian variance of y over that of x."""
+    return laplacian_variance(luma(y)) / max(laplacian_variance(luma(x)), 1e-12)
+
+
+# ----------------------------------------------------------------------------- latent-space distances
+def gaussian_fit(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, C) samples -> (mean (C,), covariance (C, C)), ridge 1e-6 for stability."""
+    mean = vectors.mean(0)
+    cov = np.cov(vectors, rowvar=False).reshape(vectors.shape[1], vectors.shape[1])
+    return mean, cov + 1e-6 * np.eye(len(mean))
+
+
+def mean_mahalanobis_sq(vectors: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> float:
+    """Mean squared Mahalanobis distance of (N, C) vectors to N(mean, cov); equals C for its own samples."""
+    d = vectors - mean
+    return float(np.einsum("nc,nc->n", d @ np.linalg.inv(cov), d).mean())
+
+
+def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
+    """Squared 2-Wasserstein (Fréchet) distance between two Gaussians, as FID computes it."""
+    from scipy.linalg import sqrtm
+
+    covmean = sqrtm(cov1 @ cov2)
+    covmean = covmean.real if np.iscomplexobj(covmean) else covmean
+    return float(np.square(mu1 - mu2).sum() + np.trace(cov1 + cov2 - 2 * covmean))
+
+
+def gaussian_fit_distances(real: np.ndarray, draws: np.ndarray) -> dict[str, float]:
+    """How far latent `draws` (N, C) fall from the region `real` latents (M, C) occupy.
+
+    mahalanobis_ratio: mean squared Mahalanobis distance of the draws under the Gaussian fitted to
+    `real`, divided by C (≈ 1 for draws from that region; >> 1 far outside it);
+    frechet: Fréchet distance between the Gaussian fits of `real` and `draws` (0 = same fit)."""
+    mu_r, cov_r = gaussian_fit(real)
+    mu_d, cov_d = gaussian_fit(draws)
+    c = real.shape[1]
+    return {"mahalanobis_ratio": mean_mahalanobis_sq(draws, mu_r, cov_r) / c,
+            "mahalanobis_ratio_real": mean_mahalanobis_sq(real, mu_r, cov_r) / c,
+            "frechet": frechet_distance(mu_r, cov_r, mu_d, cov_d)}
