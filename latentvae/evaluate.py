@@ -30,7 +30,7 @@ from diffusers import AutoencoderTiny
 from PIL import Image
 
 from . import metrics
-from .images import center_crop_to_multiple, list_images, load_rgb, to_tensor, to_uint8
+from .images import center_crop_to_multiple, list_images, load_rgb, oriented_size, to_tensor, to_uint8
 from .io import NotAnAutoencoder, load_autoencoder
 from .losses import kl_to_standard_normal
 from .model import decode, downsample_factor, encode_moments, latent_channels
@@ -83,7 +83,7 @@ def load_eval_image(path: Path, max_side: int = 0) -> tuple[torch.Tensor, tuple[
     """(1, 3, H, W) in [-1, 1] after the optional downscale, and the file's own (width, height)."""
     img = load_rgb(path, draft_size=(max_side, max_side) if max_side else None)
     with Image.open(path) as raw:
-        size = raw.size
+        size = oriented_size(raw)  # as displayed, like the pixels load_rgb returns
     return to_tensor(downscale_to_max_side(img, max_side))[None], size
 
 

@@ -2,8 +2,9 @@
 
 On CUDA, bf16 autocast and channels_last pay. On a CPU they pay only where oneDNN has bf16
 kernels (AVX512-BF16 / AMX): without them PyTorch's CPU bf16 convolutions fall back to a slow
-reference path. On the 2-core AVX2 development machine a bf16 2048^2 matmul ran at 0.3 GFLOP/s
-against 118 GFLOP/s in fp32, and a VAE step was 30x slower (benchmarks/train_throughput.py).
+reference path. On the 2-core AVX2 development machine a bf16 matmul ran at 0.3-0.9 GFLOP/s
+against 118-153 GFLOP/s in fp32, and the small preset's training step was 18x slower
+(benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
