@@ -10,6 +10,8 @@ Same images (../shared/data/dev-images), same randomly initialised `sd`-preset A
   latentvae  encode(EncodeConfig(...)) end to end: loading the VAE and hashing its weights, DataLoader
              worker decoding (JPEG draft mode) overlapped with encoder-only inference, parquet shards,
              manifest. Reported over the whole call and over its encoding loop alone.
+  latentvae, other format   the same call with the memory format "auto" did not pick forced
+             (channels_last on or off): the lever, measured both ways in the same run.
 It also times the input pipelines alone (decode + preprocess, no encoder), measures bf16 and fp32
 2048^2 matmul FLOP/s here, counts the encoder's FLOPs per image with
 torch.utils.flop_counter, and prints the achieved FLOP/s as a fraction of each.
@@ -81,12 +83,14 @@ def library_inputs(data: Path, res: int, factor: int) -> float:
     return time.perf_counter() - t0
 
 
-def library(vae_dir: Path, data: Path, res: int, batch_size: int, out: Path) -> tuple[float, dict]:
+def library(vae_dir: Path, data: Path, res: int, batch_size: int, out: Path,
+            channels_last: bool | None = None) -> tuple[float, dict]:
     from latentvae.encode import EncodeConfig, encode
 
     t0 = time.perf_counter()
     manifest = encode(EncodeConfig(vae=str(vae_dir), data=str(data), out=str(out), resolution=res,
-                                   batch_size=batch_size, dtype="fp16", progress=False))
+                                   batch_size=batch_size, dtype="fp16", progress=False,
+                                   channels_last=channels_last))
     return time.perf_counter() - t0, manifest
 
 
@@ -118,23 +122,30 @@ def main() -> None:
         fp32, bf16 = matmul_flops(torch.float32), matmul_flops(torch.bfloat16)
         t_in_naive, t_in_lib = naive_inputs(files, args.resolution), library_inputs(data, args.resolution, 8)
         flops = encoder_flops(vae, args.resolution)
-        # ABBA order (naive, lib, lib, naive, ...): this shared CPU's speed drifts by up to 2x over minutes
-        times = {"naive": [], "whole": [], "loop": []}
+        # ABBA order (naive, lib, alt, alt, lib, naive, ...): this shared CPU's speed drifts by up to 2x over minutes
+        times = {"naive": [], "whole": [], "loop": [], "alt_whole": [], "alt_loop": []}
+        runs = {}
         for r in range(args.rounds):
-            for method in (("naive", "lib") if r % 2 == 0 else ("lib", "naive")):
+            for method in (("naive", "lib", "alt") if r % 2 == 0 else ("alt", "lib", "naive")):
                 if method == "naive":
                     times["naive"].append(naive_loop(vae, files, args.resolution, args.batch_size, tmp / f"naive{r}"))
-                else:
-                    t, m = library(tmp / "vae", data, args.resolution, args.batch_size, tmp / f"cache{r}")
-                    assert m["counts"]["rows"] == len(files), m["counts"]
-                    times["whole"].append(t)
-                    times["loop"].append(m["this_run"]["encode_seconds"])
+                    continue
+                # "lib" runs first in round 0, so the format auto picked is known before "alt" runs
+                cl = None if method == "lib" else not runs["lib"]["channels_last"]
+                t, m = library(tmp / "vae", data, args.resolution, args.batch_size, tmp / f"{method}{r}", cl)
+                assert m["counts"]["rows"] == len(files), m["counts"]
+                prefix = "alt_" if method == "alt" else ""
+                times[prefix + "whole"].append(t)
+                times[prefix + "loop"].append(m["this_run"]["encode_seconds"])
+                runs[method] = m["this_run"]
         fp32_after = matmul_flops(torch.float32)
     n = len(files)
-    run = m["this_run"]
+    run = runs["lib"]
     fp32 = (fp32 + fp32_after) / 2
     names = {"naive": "naive loop (fp32, per-image torch.save)", "whole": "latentvae encode, whole call",
-             "loop": "latentvae encode, encoding loop only"}
+             "loop": "latentvae encode, encoding loop only",
+             "alt_whole": f"latentvae, channels_last={not run['channels_last']}, whole",
+             "alt_loop": f"latentvae, channels_last={not run['channels_last']}, loop"}
     rows = [(names[k], n * len(v) / sum(v), [n / t for t in v]) for k, v in times.items()]
     print(f"\n{args.preset} encoder at {args.resolution}x{args.resolution}, {n} dev images x {args.rounds} rounds "
           f"(ABBA), batch {args.batch_size}, torch threads {torch.get_num_threads()}, "
@@ -156,6 +167,7 @@ def main() -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"preset": args.preset, "resolution": args.resolution, "images": n,
+                                              "auto_channels_last": run["channels_last"],
                                               "encoder_flops": flops, "matmul_fp32": fp32, "matmul_bf16": bf16,
                                               "images_per_second": {k: v for k, v, _ in rows},
                                               "input_pipeline_images_per_second": {"naive": n / t_in_naive,

@@ -408,9 +408,11 @@ def weights_sha256(vae) -> str:
     """sha256 over the state dict (sorted keys; name, dtype, shape, raw bytes): same weights, same id."""
     h = hashlib.sha256()
     for k, t in sorted(vae.state_dict().items()):
-        t = t.detach().cpu().contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # flattened in logical order, so channels_last weights hash like contiguous ones (a (C, C, 1, 1)
+        # channels_last weight counts as contiguous yet has stride(-1) != 1, which view(uint8) refuses)
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
     return h.hexdigest()
 
 
@@ -511,7 +513,7 @@ def prepare_vae(path: str, device, channels_last: Optional[bool]):
     from .precision import resolve_channels_last
 
     vae = load_autoencoder(path).to(device).eval().requires_grad_(False)
-    cl = resolve_channels_last(channels_last, device.type)
+    cl = resolve_channels_last(channels_last, device.type, inference=True)
     if cl:
         vae = vae.to(memory_format=torch.channels_last)
     return vae, cl

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -136,8 +136,8 @@ def atomic_save_image(img: Image.Image, path: str | Path, **kwargs) -> None:
     """Write an image through a temporary file and a rename, so no half-written file is left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
+    # a unique hidden name opened the usual way (mkstemp would leave the file mode 0600, not the umask's)
+    tmp = path.parent / f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}{path.suffix}"
     try:
         img.save(tmp, **kwargs)
         os.replace(tmp, path)

@@ -12,6 +12,7 @@ when `random_backbone=True` is asked for explicitly (tests of wiring, never real
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -52,24 +53,31 @@ def _load_backbone(model, net: str, folder: Path) -> None:
     model.net.load_state_dict(mapped, strict=True)
 
 
-def load_lpips(net: str = "vgg", lpips_dir: Optional[str] = None, random_backbone: bool = False) -> torch.nn.Module:
-    """A frozen, eval-mode LPIPS module: inputs in [-1, 1], output (B, 1, 1, 1)."""
+def _build(net: str, pnet_rand: bool):
+    """lpips.LPIPS without the torchvision deprecation warnings its `pretrained=` call triggers."""
     import lpips  # imports torchvision; kept local so the rest of the package imports without it
 
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torchvision\.models\._utils")
+        return lpips.LPIPS(net=net, pnet_rand=pnet_rand, verbose=False)
+
+
+def load_lpips(net: str = "vgg", lpips_dir: Optional[str] = None, random_backbone: bool = False) -> torch.nn.Module:
+    """A frozen, eval-mode LPIPS module: inputs in [-1, 1], output (B, 1, 1, 1)."""
     if net not in BACKBONE_FILES:
         raise ValueError(f"unknown LPIPS net {net!r}; valid choices: {', '.join(BACKBONE_FILES)}")
     folder = lpips_dir or os.environ.get(ENV_VAR) or None
     if random_backbone:
-        model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
+        model = _build(net, pnet_rand=True)
     elif folder:
         if not Path(folder).is_dir():
             source = "loss.lpips_dir" if lpips_dir else ENV_VAR
             raise LPIPSWeightsError(f"{source}={folder} is not a folder. " + _how_to())
-        model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
+        model = _build(net, pnet_rand=True)
         _load_backbone(model, net, Path(folder))
     else:
         try:
-            model = lpips.LPIPS(net=net, pnet_rand=False, verbose=False)
+            model = _build(net, pnet_rand=False)
         except Exception as e:  # no cache and no network: urllib/OSError/RuntimeError
             raise LPIPSWeightsError(f"LPIPS {net}: torchvision could not load its ImageNet weights ({e}). " + _how_to()) from e
     model.eval().requires_grad_(False)

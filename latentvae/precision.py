@@ -27,8 +27,14 @@ def resolve_mixed_precision(choice: str, device_type: str) -> str:
     return "bf16" if device_type == "cpu" and cpu_has_fast_bf16() else "no"
 
 
-def resolve_channels_last(choice: bool | None, device_type: str) -> bool:
-    """None ('auto') -> channels_last on CUDA, or on a CPU with fast bf16 (oneDNN prefers NHWC there)."""
+def resolve_channels_last(choice: bool | None, device_type: str, inference: bool = False) -> bool:
+    """None ('auto') -> channels_last on CUDA, or on a CPU with fast bf16 (oneDNN prefers NHWC there).
+
+    For inference only (encoding a dataset), also on other CPUs: on the 2-core AVX2 machine the fp32
+    encoding loop ran 1.13x faster in channels_last (benchmarks/encode_speed.py), while the training
+    step, backward included, did not gain (0.88x, then 1.00x; benchmarks/RESULTS.md)."""
     if choice is not None:
         return choice
+    if inference and device_type == "cpu":
+        return True
     return device_type == "cuda" or (device_type == "cpu" and cpu_has_fast_bf16())

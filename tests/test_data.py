@@ -1,6 +1,8 @@
 """Data: every odd image mode becomes RGB, undecodable files are skipped and listed, the stream is
 a pure function of (seed, index) so resume and worker count change nothing."""
 import io
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from PIL import Image
 from conftest import make_photo
 from latentvae.config import DataConfig
 from latentvae.data import CropStream, StreamSampler, collate, open_source, split_holdout
-from latentvae.images import BadImage, list_images, load_rgb, oriented_size
+from latentvae.images import BadImage, atomic_save_image, list_images, load_rgb, oriented_size
 
 
 def _write_odd_images(folder):
@@ -141,3 +143,16 @@ def test_exif_orientation_is_applied_so_photos_load_upright(tmp_path, fmt):
     assert out[:20].mean() > 200 and out[20:].mean() < 55
     with Image.open(path) as raw:
         assert oriented_size(raw) == (20, 40)
+
+
+def test_saved_images_are_complete_and_readable_by_others(tmp_path):
+    """Grids and demo images go through a temporary + rename; the result has the umask's mode, not 0600."""
+    old = os.umask(0o022)
+    try:
+        atomic_save_image(Image.new("RGB", (8, 8), (200, 10, 10)), tmp_path / "sub" / "grid.png")
+    finally:
+        os.umask(old)
+    out = tmp_path / "sub" / "grid.png"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["grid.png"]  # no temporary left beside it
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+    assert Image.open(out).getpixel((0, 0)) == (200, 10, 10)

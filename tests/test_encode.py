@@ -170,6 +170,20 @@ def test_half_precision_storage_round_trips_to_the_fp32_latent(vae_dir, tmp_path
         torch.testing.assert_close(z, z32.to(getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[dtype])).float())
 
 
+def test_channels_last_encodes_the_same_latents_under_the_same_vae_id(vae_dir, tmp_path):
+    """channels_last is the default on CUDA: the cache it writes must match the contiguous one, and the
+    VAE's identity (the weights hash) must not depend on the memory format."""
+    data = photos(tmp_path / "imgs", 3)
+    plain = encode(cfg(vae_dir, data, tmp_path / "plain", dtype="fp32", channels_last=False))
+    cl = encode(cfg(vae_dir, data, tmp_path / "cl", dtype="fp32", channels_last=True))
+    assert cl["this_run"]["channels_last"] and not plain["this_run"]["channels_last"]
+    assert cl["vae"]["weights_sha256"] == plain["vae"]["weights_sha256"]
+    a = {r["source_index"]: r for r in rows(tmp_path / "plain")}
+    for r in rows(tmp_path / "cl"):
+        torch.testing.assert_close(from_storage(r["latent_mean"], "fp32"),
+                                   from_storage(a[r["source_index"]]["latent_mean"], "fp32"), rtol=1e-4, atol=1e-5)
+
+
 def test_passthrough_columns_of_a_datasets_input(vae_dir, tmp_path):
     names = ["cat", "dog"]
     items = {"image": [make_photo(size=(40 + 8 * i, 40), seed=i) for i in range(5)],
