@@ -13,6 +13,10 @@ from latentvae.config import load_config
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 LPIPS_DIR = os.environ.get("LATENTVAE_LPIPS_DIR") or (str(SHARED / "weights" / "lpips") if (SHARED / "weights" / "lpips").is_dir() else None)
+if os.environ.get("LATENTVAE_LPIPS_DIR"):
+    # the README runs the tests with a relative path (../shared/weights/lpips); subprocesses started in a
+    # temporary folder would resolve it there, so pin it to where pytest was started
+    LPIPS_DIR = os.environ["LATENTVAE_LPIPS_DIR"] = os.path.abspath(LPIPS_DIR)
 
 
 def make_photo(size=(48, 40), seed=0) -> Image.Image:
