@@ -1,7 +1,4 @@
-"""Training checkpoints: safetensors and JSON only, written atomically, rotated.
-
-Accelerate's `save_state` pickles RNG states and custom objects and `load_state` unpickles them
-with `weights_only=False`; we never unpickle a file a user may hand us, so the state goes here:
+"""Training checkpoints: safetensors and JSON only, fsynced, checksummed, published by one rename.
 
     RUN/checkpoints/checkpoint-00001000/
         model.safetensors      raw VAE weights (fp32, diffusers key names)
@@ -9,10 +6,20 @@ with `weights_only=False`; we never unpickle a file a user may hand us, so the s
         disc.safetensors       discriminator, when the GAN is on
         optim-{name}.safetensors + .json   optimizer tensors / param groups
         rng-rank{r}.safetensors + .json    every process's RNG states
-        state.json             step, data position, counters, scheduler, scaler, config
+        state.json             step, data position, counters, scheduler, scaler, config, and the
+                               sha256 of every other file in the folder
 
-A checkpoint is written into a hidden `.checkpoint-XXXX.tmp-*` folder and renamed into place, so
-a folder named `checkpoint-*` is always complete; `state.json` is written last inside it.
+A checkpoint is written into a hidden `.checkpoint-XXXX.tmp` folder, every file fsynced,
+`state.json` last; the folder is then renamed into place and its parent fsynced. So a folder
+named `checkpoint-*` is complete even after a SIGKILL or a power cut, and a file damaged later
+(truncated copy, bad disk) is caught by its checksum: `resume_candidates` skips such a folder and
+`--resume latest` falls back to the previous one, saying so.
+
+Why not accelerate's `save_state`/`load_state`: they write into the target folder in place (a
+crash leaves a half-written folder that looks like a checkpoint), record no checksums, restore a
+failed RNG state with only a log line, and have no place for the data position of our seeded
+stream. (accelerate 1.15 loads with `weights_only=True` except for custom registered objects, so
+unpickling is not the reason.)
 """
 from __future__ import annotations
 
@@ -22,13 +29,22 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+from .errors import UserError
+from .fsutil import fsync_dir, sha256_file, write_durable
 
 CKPT_RE = re.compile(r"^checkpoint-(\d{8})$")
+STATE_FORMAT = "latentvae-checkpoint-1"
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that is missing, incomplete or damaged; the message names the file."""
 
 
 def checkpoints_root(run: Path) -> Path:
@@ -50,28 +66,58 @@ def find_checkpoint(path: str | Path) -> Path:
     if (path / "state.json").is_file() and (path / "model.safetensors").is_file():
         return path
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist (expected a training run folder or a checkpoint in it)")
+        raise CheckpointError(f"{path} does not exist (expected a training run folder or a checkpoint in it)")
     found = list_checkpoints(path)
     if not found:
-        raise FileNotFoundError(f"{path}: no complete checkpoint (expected {path}/checkpoints/checkpoint-XXXXXXXX/"
-                                "with state.json and model.safetensors)")
+        raise CheckpointError(f"{path}: no complete checkpoint (expected {path}/checkpoints/checkpoint-XXXXXXXX/"
+                              "with state.json and model.safetensors)")
     return found[-1]
+
+
+def verify(ckpt: Path) -> None:
+    """Raise CheckpointError if a file listed in state.json is missing or its sha256 differs.
+
+    Checkpoints written before checksums were recorded (no "files" in state.json) pass unchecked."""
+    ckpt = Path(ckpt)
+    state = read_state(ckpt)
+    for name, digest in sorted(state.get("files", {}).items()):
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing (listed in state.json)")
+        if sha256_file(path) != digest:
+            raise CheckpointError(f"{path}: sha256 differs from the one recorded in state.json (truncated or altered)")
+
+
+def resume_candidates(run: Path, log=print) -> Iterator[Path]:
+    """The run's complete checkpoints that pass `verify`, newest first; a damaged one is named and skipped."""
+    for path in reversed(list_checkpoints(run)):
+        try:
+            verify(path)
+        except CheckpointError as e:
+            log(f"skipping damaged checkpoint {path.name}: {e}")
+            continue
+        yield path
+
+
+def checksums(folder: Path, skip: str = "state.json") -> dict[str, str]:
+    """sha256 of every file in a staging folder (all processes' files are in it by now)."""
+    return {p.name: sha256_file(p) for p in sorted(Path(folder).iterdir()) if p.is_file() and p.name != skip}
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
     try:
         return json.loads((Path(ckpt) / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{ckpt}/state.json: unreadable ({e})") from e
+        raise CheckpointError(f"{ckpt}/state.json: unreadable ({e})") from None
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise CheckpointError(f"{path} does not exist")
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 # ----------------------------------------------------------------------------- optimizer state
@@ -123,13 +169,15 @@ def rng_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> No
 
 # ----------------------------------------------------------------------------- writing
 def write_json(path: Path, data: Any) -> None:
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    """A JSON file inside a staging folder, fsynced (the folder's rename is what publishes it)."""
+    text = json.dumps(data, indent=2, sort_keys=True).encode()
+    write_durable(path, lambda f: f.write(text))
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    """A safetensors file, fsynced (inside a staging folder, so no temporary of its own is needed)."""
+    data = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    write_durable(path, lambda f: f.write(data))
 
 
 def staging_dir(run: Path, step: int) -> Path:
@@ -154,6 +202,7 @@ def commit(run: Path, step: int, keep_last: int) -> Path:
     tmp, final = staging_dir(run, step), final_dir(run, step)
     if not (tmp / "state.json").is_file():
         raise RuntimeError(f"{tmp}: incomplete checkpoint (no state.json); not committing it")
+    fsync_dir(tmp)  # the files' entries, before the rename publishes the folder
     if final.exists():
         old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -162,8 +211,11 @@ def commit(run: Path, step: int, keep_last: int) -> Path:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+    fsync_dir(final.parent)
     for stale in list_checkpoints(run)[:-keep_last]:
-        shutil.rmtree(stale, ignore_errors=True)
+        hidden = stale.with_name(f".{stale.name}.old")  # hidden first: a kill mid-delete leaves no half folder
+        os.replace(stale, hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
     return final
 
 

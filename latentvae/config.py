@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -18,8 +19,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration key, type or value that cannot be used."""
 
 
@@ -72,7 +75,6 @@ class LossConfig:
     # kl_weight means what it means in latent diffusion's first-stage recipe (1e-6).
     kl_weight: float = 1e-6
     kl_warmup_steps: int = 0
-    logvar_clamp: float = 30.0
     gan: bool = False
     gan_loss: Literal["hinge", "vanilla"] = "hinge"
     gan_weight: float = 0.5  # multiplies the adaptive weight
@@ -115,6 +117,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables
     # "auto": bf16 on CUDA and on CPUs with bf16 kernels, else fp32 (see precision.py)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # fp16 only: the GradScaler's initial loss scale (torch's default 2^16); it halves on every
+    # overflowing step and doubles after 2000 clean ones
+    fp16_init_scale: float = 65536.0
     channels_last: Optional[bool] = None  # None: auto, as mixed_precision
     ema_decay: float = 0.999  # 0 disables EMA
     log_every: int = 10
@@ -143,10 +148,6 @@ class Config:
 
 
 SECTIONS = {f.name: f.type for f in fields(Config)}
-
-
-def _section_cls(name: str) -> type:
-    return {"model": ModelConfig, "loss": LossConfig, "data": DataConfig, "train": TrainConfig}[name]
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -184,6 +185,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -203,31 +206,53 @@ def _apply(section: Any, name: str, updates: dict[str, Any]) -> Any:
     return replace(section, **clean)
 
 
-def _apply_model(section: ModelConfig, updates: dict[str, Any]) -> ModelConfig:
-    updates = dict(updates)
-    preset = updates.pop("preset", None)
-    if preset is not None:
-        if preset not in MODEL_PRESETS:
-            raise ConfigError(f"model.preset: unknown choice {preset!r}; valid choices: {', '.join(MODEL_PRESETS)}")
-        section = replace(section, preset=preset, **MODEL_PRESETS[preset])
-    return _apply(section, "model", updates)
-
-
-def merge(cfg: Config, updates: dict[str, Any], source: str = "config") -> Config:
-    """Return `cfg` with the nested `updates` ({section: {key: value}}) applied and checked."""
-    if not isinstance(updates, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(updates).__name__}")
-    new = {}
-    for name, values in updates.items():
+def _check_layer(data: Any, source: str) -> dict[str, dict[str, Any]]:
+    """One layer of overrides ({section: {key: value}}) with its structure checked."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), "
+                          f"got {type(data).__name__}")
+    for name, values in data.items():
         if name not in SECTIONS:
             raise ConfigError(f"{source}: unknown section {name!r}; valid sections: {', '.join(SECTIONS)}")
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section {name!r} must be a mapping of keys, got {values!r}")
-        current = getattr(cfg, name)
-        new[name] = _apply_model(current, values) if name == "model" else _apply(current, name, values)
-    out = replace(cfg, **new)
-    validate(out)
-    return out
+    return data
+
+
+def build_config(layers: list[tuple[str, Any]], base: Optional[Config] = None) -> Config:
+    """Config from layers of overrides [(source, {section: {key: value}}), ...], in the documented order.
+
+    The model preset comes first, whichever layer names it (the last one named wins), then every
+    other key, layer by layer; the cross-field checks run once, on the result. So
+    `--set model.block_out_channels=[8,16] --set model.norm_num_groups=4` works in either order,
+    and `--set model.preset=tiny` keeps the model keys a YAML file set. `base` (default: the
+    dataclass defaults) is what the layers apply to.
+    """
+    layers = [(source, _check_layer(data, source)) for source, data in layers]
+    cfg = Config() if base is None else base
+    preset = None
+    for source, data in layers:
+        if "preset" in data.get("model", {}):
+            preset = data["model"]["preset"]
+            if preset not in MODEL_PRESETS:
+                raise ConfigError(f"{source}: model.preset: unknown choice {preset!r}; "
+                                  f"valid choices: {', '.join(MODEL_PRESETS)}")
+    if preset is not None:
+        cfg = replace(cfg, model=replace(cfg.model, preset=preset, **MODEL_PRESETS[preset]))
+    for source, data in layers:
+        for name, values in data.items():
+            values = {k: v for k, v in values.items() if not (name == "model" and k == "preset")}
+            try:
+                cfg = replace(cfg, **{name: _apply(getattr(cfg, name), name, values)})
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
+    validate(cfg)
+    return cfg
+
+
+def merge(cfg: Config, updates: dict[str, Any], source: str = "config") -> Config:
+    """`cfg` with the nested `updates` ({section: {key: value}}) applied (preset first) and checked."""
+    return build_config([(source, updates)], base=cfg)
 
 
 def parse_override(text: str) -> dict[str, Any]:
@@ -236,27 +261,38 @@ def parse_override(text: str) -> dict[str, Any]:
         raise ConfigError(f"override {text!r}: expected section.key=value, for example train.lr=1e-4")
     key, raw = text.split("=", 1)
     section, name = key.strip().split(".", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
     if isinstance(value, str) and raw.strip().lower() in ("none", "null", "~"):
         value = None
     return {section: {name: value}}
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file of overrides: a mapping of sections (an empty file is an empty mapping)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    return _check_layer({} if data is None else data, str(path))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    cfg = Config()
+    """Defaults -> model preset -> YAML file -> `--set` overrides, validated once at the end."""
+    layers: list[tuple[str, Any]] = []
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        # the model preset first, so that YAML keys next to it override the preset
-        cfg = merge(cfg, data, source=str(path))
-    for text in overrides:
-        cfg = merge(cfg, parse_override(text), source=f"--set {text}")
-    return cfg
+        layers.append((str(path), read_yaml(path)))
+    layers += [(f"--set {text}", parse_override(text)) for text in overrides]
+    return build_config(layers)
+
+
+# keys that older versions wrote into saved configs and that no longer exist (they did nothing)
+RETIRED_KEYS = {("loss", "logvar_clamp")}
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -265,6 +301,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     for name, values in data.items():
         if name not in SECTIONS:
             raise ConfigError(f"saved config: unknown section {name!r}")
+        values = {k: v for k, v in values.items() if (name, k) not in RETIRED_KEYS}
         cfg = replace(cfg, **{name: _apply(getattr(cfg, name), name, values)})
     validate(cfg)
     return cfg
@@ -299,11 +336,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be positive, got {t.lr}")
+    if t.fp16_init_scale <= 0:
+        raise ConfigError(f"train.fp16_init_scale must be positive, got {t.fp16_init_scale}")
     if d.short_side_max and d.short_side_max < d.short_side_min:
         raise ConfigError("data.short_side_max must be >= data.short_side_min (or 0 for native size)")
     if lo.lpips_crop and lo.lpips_crop < 32:
         raise ConfigError(f"loss.lpips_crop must be 0 (whole image) or >= 32 (AlexNet and VGG need it), got {lo.lpips_crop}")
-
-
-def describe_presets() -> str:
-    return "; ".join(f"{k}: {v['block_out_channels']}, z={v['latent_channels']}" for k, v in MODEL_PRESETS.items())

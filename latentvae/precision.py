@@ -10,8 +10,17 @@ from __future__ import annotations
 
 import torch
 
+# a resolved mixed-precision choice -> the autocast dtype (None: fp32, no autocast)
+AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_capability() -> str:
+    """What PyTorch's CPU kernels were dispatched for here ('AVX2', 'AVX512', ...): name it beside every figure."""
+    return torch.backends.cpu.get_cpu_capability()
+
 
 def cpu_has_fast_bf16() -> bool:
+    """oneDNN has native bf16 kernels (AVX512-BF16 / AMX class CPUs); the one place `auto` asks the CPU."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

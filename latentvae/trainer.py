@@ -23,18 +23,62 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .config import Config
+from .config import Config, ConfigError
+from .errors import UserError
+from .fsutil import atomic_write_bytes, atomic_write_json
 from .data import CropStream, build_sources, load_val_batch, make_loader, _mix
 from .discriminator import PatchDiscriminator
 from .images import atomic_save_image, make_grid
 from .losses import discriminator_loss, generator_loss
 from .model import build_vae, describe, last_decoder_layer
 from .perceptual import load_lpips
-from .precision import resolve_channels_last, resolve_mixed_precision
+from .precision import AUTOCAST_DTYPES, resolve_channels_last, resolve_mixed_precision
 
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with non-finite gradients."""
+
+
+SHARED_MARKER = ".latentvae-shared-check"
+SHARDED = {"FSDP", "DEEPSPEED", "MEGATRON_LM"}
+
+
+def refuse_sharded_training(distributed_type: Optional[str] = None) -> None:
+    """FSDP / DeepSpeed / Megatron are refused at start: the VAE fits on one device, DDP is the way."""
+    from accelerate.utils import parse_flag_from_env
+
+    asked = [name for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"),
+                                    ("Megatron-LM", "ACCELERATE_USE_MEGATRON_LM")) if parse_flag_from_env(env)]
+    if distributed_type is not None and str(distributed_type).split(".")[-1] in SHARDED:
+        asked.append(str(distributed_type).split(".")[-1])
+    if asked:
+        raise UserError(f"accelerate is set up for {asked[0]}, which latentvae does not support: the VAE fits on one "
+                        "device, so train with DDP (`accelerate launch --multi_gpu ...`, or an `accelerate config` "
+                        "without FSDP/DeepSpeed)")
+
+
+def check_shared_output(acc, out: Path) -> None:
+    """Every process must see the output folder that process 0 writes (each writes its RNG state into
+    the checkpoints there): process 0 writes a random token, every process reads it back."""
+    import uuid
+
+    from accelerate.utils import broadcast_object_list
+
+    token = [uuid.uuid4().hex if acc.is_main_process else None]
+    if acc.num_processes > 1:
+        broadcast_object_list(token)
+    if acc.is_main_process:
+        atomic_write_json(out / SHARED_MARKER, {"token": token[0]})
+    acc.wait_for_everyone()
+    try:
+        seen = json.loads((out / SHARED_MARKER).read_text()).get("token")
+    except (OSError, ValueError):
+        seen = None
+    ok = acc.gather(torch.tensor([int(seen == token[0])], device=acc.device))
+    bad = [r for r, v in enumerate(ok.tolist()) if not v]
+    if bad:
+        raise UserError(f"--output-dir {out}: process(es) {bad} do not see the folder that process 0 writes; every "
+                        "process (on every node) must see the same output folder, e.g. on a shared file system")
 
 
 class Autoencoder(nn.Module):
@@ -98,10 +142,17 @@ class Trainer:
 
         self.cfg, self.out = cfg, Path(output_dir)
         t = cfg.train
-        device_type = "cuda" if torch.cuda.is_available() and not _env_cpu() else "cpu"
+        refuse_sharded_training()
+        # Precision is ours, not accelerate's: we autocast and own the fp16 GradScaler, so that with the
+        # GAN each optimizer is unscaled exactly once and the scaler updated once per step (accelerate's
+        # wrapper updates it at every optimizer.step), and so that fp16 also works on a CPU.
         self.acc = accelerator or Accelerator(
-            mixed_precision=resolve_mixed_precision(t.mixed_precision, device_type),
-            gradient_accumulation_steps=t.grad_accum, log_with="tensorboard", project_dir=str(self.out))
+            mixed_precision="no", gradient_accumulation_steps=t.grad_accum, log_with="tensorboard",
+            project_dir=str(self.out), cpu=_env_cpu())
+        refuse_sharded_training(self.acc.distributed_type)
+        self.precision = resolve_mixed_precision(t.mixed_precision, self.acc.device.type)
+        self.scaler = torch.amp.GradScaler(self.acc.device.type, init_scale=t.fp16_init_scale,
+                                           enabled=self.precision == "fp16")
         self.channels_last = resolve_channels_last(t.channels_last, self.acc.device.type)
         if self.acc.device.type == "cpu":
             torch.set_num_threads(t.cpu_threads or cpu_threads_per_process(self.acc.num_processes))
@@ -146,10 +197,11 @@ class Trainer:
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_staging(self.out)
-            ckpt.write_json(self.out / "config.json", cfg.to_dict())
+            atomic_write_json(self.out / "config.json", cfg.to_dict())
         self.acc.wait_for_everyone()
+        check_shared_output(self.acc, self.out)
         if resume:
-            self.load(resume)
+            self.resume(resume)
 
     # ------------------------------------------------------------------ accessors
     @property
@@ -170,6 +222,11 @@ class Trainer:
             vae.load_state_dict(self.ema_state_dict(), strict=False)
         return vae
 
+    def autocast(self):
+        """The networks' forward in the run's precision (fp32 master weights stay as they are)."""
+        dtype = AUTOCAST_DTYPES[self.precision]
+        return torch.autocast(self.acc.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
     # ------------------------------------------------------------------ the steps
     def gan_active(self) -> bool:
         return self.disc is not None and self.state.step >= self.cfg.loss.gan_start
@@ -180,33 +237,46 @@ class Trainer:
         if self.gan_active():
             disc = self.disc_module()
             disc.requires_grad_(False)  # the generator loss must not write the discriminator's grads
-        with self.acc.autocast():
+        with self.autocast():
             x_hat, mean, logvar = self.ae(x)
             loss, logs = generator_loss(self.cfg.loss, x, x_hat, mean, logvar, self.state.step, lpips=self.lpips,
                                         disc=disc, last_layer=last_decoder_layer(self.vae) if disc else None,
                                         train_kl=self.cfg.model.mode == "vae")
-        self.acc.backward(loss)
+        self.acc.backward(self.scaler.scale(loss))
         if disc is not None:
             disc.requires_grad_(True)
         return x_hat.detach(), logs
 
     def discriminator_step(self, x: torch.Tensor, x_hat: torch.Tensor) -> dict:
-        with self.acc.autocast():
+        with self.autocast():
             loss, logs = discriminator_loss(self.cfg.loss, self.disc, x, x_hat)
-        self.acc.backward(loss)
+        self.acc.backward(self.scaler.scale(loss))
         return logs
 
-    def _apply_update(self, opt, params, sched=None) -> torch.Tensor:
-        """Clip and step if the gradients are finite; returns the gradient norm (a tensor)."""
-        clip = self.cfg.train.grad_clip
-        norm = self.acc.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        finite = bool(torch.isfinite(norm))  # one host sync per update, as GradScaler does
-        if finite or self.acc.scaler is not None:
-            opt.step()  # with fp16 the scaler itself skips non-finite steps and lowers its scale
-        if finite and sched is not None:
-            sched.step()
-        opt.zero_grad(set_to_none=True)
-        return norm
+    def apply_updates(self) -> dict[str, torch.Tensor]:
+        """Unscale each optimizer exactly once, clip, step, then update the fp16 scaler once.
+
+        Returns the gradient norms ({"grad_norm", "d_grad_norm"}), measured after unscaling and
+        before clipping. A non-finite norm skips that optimizer's step (with fp16 the scaler skips
+        it and lowers its scale); the LR schedule advances only with a generator step."""
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+        updates = [("grad_norm", self.opt_g, self.ae)]
+        if self.gan_active():
+            updates.append(("d_grad_norm", self.opt_d, self.disc))
+        norms = {}
+        for name, opt, model in updates:
+            self.scaler.unscale_(opt)  # once per optimizer and step; a no-op without fp16
+            norms[name] = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        for name, opt, _ in updates:
+            if self.scaler.is_enabled() or bool(torch.isfinite(norms[name])):  # one host sync per update
+                self.scaler.step(opt)
+            opt.zero_grad(set_to_none=True)
+        if self.opt_d is not None and not self.gan_active():
+            self.opt_d.zero_grad(set_to_none=True)
+        self.scaler.update()
+        if bool(torch.isfinite(norms["grad_norm"])):
+            self.sched_g.step()
+        return norms
 
     def train_micro_step(self, batch: dict) -> Optional[dict]:
         """One micro-batch; on the last one of an accumulation window, the updates.
@@ -224,16 +294,13 @@ class Trainer:
             self.state.micro_step += 1
             if not self.acc.sync_gradients:
                 return None
-            norm = self._apply_update(self.opt_g, self.ae.parameters(), self.sched_g)
-            logs["grad_norm"] = norm.detach()
-            if not torch.isfinite(norm):
+            logs.update({k: v.detach() for k, v in self.apply_updates().items()})
+            if self.scaler.is_enabled():
+                logs["grad_scale"] = torch.tensor(self.scaler.get_scale())
+            if not torch.isfinite(logs["grad_norm"]):
                 self.state.nonfinite_total += 1
                 self.state.nonfinite_in_row += 1
-                if self.opt_d is not None:
-                    self.opt_d.zero_grad(set_to_none=True)
                 return logs
-            if self.gan_active():
-                logs["d_grad_norm"] = self._apply_update(self.opt_d, self.disc.parameters()).detach()
             self.state.nonfinite_in_row = 0
             self.state.step += 1
             if self.ema is not None:
@@ -244,10 +311,14 @@ class Trainer:
     def run(self) -> TrainState:
         cfg, t, st = self.cfg, self.cfg.train, self.state
         acc = self.acc
+        if st.step >= t.steps:
+            acc.print(f"{self.out}: already at step {st.step} of train.steps={t.steps}; nothing to train "
+                      f"(raise train.steps to continue)")
+            return st
         if acc.is_main_process:
             acc.init_trackers("tb", config=_flat_config(cfg))
             acc.print(describe(self.vae), f"| {len(self.stream.src)} training images | {acc.num_processes} process(es)"
-                      f" | {acc.mixed_precision} | output: {self.out}")
+                      f" | precision {self.precision} | output: {self.out}")
         loader = make_loader(self.stream, t.batch_size, st.micro_step, acc.process_index, acc.num_processes,
                              cfg.data.num_workers)
         bar = None
@@ -303,7 +374,7 @@ class Trainer:
         for m in new:
             self.acc.print(f"skipped image: {m}")
         if self.acc.is_main_process:
-            (self.out / "skipped_images.txt").write_text("\n".join(self.state.bad_images) + "\n")
+            atomic_write_bytes(self.out / "skipped_images.txt", ("\n".join(self.state.bad_images) + "\n").encode())
 
     def _log(self, sums: dict, n: int, ips: float, bar) -> None:
         if not sums:
@@ -327,7 +398,7 @@ class Trainer:
             return
         vae = self.eval_vae()
         x = self.val.to(self.acc.device)
-        with self.acc.autocast():
+        with self.autocast():
             mean = vae.encode(x).latent_dist.mean
             x_hat = vae.decode(mean).sample.float().clamp(-1, 1)
         err = ((x_hat - x).abs().mean(1, keepdim=True).expand_as(x) * 2).clamp(0, 1) * 2 - 1  # |error| x2, gray
@@ -353,8 +424,8 @@ class Trainer:
         acc.wait_for_everyone()
         final = None
         if acc.is_main_process:
-            meta = {"format": "latentvae-checkpoint-1", "step": st.step}
-            ckpt.save_tensors(tmp / "model.safetensors", self.vae.state_dict(), metadata={k: str(v) for k, v in meta.items()})
+            ckpt.save_tensors(tmp / "model.safetensors", self.vae.state_dict(),
+                              metadata={"format": ckpt.STATE_FORMAT, "step": str(st.step)})
             if self.ema is not None:
                 ckpt.save_tensors(tmp / "ema.safetensors", self.ema_state_dict())
             if self.disc is not None:
@@ -365,43 +436,73 @@ class Trainer:
                     ckpt.save_tensors(tmp / f"optim-{name}.safetensors", tensors)
                     ckpt.write_json(tmp / f"optim-{name}.json", ometa)
             state = {
-                "format": "latentvae-checkpoint-1", "step": st.step, "micro_step": st.micro_step,
+                "format": ckpt.STATE_FORMAT, "step": st.step, "micro_step": st.micro_step,
                 "nonfinite_total": st.nonfinite_total, "nonfinite_in_row": st.nonfinite_in_row,
-                "bad_images": st.bad_images, "num_processes": acc.num_processes,
+                "bad_images": st.bad_images, "num_processes": acc.num_processes, "precision": self.precision,
                 "scheduler_g": {k: v for k, v in self.sched_g.state_dict().items() if k != "lr_lambdas"},
-                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "ema_optimization_step": self.ema.optimization_step if self.ema is not None else None,
                 "config": self.cfg.to_dict(),
                 # the architecture actually trained (with model.init_from it comes from that folder)
                 "vae_config": {k: v for k, v in self.vae.config.items() if not k.startswith("_")},
+                "files": ckpt.checksums(tmp),  # every process's files are in by now (barrier above)
             }
             ckpt.write_json(tmp / "state.json", state)  # last: marks the folder complete
             final = ckpt.commit(self.out, st.step, self.cfg.train.keep_last)
         acc.wait_for_everyone()
         return final
 
-    def load(self, where: str) -> None:
-        """Restore everything from `where` ("latest", a run folder, or a checkpoint folder)."""
-        path = ckpt.find_checkpoint(self.out if where == "latest" else where)
+    def resume(self, where: str) -> None:
+        """Continue from `where`: "latest" (this run's newest checkpoint that verifies, falling back to
+        older ones and saying so; none at all starts the run from step 0) or a checkpoint/run folder."""
+        if where == "latest":
+            path = next(ckpt.resume_candidates(self.out, log=self.acc.print), None)
+            if path is None:
+                if ckpt.list_checkpoints(self.out):
+                    raise ckpt.CheckpointError(f"{self.out}: every checkpoint is damaged (see above); nothing to "
+                                               "resume from (remove them, or choose one with --resume PATH)")
+                self.acc.print(f"--resume latest: no checkpoint in {self.out} yet; starting from step 0")
+                return
+            newest = ckpt.list_checkpoints(self.out)[-1]
+            if path != newest:
+                self.acc.print(f"--resume latest: {newest.name} is damaged; falling back to {path.name}")
+        else:
+            path = ckpt.find_checkpoint(where)
+            ckpt.verify(path)
+        self.load(path)
+
+    def load(self, path: Path) -> None:
+        """Restore everything from the checkpoint folder `path` (already verified)."""
         state = ckpt.read_state(path)
         if state.get("num_processes") != self.acc.num_processes:
-            raise ValueError(f"{path}: saved with {state.get('num_processes')} processes, resumed with "
-                             f"{self.acc.num_processes}; an exact resume needs the same number")
+            raise ckpt.CheckpointError(
+                f"{path}: saved with {state.get('num_processes')} processes, resumed with {self.acc.num_processes}; "
+                "an exact resume needs the same number")
         self.vae.load_state_dict(ckpt.load_tensors(path / "model.safetensors"), strict=True)
         if self.ema is not None:
-            ema = ckpt.load_tensors(path / "ema.safetensors")
-            names = [n for n, _ in self.vae.named_parameters()]
-            self.ema.shadow_params = [ema[n].to(self.acc.device) for n in names]
-            self.ema.optimization_step = state["ema_optimization_step"]
+            if (path / "ema.safetensors").is_file():
+                ema = ckpt.load_tensors(path / "ema.safetensors")
+                names = [n for n, _ in self.vae.named_parameters()]
+                self.ema.shadow_params = [ema[n].to(self.acc.device) for n in names]
+                self.ema.optimization_step = state["ema_optimization_step"]
+            else:
+                self.ema.shadow_params = [p.detach().clone() for p in self.vae.parameters()]
+                self.acc.print(f"{path.name} has no EMA (train.ema_decay was 0): the EMA starts from its weights")
         if self.disc is not None:
-            self.disc_module().load_state_dict(ckpt.load_tensors(path / "disc.safetensors"), strict=True)
+            if (path / "disc.safetensors").is_file():
+                self.disc_module().load_state_dict(ckpt.load_tensors(path / "disc.safetensors"), strict=True)
+            else:
+                self.acc.print(f"loss.gan is on but {path.name} has no discriminator: a fresh one starts "
+                               f"(at step max({state['step']}, loss.gan_start={self.cfg.loss.gan_start}))")
+        elif (path / "disc.safetensors").is_file():
+            self.acc.print(f"loss.gan is off: the discriminator saved in {path.name} is not used")
         for name, opt in (("g", self.opt_g), ("d", self.opt_d)):
-            if opt is not None:
+            if opt is not None and (path / f"optim-{name}.safetensors").is_file():
                 meta = json.loads((path / f"optim-{name}.json").read_text())
                 opt.load_state_dict(ckpt.optimizer_from_files(ckpt.load_tensors(path / f"optim-{name}.safetensors"), meta))
         self.sched_g.load_state_dict({**self.sched_g.state_dict(), **state["scheduler_g"]})
-        if self.acc.scaler is not None and state.get("scaler"):
-            self.acc.scaler.load_state_dict(state["scaler"])
+        if self.scaler.is_enabled() and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         rank = self.acc.process_index
         ckpt.rng_from_files(ckpt.load_tensors(path / f"rng-rank{rank}.safetensors"),
                             json.loads((path / f"rng-rank{rank}.json").read_text()))

@@ -67,3 +67,14 @@ def tiny_config(image_folder, lpips_dir):
     def make(**extra):
         return load_config(None, tiny_overrides(image_folder, **{"loss.lpips_dir": lpips_dir, **extra}))
     return make
+
+
+def fresh_trainer(cfg, out, **kwargs):
+    """A Trainer in this process, with accelerate's process-wide singletons reset first."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from latentvae.trainer import Trainer
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return Trainer(cfg, out, show_progress=False, **kwargs)

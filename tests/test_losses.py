@@ -59,16 +59,22 @@ def test_each_term_sends_gradient_where_it_should(term, expect, lpips_alex):
     assert all(p.grad is None for p in lpips_alex.parameters())  # LPIPS itself stays frozen
 
 
-def test_gan_term_trains_the_vae_and_not_the_discriminator():
-    vae, ae, x = _setup()
-    disc = PatchDiscriminator(layers=2, channels=8)
-    x_hat, mean, logvar = ae(x)
-    disc.requires_grad_(False)  # as Trainer.generator_step does
-    loss, logs = generator_loss(_only(), x, x_hat, mean, logvar, step=0, disc=disc)
-    loss.backward()
-    got = _grad_groups(vae, disc)
-    assert got["decoder"] > 0 and got["encoder"] > 0 and got["disc"] == 0
-    assert "g_loss" in logs
+def test_gan_term_trains_the_vae_and_not_the_discriminator(image_folder, tmp_path):
+    """Through the trainer's own generator step: the adversarial term sends gradient to the encoder
+    and decoder and none to the discriminator, which is trainable again afterwards."""
+    from conftest import fresh_trainer, tiny_overrides
+    cfg = load_config(None, tiny_overrides(image_folder, **{"loss.gan": "true", "loss.gan_start": "0",
+                                                            "loss.recon_weight": "0", "loss.lpips_weight": "0",
+                                                            "loss.kl_weight": "0", "loss.adaptive_weight": "false"}))
+    trainer = fresh_trainer(cfg, tmp_path / "r")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    x_hat, logs = trainer.generator_step(x)
+    got = _grad_groups(trainer.vae, trainer.disc_module())
+    assert got["decoder"] > 0 and got["encoder"] > 0 and got["disc"] == 0, got
+    assert "g_loss" in logs and not x_hat.requires_grad
+    assert all(p.requires_grad for p in trainer.disc_module().parameters())
+    trainer.discriminator_step(x, x_hat)
+    assert _grad_groups(trainer.vae, trainer.disc_module())["disc"] > 0
 
 
 def test_discriminator_loss_sees_detached_reconstructions():

@@ -6,15 +6,13 @@ from dataclasses import replace
 import pytest
 import torch
 
+from conftest import fresh_trainer
 from latentvae import checkpoint as ckpt
-from latentvae.trainer import NonFiniteError, Trainer
+from latentvae.trainer import NonFiniteError
 
 
 def _run(cfg, out, resume=None):
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    trainer = Trainer(cfg, out, resume=resume, show_progress=False)
+    trainer = fresh_trainer(cfg, out, resume=resume)
     trainer.run()
     return trainer
 

@@ -1,0 +1,63 @@
+"""Files that are either complete or absent: write to a hidden temporary, fsync, rename, fsync the folder.
+
+    atomic_write_bytes(path, data)          # bytes
+    atomic_write_json(path, obj)            # JSON, indented, sorted keys
+    atomic_write(path, lambda f: ...)       # anything written to a binary file object
+    sha256_file(path)                       # hex digest, streamed
+
+After `os.replace` returns and the folder is fsynced, a crash (SIGKILL, power loss) leaves either
+the old file or the new one under `path`, never a prefix of the new one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make the folder's entries (a rename, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """`write(fileobj)` into `path` itself, then fsync it (for files inside a staging folder)."""
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """`write(fileobj)` into a hidden temporary beside `path`, fsync, rename over `path`, fsync the folder."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write_durable(tmp, write)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,71 @@
+"""Run by test_kill_resume.py: train with `--resume latest`, and SIGKILL this process at a chosen moment.
+
+    python tests/kill_worker.py OUT KILL --set section.key=value ...
+
+KILL is one of
+    none                  train to the end
+    step:N                in the middle of this process's N-th update (after backward, before the step)
+    written:NAME:N        right after the N-th file called NAME is written into a staging folder
+    publish:N             in the N-th checkpoint commit, just before the rename that publishes it
+    published:N           in the N-th checkpoint commit, just after that rename (before old ones rotate out)
+The kill is a real SIGKILL: no exception handler, `finally` or atexit runs.
+"""
+import os
+import signal
+import sys
+from pathlib import Path
+
+from latentvae import checkpoint as ckpt
+from latentvae.config import load_config
+from latentvae.trainer import Trainer
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def arm(kill: str) -> None:
+    kind, *args = kill.split(":")
+    count = {"n": 0}
+
+    def hit(n: int) -> None:
+        count["n"] += 1
+        if count["n"] == n:
+            die()
+
+    if kind == "step":
+        real = Trainer.apply_updates
+        Trainer.apply_updates = lambda self: (hit(int(args[0])), real(self))[1]
+    elif kind == "written":
+        name, n = args[0], int(args[1])
+        for fn in ("save_tensors", "write_json"):
+            real_fn = getattr(ckpt, fn)
+
+            def patched(path, *a, _real=real_fn, **k):
+                _real(path, *a, **k)
+                if Path(path).name == name:
+                    hit(n)
+            setattr(ckpt, fn, patched)
+    elif kind in ("publish", "published"):
+        real_fsync = ckpt.fsync_dir
+        calls = {"n": 0}
+
+        def fsync_dir(path):  # commit: fsync_dir(staging); rename; fsync_dir(checkpoints/)
+            calls["n"] += 1
+            if kind == "publish" and calls["n"] == 2 * int(args[0]) - 1:
+                real_fsync(path)
+                die()
+            if kind == "published" and calls["n"] == 2 * int(args[0]):
+                die()
+            real_fsync(path)
+        ckpt.fsync_dir = fsync_dir
+    elif kind != "none":
+        raise SystemExit(f"unknown kill point {kill!r}")
+
+
+if __name__ == "__main__":
+    out, kill = Path(sys.argv[1]), sys.argv[2]
+    arm(kill)
+    trainer = Trainer(load_config(None, [a for a in sys.argv[3:] if a != "--set"]), out, resume="latest",
+                      show_progress=False)
+    trainer.run()
