@@ -22,8 +22,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from latentvae.cli import make_parser, run_command
+from latentvae.errors import BadInputError, UserError
 from latentvae.evaluate import EvalSettings, markdown_table, run_evaluation
-from latentvae.io import NotAnAutoencoder
 
 REPO = Path(__file__).resolve().parents[1]  # train/train.py and configs/ live here
 
@@ -46,6 +47,10 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+class TrainingFailed(UserError, RuntimeError):
+    """A sweep run exited with an error; its log (named in the message) says why."""
+
+
 def run_dir_name(variant: str) -> str:
     return variant.replace("+", "_").replace(" ", "_").replace("=", "")
 
@@ -53,7 +58,7 @@ def run_dir_name(variant: str) -> str:
 def overrides(variant: str, steps: int) -> list[str]:
     """--set arguments of one variant; the GAN starts halfway through."""
     if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; valid choices: {', '.join(VARIANTS)}")
+        raise BadInputError(f"--variants: unknown variant {variant!r}; valid choices: {', '.join(VARIANTS)}")
     sets = {**BASE, **VARIANTS[variant], "train.steps": steps, "train.save_every": steps}
     if sets.get("loss.gan"):
         sets["loss.gan_start"] = steps // 2
@@ -87,7 +92,7 @@ def train_variant(out: Path, variant: str, steps: int, config: str) -> Path:
         proc = subprocess.run(train_command(run, variant, steps, config), stdout=log, stderr=subprocess.STDOUT,
                               cwd=REPO)
     if proc.returncode != 0 or not finished(run, steps):
-        raise RuntimeError(f"{variant}: training failed (exit {proc.returncode}); see {run.parent / run.name}.log")
+        raise TrainingFailed(f"{variant}: training failed (exit {proc.returncode}); see {run.parent / run.name}.log")
     return run
 
 
@@ -142,7 +147,7 @@ def write_table(summary: dict, settings: dict, variants: dict[str, str], out: Pa
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = make_parser("eval/tradeoff.py", __doc__.split("\n")[0])
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--sweep", action="store_true", help="train the variants first")
     what.add_argument("--runs", nargs="+", help="evaluate these VAEs (runs, folders, taesd:...) instead")
@@ -156,31 +161,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> None:
+def _tradeoff(argv=None) -> None:
     args = _parser().parse_args(argv)
     out = Path(args.out)
     labels: dict[str, str] = {}
-    try:
-        if args.sweep:
-            names = [v.strip() for v in args.variants.split(",") if v.strip()]
-            for v in names:
-                overrides(v, args.steps)  # unknown names fail before any training
-            specs = []
-            for v in names:
-                run = train_variant(out, v, args.steps, args.config)
-                specs.append(str(run))
-                labels[run.name] = " ".join(f"--set {s}" for s in overrides(v, args.steps) if not s.startswith("train."))
-        else:
-            specs = args.runs
-        report = run_evaluation(specs, args.data, out / "eval", EvalSettings(max_side=args.max_side), args.lpips_dir,
-                                log=lambda m: print(m, file=sys.stderr))
-    except (NotAnAutoencoder, FileNotFoundError, ValueError, RuntimeError) as e:
-        sys.exit(f"tradeoff: {e}")
+    if args.sweep:
+        names = [v.strip() for v in args.variants.split(",") if v.strip()]
+        for v in names:
+            overrides(v, args.steps)  # unknown names fail before any training
+        specs = []
+        for v in names:
+            run = train_variant(out, v, args.steps, args.config)
+            specs.append(str(run))
+            labels[run.name] = " ".join(f"--set {s}" for s in overrides(v, args.steps) if not s.startswith("train."))
+    else:
+        specs = args.runs
+    report = run_evaluation(specs, args.data, out / "eval", EvalSettings(max_side=args.max_side), args.lpips_dir,
+                            log=lambda m: print(m, file=sys.stderr))
     plot_tradeoffs(report["vaes"], out)
     write_table(report["vaes"], report["settings"], labels, out, args.steps)
     (out / "tradeoff.json").write_text(json.dumps(report, indent=2) + "\n")
     print(markdown_table(report["vaes"]))
     print(f"wrote {out}/tradeoff.md, perception_distortion.png, rate_distortion.png")
+
+
+def main(argv=None) -> None:
+    """A mistake (a bad path, an unknown variant, a failed sweep run) is one line on stderr, exit status 2."""
+    run_command("eval/tradeoff.py", _tradeoff, argv)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 from PIL import Image
 
+from .errors import BadInputError
+
 PREPROCESS_MODES = {
     "center-crop": "resize the short side to resolution, central square crop",
     "buckets": "aspect-ratio buckets of about resolution^2 pixels, nearest aspect, resize to cover + center crop",
@@ -30,9 +32,9 @@ def make_buckets(resolution: int, factor: int, max_aspect: float = 2.0) -> list[
     """(W, H) pairs with W*H <= resolution^2, sides multiples of `factor`, aspect within
     [1/max_aspect, max_aspect]; for each width the tallest height that fits, sorted by aspect."""
     if resolution % factor:
-        raise ValueError(f"resolution {resolution} is not a multiple of the VAE factor {factor}")
+        raise BadInputError(f"resolution {resolution} is not a multiple of the VAE factor {factor}")
     if max_aspect < 1:
-        raise ValueError(f"max_aspect must be >= 1, got {max_aspect}")
+        raise BadInputError(f"max_aspect must be >= 1, got {max_aspect}")
     area = resolution * resolution
     out = set()
     for w in range(factor, int(resolution * math.sqrt(max_aspect)) + factor, factor):
@@ -80,9 +82,9 @@ class Preprocess:
 
     def __post_init__(self):
         if self.mode not in PREPROCESS_MODES:
-            raise ValueError(f"unknown preprocessing mode {self.mode!r}; valid choices: {', '.join(PREPROCESS_MODES)}")
+            raise BadInputError(f"unknown preprocessing mode {self.mode!r}; valid choices: {', '.join(PREPROCESS_MODES)}")
         if self.resolution % self.factor:
-            raise ValueError(f"resolution {self.resolution} must be a multiple of the VAE factor {self.factor}")
+            raise BadInputError(f"resolution {self.resolution} must be a multiple of the VAE factor {self.factor}")
         if not self.buckets:
             b = make_buckets(self.resolution, self.factor, self.max_aspect) if self.mode == "buckets" \
                 else [(self.resolution, self.resolution)]

@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .data import open_source
+from .errors import BadInputError
 from .images import BadImage, to_tensor
 from .model import decode, downsample_factor, encode_moments
 
@@ -100,7 +101,7 @@ def default_convention(latent_channels: int) -> str:
 def factors(m: LatentMoments, convention: str) -> dict:
     """Moments -> the diffusers config entries: scaling_factor, shift_factor, latents_mean, latents_std."""
     if convention not in CONVENTIONS:
-        raise ValueError(f"unknown convention {convention!r}; valid choices: {', '.join(CONVENTIONS)}")
+        raise BadInputError(f"unknown convention {convention!r}; valid choices: {', '.join(CONVENTIONS)}")
     mean, std = channel_mean_std(m)
     out = CONVENTIONS[convention](m)
     out.update(latents_mean=[float(v) for v in mean], latents_std=[float(v) for v in std])
@@ -199,11 +200,11 @@ def calibrate(vae, cfg: CalibrationConfig) -> LatentStats:
     """Encode `cfg.count` images and measure the factors of `cfg.convention` and the latent health."""
     factor = downsample_factor(vae)
     if cfg.resolution % factor:
-        raise ValueError(f"calibration resolution {cfg.resolution} is not a multiple of the VAE's "
+        raise BadInputError(f"calibration resolution {cfg.resolution} (--resolution) is not a multiple of the VAE's "
                          f"downsampling factor {factor}")
     convention = cfg.convention or default_convention(vae.config.latent_channels)
     if convention not in CONVENTIONS:
-        raise ValueError(f"unknown convention {convention!r}; valid choices: {', '.join(CONVENTIONS)}")
+        raise BadInputError(f"unknown convention {convention!r}; valid choices: {', '.join(CONVENTIONS)}")
     dtype = next(vae.parameters()).dtype
     moments, skipped, kept, n = None, [], [], 0
     for x, bad in calibration_images(cfg):
@@ -217,7 +218,7 @@ def calibrate(vae, cfg: CalibrationConfig) -> LatentStats:
         if sum(k.shape[0] for k in kept) < cfg.keep_latents:
             kept.append(mean.float())
     if moments is None:
-        raise ValueError(f"{cfg.source}: no decodable image to calibrate on (skipped: {len(skipped)})")
+        raise BadInputError(f"{cfg.source}: no decodable image to calibrate on (skipped: {len(skipped)})")
     f = factors(moments, convention)
     sample = torch.cat(kept)[:cfg.keep_latents] if kept else None
     return LatentStats(convention, f["scaling_factor"], f["shift_factor"], tuple(f["latents_mean"]),

@@ -10,36 +10,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import types
-import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 
-from .errors import UserError
+from .options import OptionError, apply, opt
 
-
-class ConfigError(UserError, ValueError):
-    """A configuration key, type or value that cannot be used."""
+ConfigError = OptionError  # a configuration key, type or value that cannot be used
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    preset: str = "small"
-    block_out_channels: tuple[int, ...] = (32, 64, 128, 128)
-    layers_per_block: int = 1
-    latent_channels: int = 4
-    norm_num_groups: int = 8  # 4 channels per group in the 32-channel block, as SD (128 / 32)
-    use_quant_conv: bool = True
-    use_post_quant_conv: bool = True
-    mid_block_add_attention: bool = True
-    mode: Literal["vae", "ae"] = "vae"  # "ae": plain autoencoder, z = mu, no KL term
-    init_from: Optional[str] = None  # diffusers folder, LDM .safetensors, or training run
-    train_decoder_only: bool = False  # the sd-vae-ft-mse recipe: encoder frozen
-    gradient_checkpointing: bool = False
+    preset: str = opt("small", "named architecture applied before every other model key (MODEL_PRESETS)")
+    block_out_channels: tuple[int, ...] = opt((32, 64, 128, 128), "channels per resolution level; /2^(n-1)")
+    layers_per_block: int = opt(1, "ResNet blocks per level")
+    latent_channels: int = opt(4, "channels of z (SD/SDXL 4, SD3/FLUX 16)")
+    norm_num_groups: int = opt(8, "GroupNorm groups; keep several channels per group (SD: 128 / 32 = 4)")
+    use_quant_conv: bool = opt(True, "1x1 conv after the encoder (SD has it, FLUX not)")
+    use_post_quant_conv: bool = opt(True, "1x1 conv before the decoder")
+    mid_block_add_attention: bool = opt(True, "self-attention in the middle blocks")
+    mode: Literal["vae", "ae"] = opt("vae", "vae: z sampled from the posterior, KL term; ae: z = mean, no KL")
+    init_from: Optional[str] = opt(None, "start from this VAE: diffusers folder, LDM .safetensors or latentvae run")
+    train_decoder_only: bool = opt(False, "freeze the encoder (the sd-vae-ft-mse recipe)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward: less memory, slower")
 
 
 # Named architectures. `sd`/`flux` are the real trunks; the others are sized for a CPU.
@@ -64,73 +59,70 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class LossConfig:
-    recon: Literal["l1", "mse"] = "l1"
-    recon_weight: float = 1.0
-    lpips_weight: float = 1.0  # 0 disables LPIPS
-    lpips_net: Literal["vgg", "alex"] = "vgg"
-    lpips_dir: Optional[str] = None  # folder with {alexnet,vgg16}_features.safetensors
-    lpips_crop: int = 0  # >0: LPIPS on one random crop of this size (speed); 0: whole image
-    lpips_random_backbone: bool = False  # TEST ONLY: random LPIPS backbone, never for real runs
-    # KL summed over latent elements, divided by the number of pixel values per image, so that
-    # kl_weight means what it means in latent diffusion's first-stage recipe (1e-6).
-    kl_weight: float = 1e-6
-    kl_warmup_steps: int = 0
-    gan: bool = False
-    gan_loss: Literal["hinge", "vanilla"] = "hinge"
-    gan_weight: float = 0.5  # multiplies the adaptive weight
-    gan_start: int = 0  # step at which the discriminator starts
-    adaptive_weight: bool = True
-    disc_layers: int = 3
-    disc_channels: int = 64
-    disc_lr: Optional[float] = None  # None: train.lr
+    recon: Literal["l1", "mse"] = opt("l1", "pixel reconstruction loss, mean over pixels of images in [-1, 1]")
+    recon_weight: float = opt(1.0, "weight of the reconstruction term")
+    lpips_weight: float = opt(1.0, "weight of LPIPS; 0 disables it")
+    lpips_net: Literal["vgg", "alex"] = opt("vgg", "LPIPS backbone")
+    lpips_dir: Optional[str] = opt(None, "folder with {alexnet,vgg16}_features.safetensors "
+                                         "(default: $LATENTVAE_LPIPS_DIR, else torchvision's weights)")
+    lpips_crop: int = opt(0, "LPIPS on one random crop of this size (faster); 0: the whole image")
+    kl_weight: float = opt(1e-6, "KL weight; the KL is summed over latent elements and divided by the pixel "
+                                 "values per image, so 1e-6 means what it means in latent diffusion")
+    kl_warmup_steps: int = opt(0, "ramp the KL weight linearly from 0 over this many steps")
+    gan: bool = opt(False, "add a PatchGAN discriminator (adversarial term with the adaptive weight)")
+    gan_loss: Literal["hinge", "vanilla"] = opt("hinge", "discriminator/generator loss pair")
+    gan_weight: float = opt(0.5, "multiplies the adaptive GAN weight")
+    gan_start: int = opt(0, "step at which the discriminator starts")
+    adaptive_weight: bool = opt(True, "GAN weight = ||grad rec|| / ||grad g|| at the decoder's last layer")
+    disc_layers: int = opt(3, "stride-2 layers of the discriminator")
+    disc_channels: int = opt(64, "channels of the discriminator's first layer")
+    disc_lr: Optional[float] = opt(None, "discriminator learning rate (default: train.lr)")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "data/samples"  # image folder, `datasets` folder, or hub name
-    kind: Literal["auto", "folder", "hf"] = "auto"
-    image_column: str = "image"
-    split: str = "train"
-    resolution: int = 128  # training crop size
-    # before cropping, the short side is resized to a random size in [min, max]; 0 = native
-    short_side_min: int = 0
-    short_side_max: int = 0
-    flip: bool = True
-    val_source: Optional[str] = None  # None: hold aside `val_count` images of `source`
-    val_count: int = 1
-    val_resolution: int = 256  # center crop shown in the reconstruction grids
-    num_workers: int = 2
-    max_image_pixels: int = 100_000_000  # larger images are skipped (decompression bombs)
+    source: str = opt("data/samples", "image folder (recursive), saved `datasets` folder, or hub dataset name")
+    kind: Literal["auto", "folder", "hf"] = opt("auto", "how to read data.source")
+    image_column: str = opt("image", "image column of a `datasets` source")
+    split: str = opt("train", "split of a `datasets` source")
+    resolution: int = opt(128, "training crop size (a multiple of the downsampling factor)")
+    short_side_min: int = opt(0, "resize the short side to a random size in [min, max] before cropping; 0: native")
+    short_side_max: int = opt(0, "upper end of that range (0: = min)")
+    flip: bool = opt(True, "random horizontal flips")
+    val_source: Optional[str] = opt(None, "images for the preview grids (default: hold aside val_count of source)")
+    val_count: int = opt(1, "images of data.source held aside for the preview grids")
+    val_resolution: int = opt(256, "center crop shown in the preview grids")
+    num_workers: int = opt(2, "DataLoader workers decoding images")
+    max_image_pixels: int = opt(100_000_000, "larger images are skipped (decompression bombs)")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    seed: int = 0
-    steps: int = 1000
-    batch_size: int = 8  # per process, per micro-step
-    grad_accum: int = 1
-    lr: float = 1e-4
-    betas: tuple[float, ...] = (0.5, 0.9)
-    weight_decay: float = 0.0
-    lr_warmup_steps: int = 0
-    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
-    grad_clip: float = 1.0  # 0 disables
-    # "auto": bf16 on CUDA and on CPUs with bf16 kernels, else fp32 (see precision.py)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    # fp16 only: the GradScaler's initial loss scale (torch's default 2^16); it halves on every
-    # overflowing step and doubles after 2000 clean ones
-    fp16_init_scale: float = 65536.0
-    channels_last: Optional[bool] = None  # None: auto, as mixed_precision
-    ema_decay: float = 0.999  # 0 disables EMA
-    log_every: int = 10
-    image_every: int = 200
-    save_every: int = 500
-    keep_last: int = 3
-    max_nonfinite_in_row: int = 20
-    compile: bool = False
-    # CPU threads per process; 0: this machine's cores / processes on it. (`accelerate launch`
-    # without a config sets OMP_NUM_THREADS=1, which halves a 2-core CPU's speed.)
-    cpu_threads: int = 0
+    seed: int = opt(0, "seed of the weights, the data stream and the noise")
+    steps: int = opt(1000, "optimizer updates to train for")
+    batch_size: int = opt(8, "images per process and micro-step")
+    grad_accum: int = opt(1, "micro-steps per update")
+    lr: float = opt(1e-4, "learning rate of the autoencoder")
+    betas: tuple[float, ...] = opt((0.5, 0.9), "AdamW betas")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    lr_warmup_steps: int = opt(0, "linear learning-rate warm-up")
+    lr_schedule: Literal["constant", "cosine", "linear"] = opt("constant", "learning-rate schedule after warm-up")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this; 0 disables")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt(
+        "auto", "auto: bf16 on CUDA and on CPUs with bf16 kernels (AVX512-BF16/AMX), else fp32 (no)")
+    fp16_init_scale: float = opt(65536.0, "fp16 only: the GradScaler's initial loss scale; it halves on every "
+                                          "overflowing step and doubles after 2000 clean ones")
+    channels_last: Optional[bool] = opt(None, "NHWC memory format; null: auto (with bf16 kernels or CUDA)")
+    ema_decay: float = opt(0.999, "EMA of the weights, 0 disables; the decay at update n is "
+                                  "min(ema_decay, (1 + n) / (10 + n)), so 0.999 is reached after ~1000 updates")
+    log_every: int = opt(10, "log the window's mean losses every N updates")
+    image_every: int = opt(200, "write a preview grid every N updates")
+    save_every: int = opt(500, "write a checkpoint every N updates")
+    keep_last: int = opt(3, "checkpoints kept")
+    max_nonfinite_in_row: int = opt(20, "stop after this many consecutive non-finite updates")
+    compile: bool = opt(False, "torch.compile the autoencoder")
+    cpu_threads: int = opt(0, "CPU threads per process; 0: this machine's cores / processes on it "
+                              "(`accelerate launch` alone sets OMP_NUM_THREADS=1)")
 
 
 @dataclass(frozen=True)
@@ -150,60 +142,8 @@ class Config:
 SECTIONS = {f.name: f.type for f in fields(Config)}
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the annotation `tp`, converting only what is lossless."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is Literal:
-        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false
-            value = "no"
-        if value not in args:
-            raise ConfigError(f"{key}: unknown choice {value!r}; valid choices: {', '.join(map(str, args))}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - a bug in this file
-
-
 def _apply(section: Any, name: str, updates: dict[str, Any]) -> Any:
-    hints = typing.get_type_hints(type(section))
-    valid = [f.name for f in fields(section)]
-    clean = {}
-    for key, value in updates.items():
-        if key not in hints:
-            raise ConfigError(f"unknown key {name}.{key}; valid keys in '{name}': {', '.join(valid)}")
-        clean[key] = _coerce(f"{name}.{key}", value, hints[key])
-    return replace(section, **clean)
+    return apply(section, updates, name=name)
 
 
 def _check_layer(data: Any, source: str) -> dict[str, dict[str, Any]]:
@@ -292,7 +232,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 # keys that older versions wrote into saved configs and that no longer exist (they did nothing)
-RETIRED_KEYS = {("loss", "logvar_clamp")}
+RETIRED_KEYS = {("loss", "logvar_clamp"), ("loss", "lpips_random_backbone")}
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import DataConfig
+from .errors import BadInputError, MissingInputError
 from .images import BadImage, list_images, load_rgb, to_tensor
 
 
@@ -80,39 +81,62 @@ class HFImageSource(ImageSource):
         return HFImageSource(self.dataset, self.column, [self.indices[i] for i in indices], self.max_pixels, self.label)
 
 
+DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
+EXPECTED = "expected an image folder, a saved `datasets` folder (save_to_disk) or a hub dataset name such as user/name"
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / f).exists() for f in DATASET_MARKERS)
+
+
 def _load_hf(source: str, split: str, column: str):
     import datasets
     from datasets.features import Image as ImageFeature
 
     path = Path(source)
-    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()
-                          or (path / "dataset_dict.json").exists()):
+    if _is_saved_dataset(path):
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise ValueError(f"{source}: no split {split!r}; splits: {', '.join(ds)}")
+                raise BadInputError(f"{source}: no split {split!r}; splits: {', '.join(ds)}")
             ds = ds[split]
     else:
-        ds = datasets.load_dataset(source, split=split)
+        try:
+            ds = datasets.load_dataset(source, split=split)
+        except (FileNotFoundError, ConnectionError) as e:  # DatasetNotFoundError, offline, ...
+            raise MissingInputError(f"data source {source}: no such local path, and the hub dataset could not be "
+                                    f"loaded ({type(e).__name__}: {' '.join(str(e).split())}); {EXPECTED}") from e
+        except ValueError as e:
+            if "split" not in str(e).lower():
+                raise
+            raise BadInputError(f"data source {source}: {' '.join(str(e).split())}") from e
     if column not in ds.column_names:
-        raise ValueError(f"{source}: no image column {column!r}; columns: {', '.join(ds.column_names)} "
-                         "(set data.image_column)")
+        raise BadInputError(f"{source}: no image column {column!r}; columns: {', '.join(ds.column_names)} "
+                            "(set --image-column, or data.image_column in a training config)")
     if isinstance(ds.features[column], ImageFeature):
         ds = ds.cast_column(column, ImageFeature(decode=False))  # decode ourselves, to skip bad rows
     return ds
 
 
+def _looks_local(source: str) -> bool:
+    """A path rather than a hub name (`name` or `user/name`)."""
+    return source.startswith(("/", ".", "~")) or "/" not in source or source.count("/") > 1
+
+
 def open_source(source: str, kind: str = "auto", split: str = "train", column: str = "image",
                 max_pixels: int = 100_000_000) -> ImageSource:
-    """A folder of images or a `datasets` dataset, as an ImageSource."""
+    """A folder of images or a `datasets` dataset, as an ImageSource.
+
+    A missing path or an empty folder raises MissingInputError, a file (not a folder) BadInputError,
+    both naming the path."""
     path = Path(source)
-    if kind == "folder" or (kind == "auto" and path.is_dir() and not any(
-            (path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))):
+    if path.is_file():
+        raise BadInputError(f"data source {source} is a file; {EXPECTED}")
+    if kind == "folder" or (kind == "auto" and path.is_dir() and not _is_saved_dataset(path)):
         files = list_images(path)
         return ImageSource([str(f) for f in files], [str(f) for f in files], max_pixels)
-    if kind == "auto" and not path.exists() and ("/" not in source or source.count("/") > 1):
-        raise FileNotFoundError(f"data source {source} does not exist (expected an image folder, a saved "
-                                "`datasets` folder, or a hub dataset name such as user/name)")
+    if kind == "auto" and not path.exists() and _looks_local(source):
+        raise MissingInputError(f"data source {source} does not exist ({EXPECTED})")
     ds = _load_hf(source, split, column)
     return HFImageSource(ds, column, list(range(len(ds))), max_pixels, label=f"{source}:{split}")
 
@@ -122,8 +146,8 @@ def split_holdout(src: ImageSource, count: int) -> tuple[ImageSource, ImageSourc
     if count <= 0:
         return src, src.subset([])
     if count >= len(src):
-        raise ValueError(f"cannot hold aside {count} of {len(src)} images for validation; set data.val_count lower "
-                         "or data.val_source")
+        raise BadInputError(f"cannot hold aside {count} of {len(src)} images for validation; set data.val_count lower "
+                            "or data.val_source")
     order = sorted(range(len(src)), key=lambda i: hashlib.sha1(src.name(i).encode()).hexdigest())
     val = sorted(order[:count])
     train = sorted(order[count:])
@@ -176,7 +200,7 @@ class CropStream(Dataset):
 
     def __init__(self, src: ImageSource, cfg: DataConfig, seed: int):
         if len(src) == 0:
-            raise ValueError(f"data.source={cfg.source}: no training images")
+            raise MissingInputError(f"data.source={cfg.source}: no training images")
         self.src, self.cfg, self.seed = src, cfg, seed
         self._perm_epoch, self._perm = -1, None
         self._bad: set[int] = set()

@@ -1,8 +1,9 @@
 """The VAE lecture's demonstrations, as commands that write images.
 
-    python eval/demos.py recon-grid  --vae VAE [--vae VAE ...] --data IMAGES --out grid.png [--size 256]
-    python eval/demos.py prior       --vae AE_RUN --vae VAE_RUN --data IMAGES --out DIR [--num 8]
-    python eval/demos.py interpolate --vae VAE --a IMG_A --b IMG_B --out DIR [--steps 8]
+    latentvae demo recon-grid  --vae VAE [--vae VAE ...] --data IMAGES --out grid.png [--size 256]
+    latentvae demo prior       --vae AE_RUN --vae VAE_RUN --data IMAGES --out DIR [--num 8]
+    latentvae demo interpolate --vae VAE --a IMG_A --b IMG_B --out DIR [--steps 8]
+    (= python eval/demos.py ...)
 
 recon-grid: one row per image: original | reconstruction | |error| x gain, for each VAE.
 prior: z ~ N(0, I) decoded in one forward pass for each VAE (an autoencoder and a VAE trained on
@@ -12,13 +13,14 @@ prior: z ~ N(0, I) decoded in one forward pass for each VAE (an autoencoder and 
   Fréchet distance between the two Gaussian fits go to `prior.json`.
 interpolate: decoded latent interpolation between two images, linear and spherical, as PNG strips
   and animated GIFs, beside a pixel cross-fade.
+Every input (VAEs, images, --size against each VAE's downsampling factor) is checked and every
+picture computed before the first file is written: a mistake leaves nothing behind.
 This module owns those pictures and the pure functions behind them (lerp/slerp, error maps).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -27,17 +29,25 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from . import metrics
-from .images import atomic_save_image, list_images, load_rgb, make_grid, to_pil, to_tensor
-from .evaluate import trained_stochastic
-from .io import NotAnAutoencoder, load_autoencoder
+from .errors import BadInputError, MissingInputError
+from .images import BadImage, atomic_save_image, list_images, load_rgb, make_grid, to_pil, to_tensor
+from .evaluate import load_vae, trained_stochastic
 from .model import decode, downsample_factor, encode_moments, latent_channels
 
 
 # ----------------------------------------------------------------------------- pure pieces
-def load_square(path: str | Path, size: int) -> torch.Tensor:
-    """(3, size, size) in [-1, 1]: short side resized to `size`, then the central square."""
-    img = ImageOps.fit(load_rgb(path), (size, size), Image.Resampling.LANCZOS)
-    return to_tensor(img)
+def load_square(path: str | Path, size: int, flag: str = "") -> torch.Tensor:
+    """(3, size, size) in [-1, 1]: short side resized to `size`, then the central square.
+
+    A missing or undecodable file is a UserError naming it (and `flag`, the option that named it)."""
+    what = f"{flag} {path}" if flag else str(path)
+    if not Path(path).is_file():
+        raise MissingInputError(f"{what} does not exist" if not Path(path).exists() else f"{what} is not a file")
+    try:
+        img = load_rgb(path)
+    except BadImage as e:
+        raise BadInputError(f"{flag + ' ' if flag else ''}{e}") from e
+    return to_tensor(ImageOps.fit(img, (size, size), Image.Resampling.LANCZOS))
 
 
 def error_map(x: torch.Tensor, x_hat: torch.Tensor, gain: float = 4.0) -> torch.Tensor:
@@ -67,7 +77,7 @@ INTERPOLATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Te
 
 def get_interpolation(name: str):
     if name not in INTERPOLATIONS:
-        raise ValueError(f"unknown interpolation {name!r}; valid choices: {', '.join(INTERPOLATIONS)}")
+        raise BadInputError(f"unknown interpolation {name!r}; valid choices: {', '.join(INTERPOLATIONS)}")
     return INTERPOLATIONS[name]
 
 
@@ -146,18 +156,47 @@ def prior_samples(vae, num: int, size: int, generator: torch.Generator) -> tuple
     """(z ~ N(0, I) raw latents, their decodings in one forward pass)"""
     f = downsample_factor(vae)
     if size % f:
-        raise ValueError(f"--size {size} is not a multiple of the downsampling factor {f}")
+        raise BadInputError(f"--size {size} is not a multiple of the downsampling factor {f}")
     z = torch.randn(num, latent_channels(vae), size // f, size // f, generator=generator)
     return z, decode(vae, z).clamp(-1, 1)
 
 
+def load_vaes(specs: list[str], size: int) -> dict[str, tuple[str, torch.nn.Module]]:
+    """label -> (spec, VAE), every one loaded and checked against --size before any work."""
+    vaes: dict[str, tuple[str, torch.nn.Module]] = {}
+    for spec in specs:
+        vae, name = load_vae(spec).eval(), short_name(spec)
+        f = downsample_factor(vae)
+        if size % f:
+            lo = size - size % f
+            hint = f"; use {lo} or {lo + f}" if lo else f"; use {f} or a multiple of it"
+            raise BadInputError(f"--size {size} is not a multiple of the downsampling factor {f} of --vae {spec}{hint}")
+        label, i = name, 2
+        while label in vaes:
+            label, i = f"{name}#{i}", i + 1
+        vaes[label] = (spec, vae)
+    return vaes
+
+
+def check_positive(**values: int) -> None:
+    for flag, value in values.items():
+        if value < 1:
+            raise BadInputError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+
+
+def load_images(data: str, size: int, limit: int) -> tuple[list[Path], torch.Tensor]:
+    """The first `limit` images of --data as (N, 3, size, size); a bad one is a UserError naming it."""
+    paths = list_images(data)[:limit]
+    return paths, torch.stack([load_square(p, size, "--data") for p in paths])
+
+
 def prior_demo(specs: list[str], data: str, size: int, num: int, seed: int, max_real: int = 32):
     """(grid image, {label: distances}) for each VAE: samples next to reconstructions of real images."""
-    paths = list_images(data)[:max_real]
-    x = torch.stack([load_square(p, size) for p in paths])
+    check_positive(size=size, num=num)
+    vaes = load_vaes(specs, size)
+    _, x = load_images(data, size, max_real)
     rows, names, numbers = [], [], {}
-    for spec in specs:
-        vae, name = load_autoencoder(spec).eval(), short_name(spec)
+    for name, (spec, vae) in vaes.items():
         g = torch.Generator().manual_seed(seed)
         real = aggregate_posterior(vae, x, trained_stochastic(spec, vae), g)
         z, samples = prior_samples(vae, num, size, g)
@@ -171,16 +210,37 @@ def prior_demo(specs: list[str], data: str, size: int, num: int, seed: int, max_
 
 
 # ----------------------------------------------------------------------------- command line
+def check_out_file(out: str) -> None:
+    """--out of recon-grid: an image file path that PIL can write (not a folder)."""
+    path = Path(out)
+    if path.is_dir():
+        raise BadInputError(f"--out {out} is a folder; expected an image file such as grid.png")
+    Image.init()
+    if path.suffix.lower() not in Image.EXTENSION:
+        raise BadInputError(f"--out {out}: unknown image file extension {path.suffix!r}; use .png or .jpg")
+
+
+def check_out_folder(out: str) -> None:
+    """--out of prior/interpolate: a folder (new or existing), not a file."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise BadInputError(f"--out {out} exists and is not a folder")
+
+
 def _cmd_recon_grid(args) -> None:
-    vaes = {short_name(s): load_autoencoder(s).eval() for s in args.vae}
+    check_positive(num=args.num, size=args.size)
+    check_out_file(args.out)
+    vaes = load_vaes(args.vae, args.size)
     paths = list_images(args.data)[: args.num]
-    grid = recon_grid(vaes, paths, args.size, args.gain)
+    for p in paths:  # every image decodable before any work (recon_grid loads them again)
+        load_square(p, args.size, "--data")
+    grid = recon_grid({label: vae for label, (_, vae) in vaes.items()}, paths, args.size, args.gain)
     atomic_save_image(grid, args.out)
     print(f"wrote {args.out}: {len(paths)} images x (original + {len(vaes)} VAEs)")
 
 
 def _cmd_prior(args) -> None:
     out = Path(args.out)
+    check_out_folder(args.out)
     grid, numbers = prior_demo(args.vae, args.data, args.size, args.num, args.seed)
     atomic_save_image(grid, out / "prior.png")
     (out / "prior.json").write_text(json.dumps(numbers, indent=2) + "\n")
@@ -193,16 +253,23 @@ def _cmd_prior(args) -> None:
 
 
 def _cmd_interpolate(args) -> None:
-    vae, out = load_autoencoder(args.vae).eval(), Path(args.out)
-    x_a, x_b = load_square(args.a, args.size), load_square(args.b, args.size)
+    out = Path(args.out)
+    check_positive(size=args.size)
+    if args.steps < 2:
+        raise BadInputError(f"--steps must be >= 2 (both ends are frames), got {args.steps}")
+    check_out_folder(args.out)
+    x_a, x_b = load_square(args.a, args.size, "--a"), load_square(args.b, args.size, "--b")
+    (_, vae), = load_vaes([args.vae], args.size).values()
     ts = np.linspace(0, 1, args.steps).tolist()
     rows = [torch.stack([lerp(x_a, x_b, t) for t in ts])]  # pixel cross-fade, for comparison
-    for mode in INTERPOLATIONS:
-        frames = interpolation_frames(vae, x_a, x_b, ts, mode)
-        atomic_save_image(make_grid([frames]), out / f"{mode}.png")
-        save_gif(frames, out / f"{mode}.gif")
-        rows.append(frames)
-    atomic_save_image(label_rows(make_grid(rows), ["pixel cross-fade", *INTERPOLATIONS], args.size), out / "strips.png")
+    frames = {mode: interpolation_frames(vae, x_a, x_b, ts, mode) for mode in INTERPOLATIONS}
+    rows += list(frames.values())
+    strips = label_rows(make_grid(rows), ["pixel cross-fade", *INTERPOLATIONS], args.size)
+    # every picture computed: only now are files written
+    for mode, f in frames.items():
+        atomic_save_image(make_grid([f]), out / f"{mode}.png")
+        save_gif(f, out / f"{mode}.gif")
+    atomic_save_image(strips, out / "strips.png")
     print(f"wrote {out}/{{linear,slerp}}.{{png,gif}} and strips.png")
 
 
@@ -210,38 +277,46 @@ SUBCOMMANDS = {"recon-grid": _cmd_recon_grid, "prior": _cmd_prior, "interpolate"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eval/demos.py", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("recon-grid", help="original | reconstruction | |error|, per VAE")
-    g.add_argument("--vae", action="append", required=True)
-    g.add_argument("--data", required=True)
+    from .cli import HelpFormatter, make_parser
+
+    p = make_parser("latentvae demo", __doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    sub_kw = dict(allow_abbrev=False, formatter_class=HelpFormatter)
+    g = sub.add_parser("recon-grid", help="original | reconstruction | |error|, per VAE", **sub_kw)
+    g.add_argument("--vae", action="append", required=True, help="any VAE `latentvae evaluate` takes; repeat")
+    g.add_argument("--data", required=True, help="image folder")
     g.add_argument("--out", required=True, help="PNG file")
     g.add_argument("--num", type=int, default=4, help="first N images")
-    g.add_argument("--size", type=int, default=256, help="central square, resized to this")
+    g.add_argument("--size", type=int, default=256,
+                   help="central square, resized to this (a multiple of each VAE's downsampling factor)")
     g.add_argument("--gain", type=float, default=4.0, help="error map amplification")
-    pr = sub.add_parser("prior", help="decode z ~ N(0, I); how far it is from the encoder's latents")
+    pr = sub.add_parser("prior", help="decode z ~ N(0, I); how far it is from the encoder's latents", **sub_kw)
     pr.add_argument("--vae", action="append", required=True, help="e.g. an ae-mode run, then a vae run")
     pr.add_argument("--data", required=True, help="real images: the aggregate posterior")
     pr.add_argument("--out", required=True, help="folder")
-    pr.add_argument("--num", type=int, default=8)
-    pr.add_argument("--size", type=int, default=128)
-    pr.add_argument("--seed", type=int, default=0)
-    it = sub.add_parser("interpolate", help="linear and spherical latent interpolation, PNG + GIF")
-    it.add_argument("--vae", required=True)
-    it.add_argument("--a", required=True)
-    it.add_argument("--b", required=True)
+    pr.add_argument("--num", type=int, default=8, help="prior samples (and reconstructions) per VAE")
+    pr.add_argument("--size", type=int, default=128, help="image side (a multiple of each VAE's downsampling factor)")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    it = sub.add_parser("interpolate", help="linear and spherical latent interpolation, PNG + GIF", **sub_kw)
+    it.add_argument("--vae", required=True, help="any VAE `latentvae evaluate` takes")
+    it.add_argument("--a", required=True, help="first image file")
+    it.add_argument("--b", required=True, help="last image file")
     it.add_argument("--out", required=True, help="folder")
-    it.add_argument("--steps", type=int, default=8)
-    it.add_argument("--size", type=int, default=256)
+    it.add_argument("--steps", type=int, default=8, help="frames, both ends included")
+    it.add_argument("--size", type=int, default=256, help="image side (a multiple of the VAE's downsampling factor)")
     return p
 
 
-def main(argv=None) -> None:
+def _demo_command(argv=None) -> None:
     args = _parser().parse_args(argv)
-    try:
-        SUBCOMMANDS[args.command](args)
-    except (NotAnAutoencoder, FileNotFoundError, ValueError) as e:
-        sys.exit(f"{args.command}: {e}")
+    SUBCOMMANDS[args.command](args)
+
+
+def main(argv=None) -> None:
+    """`latentvae demo ...` = `python eval/demos.py ...`; a mistake is one line on stderr, exit status 2."""
+    from .cli import run_command
+
+    run_command("demo", _demo_command, argv)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@
     accelerate launch -m latentvae.encode --vae VAE --data SRC --out DST     # any number of processes
     latentvae decode DST --num 16                                          # PSNR of a random sample
 
+Every check of the inputs (VAE, data source, resolution against the VAE's factor, DST itself: a
+folder that is not a cache, or a cache made with other settings) runs before anything is written,
+and a new DST that fails before its first shard is removed again: a mistake leaves nothing behind.
+
 DST holds parquet shards (`data/part-AAAA-RRR-SSSSS.parquet`) that `datasets.load_dataset(DST)`
 loads as is, one `failures-rankN.jsonl` per process, and, once every input is accounted for,
 `manifest.json` (VAE identity, scaling/shift factors, preprocessing, dtype, counts, failures).
@@ -25,6 +29,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from collections import Counter
@@ -39,6 +44,7 @@ import torch
 from PIL import Image
 
 from .buckets import PREPROCESS_MODES, Preprocess, resize_crop
+from .errors import BadInputError, MissingInputError
 from .images import BadImage, load_rgb, oriented_size, to_uint8
 from .model import decode, downsample_factor, encode_moments, latent_channels
 
@@ -66,7 +72,7 @@ OWN_COLUMNS = ("source_index", "source_id", "flipped", "pixel_size", "original_s
 
 def choice(table: dict, key: str, what: str):
     if key not in table:
-        raise ValueError(f"unknown {what} {key!r}; valid choices: {', '.join(table)}")
+        raise BadInputError(f"unknown {what} {key!r}; valid choices: {', '.join(table)}")
     return table[key]
 
 
@@ -101,9 +107,15 @@ class EncodeConfig:
         choice(MIXED_PRECISION, self.mixed_precision, "mixed precision")
         choice(PREPROCESS_MODES, self.preprocess, "preprocessing mode")
         if self.kind not in SOURCE_KINDS:
-            raise ValueError(f"unknown source kind {self.kind!r}; valid choices: {', '.join(SOURCE_KINDS)}")
-        if self.shard_size < 1 or self.batch_size < 1:
-            raise ValueError("shard_size and batch_size must be >= 1")
+            raise BadInputError(f"unknown source kind {self.kind!r}; valid choices: {', '.join(SOURCE_KINDS)}")
+        for flag, value in (("--shard-size", self.shard_size), ("--batch-size", self.batch_size),
+                            ("--resolution", self.resolution)):
+            if value < 1:
+                raise BadInputError(f"{flag} must be >= 1, got {value}")
+        if self.max_aspect < 1:
+            raise BadInputError(f"--max-aspect must be >= 1 (the widest bucket's width/height), got {self.max_aspect}")
+        if self.verify < 0:
+            raise BadInputError(f"--verify must be >= 0, got {self.verify}")
 
 
 # ----------------------------------------------------------------------------- files, atomically
@@ -172,7 +184,7 @@ def open_inputs(cfg: EncodeConfig):
     rest = src.dataset.remove_columns([cfg.image_column])
     clash = [c for c in rest.column_names if c in OWN_COLUMNS]
     if clash:
-        raise ValueError(f"{cfg.data}: columns {clash} clash with the cache's own columns ({', '.join(OWN_COLUMNS)})")
+        raise BadInputError(f"{cfg.data}: columns {clash} clash with the cache's own columns ({', '.join(OWN_COLUMNS)})")
     return src, rest
 
 
@@ -453,16 +465,58 @@ def run_settings(cfg: EncodeConfig, vae_id: dict, pre: Preprocess, src) -> dict:
             "store": cfg.store, "dtype": cfg.dtype, "seed": cfg.seed if cfg.store == "sample" else None}
 
 
+def check_out_folder(out: Path) -> None:
+    """DST must be new, empty, or a cache (with encode-settings.json): never someone's other folder."""
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"--out {out} exists and is not a folder; expected a new folder or a latent cache")
+    if not out.is_dir() or (out / "encode-settings.json").is_file():
+        return
+    entries = list(out.iterdir())
+    # an empty data/ is what a killed earlier version left before writing its settings: resumable
+    if all(p.name == "data" and p.is_dir() and not list_shards(out) for p in entries):
+        return
+    raise BadInputError(f"--out {out} is a non-empty folder that is not a latent cache (no encode-settings.json); "
+                        "choose a new or empty folder")
+
+
+def _flat(d: Any, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = json.dumps(value)
+    if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value):
+        return value[:12] + "…"
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def settings_diff(old: dict, new: dict) -> list[str]:
+    """'key: OLD there, NEW now' for each setting that differs (derived bucket lists left out when
+    the settings they derive from are listed)."""
+    a, b = _flat(old), _flat(new)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if any(k.startswith("preprocessing.") and k != "preprocessing.buckets" for k in keys):
+        keys = [k for k in keys if k != "preprocessing.buckets"]
+    return [f"{k}: {_short(a.get(k))} there, {_short(b.get(k))} now" for k in keys]
+
+
 def check_settings(out: Path, settings: dict) -> None:
     path = out / "encode-settings.json"
     if not path.exists():
         return
-    old = json.loads(path.read_text())
-    diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BadInputError(f"{path}: unreadable ({e}); use a new --out") from e
+    diff = settings_diff(old, settings)
     if diff:
-        raise ValueError(f"{out} holds a cache made with other settings ({', '.join(diff)} differ: "
-                         f"{ {k: old.get(k) for k in diff} } there, { {k: settings.get(k) for k in diff} } now); "
-                         "use another --out, or the same settings to resume")
+        raise BadInputError(f"--out {out} holds a cache made with other settings ({'; '.join(diff)}); "
+                            "use a new --out, or the same settings to resume")
 
 
 def dataset_card(manifest_hint: str) -> str:
@@ -508,11 +562,49 @@ def resolve_workers(n: int) -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
-def prepare_vae(path: str, device, channels_last: Optional[bool]):
-    from .io import load_autoencoder
+def check_vae_fits(cfg: EncodeConfig, vae) -> None:
+    """What the VAE itself rules out: a resolution off its factor, a log-variance it does not have."""
+    f = downsample_factor(vae)
+    if cfg.resolution % f:
+        lo = cfg.resolution - cfg.resolution % f
+        hint = f"; use {lo} or {lo + f}" if lo else f"; use {f} or a multiple of it"
+        raise BadInputError(f"--resolution {cfg.resolution} is not a multiple of the downsampling factor {f} of "
+                            f"--vae {cfg.vae}{hint}")
+    from diffusers import AutoencoderTiny
+
+    if cfg.store != "mean" and isinstance(vae, AutoencoderTiny):
+        raise BadInputError(f"--store {cfg.store} needs a log-variance, but --vae {cfg.vae} is a deterministic "
+                            f"{type(vae).__name__}; use --store mean")
+
+
+def first_missing(path: Path) -> Optional[Path]:
+    """The outermost folder that creating `path` would create (None if `path` exists)."""
+    if path.exists():
+        return None
+    path = path.absolute()
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def discard_if_unstarted(out: Path, created: Path) -> None:
+    """Remove what this run created (DST, and any parent folders it made) when no shard made it:
+    a failed first run leaves nothing behind."""
+    if created.exists() and not list_shards(out):
+        shutil.rmtree(created, ignore_errors=True)
+
+
+def prepare_vae(path: str, device, channels_last: Optional[bool], flag: Optional[str] = "--vae"):
+    from .io import NotAnAutoencoder, load_autoencoder, with_flag
     from .precision import resolve_channels_last
 
-    vae = load_autoencoder(path).to(device).eval().requires_grad_(False)
+    try:
+        vae = load_autoencoder(path)
+    except NotAnAutoencoder as e:
+        if flag is None:
+            raise
+        raise with_flag(flag, path, e) from e
+    vae = vae.to(device).eval().requires_grad_(False)
     cl = resolve_channels_last(channels_last, device.type, inference=True)
     if cl:
         vae = vae.to(memory_format=torch.channels_last)
@@ -525,23 +617,39 @@ def encode(cfg: EncodeConfig) -> dict:
     The manifest carries `this_run` stats (seconds, rows encoded by this process, images/s)."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
-    from tqdm.auto import tqdm
 
     from .precision import resolve_mixed_precision
 
     # as Accelerator does: `accelerate launch --cpu` (ACCELERATE_USE_CPU=1) makes gloo processes on CPUs
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     out = Path(cfg.out)
-    (out / "data").mkdir(parents=True, exist_ok=True)
+    created = first_missing(out)
     t0 = time.perf_counter()
+    # -- every check, on every rank, before anyone writes: all fail alike and nothing is left behind
+    check_out_folder(out)
     vae, cl = prepare_vae(cfg.vae, state.device, cfg.channels_last)
     mp = resolve_mixed_precision(cfg.mixed_precision, state.device.type)
     autocast_dtype = choice(MIXED_PRECISION, mp, "mixed precision")
+    check_vae_fits(cfg, vae)
     pre = Preprocess(cfg.preprocess, cfg.resolution, downsample_factor(vae), cfg.max_aspect, cfg.flip)
     src, passthrough = open_inputs(cfg)
+    if len(src) == 0:
+        raise MissingInputError(f"--data {cfg.data}: no images (split {cfg.split!r} has no rows)")
     vae_id = vae_identity(vae, cfg.vae)
     settings = run_settings(cfg, vae_id, pre, src)
-    check_settings(out, settings)  # every rank, before anyone writes: all fail alike
+    check_settings(out, settings)
+    try:
+        return _encode_into(out, cfg, state, t0, vae, cl, mp, autocast_dtype, pre, src, passthrough, vae_id, settings)
+    except BaseException:
+        if created is not None and state.is_main_process:
+            discard_if_unstarted(out, created)
+        raise
+
+
+def _encode_into(out: Path, cfg: EncodeConfig, state, t0: float, vae, cl: bool, mp: str, autocast_dtype, pre,
+                 src, passthrough, vae_id: dict, settings: dict) -> dict:
+    """encode() once every input is known to be good: write, resume, manifest."""
+    from tqdm.auto import tqdm
 
     # -- what is done: read before the barrier, while nobody writes
     shards, failures = scan_shards(out), scan_failures(out)
@@ -549,10 +657,12 @@ def encode(cfg: EncodeConfig) -> dict:
     flips = (False, True) if cfg.flip else (False,)
     todo = todo_copies(len(src), flips, shards, failures)
     if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / "encode-settings.json").exists():  # first: a folder with data/ is always a cache
+            atomic_write_json(out / "encode-settings.json", settings)
+        (out / "data").mkdir(exist_ok=True)
         for stale in (out / "data").glob(".*.tmp"):  # partial shards of a killed run: never finished
             stale.unlink()
-        if not (out / "encode-settings.json").exists():
-            atomic_write_json(out / "encode-settings.json", settings)
         (out / "README.md").write_text(dataset_card("manifest.json appears when every input is accounted for."))
     state.wait_for_everyone()
 
@@ -619,6 +729,24 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
 
 
+def read_manifest(out: Path) -> dict:
+    """A finished cache's manifest, or a MissingInputError/BadInputError saying what `out` is instead."""
+    path = out / "manifest.json"
+    if not out.is_dir():
+        raise MissingInputError(f"cache folder {out} does not exist" if not out.exists() else
+                                f"{out} is not a folder; expected a latent cache written by `latentvae encode`")
+    if not path.is_file():
+        if (out / "encode-settings.json").is_file():
+            raise MissingInputError(f"{path} not found: the cache is unfinished; rerun the same `latentvae encode` "
+                                    "command to complete it")
+        raise MissingInputError(f"{out} is not a latent cache (no manifest.json); expected a folder written by "
+                                "`latentvae encode`")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BadInputError(f"{path}: unreadable ({e})") from e
+
+
 def sample_rows(out: Path, num: int, seed: int) -> list[tuple[str, int]]:
     """`num` random (shard file, row) pairs, the same for the same seed."""
     pairs = [(p.name, r) for p in list_shards(out) for r in range(pq.read_metadata(p).num_rows)]
@@ -632,14 +760,25 @@ def verify_cache(out: str | Path, num: int = 8, seed: int = 0, vae=None, vae_pat
     """Decode `num` random stored latents; PSNR against the source images preprocessed the same way."""
     from .data import open_source
     from .images import make_grid
+    from .io import NotAnAutoencoder
 
     out = Path(out)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = read_manifest(out)
+    if save_dir and Path(save_dir).exists() and not Path(save_dir).is_dir():
+        raise BadInputError(f"--save-dir {save_dir} exists and is not a folder")
     if vae is None:
-        vae, _ = prepare_vae(vae_path or manifest["vae"]["path"], torch.device("cpu"), False)
+        try:
+            vae, _ = prepare_vae(vae_path or manifest["vae"]["path"], torch.device("cpu"), False,
+                                 flag="--vae" if vae_path else None)
+        except NotAnAutoencoder as e:
+            if vae_path:
+                raise
+            raise NotAnAutoencoder(f"{e} (the VAE path in {out}/manifest.json; pass --vae to use another copy "
+                                   "of that VAE)") from e
     if weights_sha256(vae) != manifest["vae"]["weights_sha256"]:
-        raise ValueError(f"the VAE ({vae_path or manifest['vae']['path']}) is not the one that made {out} "
-                         f"(weights sha256 differs from the manifest's {manifest['vae']['weights_sha256'][:12]}…)")
+        which = f"--vae {vae_path}" if vae_path else f"the VAE at {manifest['vae']['path']} (from the manifest)"
+        raise BadInputError(f"{which} is not the VAE that made {out}: its weights sha256 differs from the "
+                            f"manifest's {manifest['vae']['weights_sha256'][:12]}…; pass the VAE it was encoded with")
     s = manifest["source"]
     src = open_source(s["data"], s["kind"], s["split"], s["image_column"], 10**12)
     pre_d = dict(manifest["preprocessing"])
@@ -647,16 +786,25 @@ def verify_cache(out: str | Path, num: int = 8, seed: int = 0, vae=None, vae_pat
                      buckets=tuple(tuple(b) for b in pre_d["buckets"]))
     column = "latent_mean" if "latent_mean" in manifest["columns"] else "latent_sample"
     device = next(vae.parameters()).device
-    results = []
+    records = []  # every sampled row checked against the source before anything is decoded or saved
     for shard, row in sample_rows(out, num, seed):
         rec = pq.read_table(out / "data" / shard, columns=["source_index", "source_id", "flipped", column]).slice(row, 1)
+        i, sid = rec["source_index"][0].as_py(), rec["source_id"][0].as_py()
+        if i >= len(src) or src.name(i) != sid:
+            now = repr(src.name(i)) if i < len(src) else "gone"
+            raise BadInputError(f"{out}: row {shard}:{row} is {sid!r} but input {i} of its source {s['data']} is now "
+                                f"{now}: the source changed since it was encoded")
+        records.append((shard, row, rec))
+    results = []
+    for shard, row, rec in records:
         i, sid, flipped = rec["source_index"][0].as_py(), rec["source_id"][0].as_py(), rec["flipped"][0].as_py()
-        if src.name(i) != sid:
-            raise ValueError(f"{out}: row {shard}:{row} is {sid!r} but the source's input {i} is now {src.name(i)!r}")
         z = from_storage(rec[column][0].as_py(), manifest["dtype"])[None].to(device)
         with torch.inference_mode():
             x_hat = to_uint8(decode(vae, z.to(next(vae.parameters()).dtype))[0].float().cpu())
-        x = load_preprocessed(src, i, pre, pre_d["jpeg_draft"])["pixels"]
+        try:
+            x = load_preprocessed(src, i, pre, pre_d["jpeg_draft"])["pixels"]
+        except BadImage as e:
+            raise BadInputError(f"{out}: the source of row {shard}:{row} cannot be read any more ({e})") from e
         x = x.flip(-1) if flipped else x
         results.append({"shard": shard, "row": row, "source_id": sid, "flipped": flipped, "psnr": psnr(x, x_hat)})
         if save_dir:
@@ -674,30 +822,35 @@ def _bool_auto(text: str) -> Optional[bool]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .cli import make_parser
+
     d = EncodeConfig("", "", "")
-    p = argparse.ArgumentParser(prog="latentvae encode", description="Encode images to a resumable parquet cache of latents.")
+    p = make_parser("latentvae encode", "Encode images to a resumable parquet cache of latents.")
     p.add_argument("--vae", required=True, help="diffusers AutoencoderKL/AutoencoderTiny folder, or a latentvae run")
     p.add_argument("--data", required=True, help="image folder, saved `datasets` folder, or hub dataset name")
-    p.add_argument("--out", required=True, help="cache folder (rerun the same command to resume)")
-    p.add_argument("--kind", default=d.kind, choices=SOURCE_KINDS)
-    p.add_argument("--split", default=d.split)
-    p.add_argument("--image-column", default=d.image_column)
-    p.add_argument("--preprocess", default=d.preprocess, choices=list(PREPROCESS_MODES))
-    p.add_argument("--resolution", type=int, default=d.resolution, help="square side; buckets hold about its square")
+    p.add_argument("--out", required=True, help="cache folder: new, empty, or an earlier cache of the same "
+                   "command (rerun it to resume)")
+    p.add_argument("--kind", default=d.kind, choices=SOURCE_KINDS, help="what --data is (auto: from the path)")
+    p.add_argument("--split", default=d.split, help="split of a `datasets` input")
+    p.add_argument("--image-column", default=d.image_column, help="image column of a `datasets` input")
+    p.add_argument("--preprocess", default=d.preprocess, choices=list(PREPROCESS_MODES), help="resize and crop mode")
+    p.add_argument("--resolution", type=int, default=d.resolution,
+                   help="square side, a multiple of the VAE's downsampling factor; buckets hold about its square")
     p.add_argument("--max-aspect", type=float, default=d.max_aspect, help="widest bucket aspect ratio")
     p.add_argument("--flip", action="store_true", help="also store a horizontally flipped copy of every image")
-    p.add_argument("--store", default=d.store, choices=list(STORES))
-    p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES))
+    p.add_argument("--store", default=d.store, choices=list(STORES), help="latent columns of each row")
+    p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="stored dtype of the latents")
     p.add_argument("--shard-size", type=int, default=d.shard_size, help="rows per parquet shard")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per encoder call")
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader workers; -1: auto")
-    p.add_argument("--mixed-precision", default=d.mixed_precision, choices=list(MIXED_PRECISION))
-    p.add_argument("--channels-last", default="auto", choices=["auto", "yes", "no"])
+    p.add_argument("--mixed-precision", default=d.mixed_precision, choices=list(MIXED_PRECISION),
+                   help="autocast dtype of the encoder (auto: see precision.py)")
+    p.add_argument("--channels-last", default="auto", choices=["auto", "yes", "no"], help="channels-last memory format")
     p.add_argument("--no-jpeg-draft", action="store_true", help="always decode JPEGs at full size")
-    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
+    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="larger images are failures")
     p.add_argument("--seed", type=int, default=d.seed, help="noise of --store sample; rows of --verify")
     p.add_argument("--verify", type=int, default=0, metavar="N", help="then decode N random rows and report PSNR")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -719,12 +872,9 @@ def print_verify(report: dict) -> None:
           f"rows of {report['column']}")
 
 
-def main(argv=None) -> None:
+def _encode_command(argv=None) -> None:
     args = _parser().parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ValueError as e:
-        sys.exit(f"encode: {e}")
+    cfg = config_from_args(args)
     manifest = encode(cfg)
     run = manifest["this_run"]
     if run["process"] == 0:
@@ -736,22 +886,38 @@ def main(argv=None) -> None:
             print_verify(manifest["verify"])
 
 
-def decode_main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="latentvae decode", description="Decode a random sample of a latent cache; PSNR "
-                                "against the source images preprocessed the same way.")
+def main(argv=None) -> None:
+    """`latentvae encode`; a mistake in the inputs is one line on stderr and exit status 2."""
+    from .cli import run_command
+
+    run_command("encode", _encode_command, argv)
+
+
+def _decode_command(argv=None) -> None:
+    from .cli import make_parser
+
+    p = make_parser("latentvae decode", "Decode a random sample of a latent cache; PSNR against the source images "
+                    "preprocessed the same way.")
     p.add_argument("cache", help="folder written by `latentvae encode` (with manifest.json)")
     p.add_argument("--vae", help="the VAE (default: the path in the manifest; its weights must match)")
     p.add_argument("--num", type=int, default=8, help="rows to decode")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="which rows")
     p.add_argument("--save-dir", help="write source|decoded PNG pairs here")
     p.add_argument("--min-psnr", type=float, help="exit 1 if the mean PSNR is below this")
     args = p.parse_args(argv)
-    if not (Path(args.cache) / "manifest.json").is_file():
-        sys.exit(f"decode: {args.cache}/manifest.json not found (is the cache finished? rerun `latentvae encode`)")
+    if args.num < 1:
+        raise BadInputError(f"--num must be >= 1, got {args.num}")
     report = verify_cache(args.cache, num=args.num, seed=args.seed, vae_path=args.vae, save_dir=args.save_dir)
     print_verify(report)
     if args.min_psnr is not None and report["mean_psnr"] < args.min_psnr:
-        sys.exit(1)
+        sys.exit(f"mean PSNR {report['mean_psnr']:.2f} dB is below --min-psnr {args.min_psnr:g}")
+
+
+def decode_main(argv=None) -> None:
+    """`latentvae decode`; a mistake in the inputs is one line on stderr and exit status 2."""
+    from .cli import run_command
+
+    run_command("decode", _decode_command, argv)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ whole, at full resolution (or downscaled to --max-side first), center-cropped (-
 default) or reflect-padded (--fit pad) to a multiple of the downsampling factor; z is the
 posterior mean. REPORT gets `per_image.csv`, `summary.json`, `report.md` (the table side by
 side) and `spectrum.png` (radial power spectrum of the reconstructions over the originals).
+Every input is checked before the work starts; the report is written under a hidden name beside
+REPORT and renamed into place, so REPORT is always a whole report (an earlier one is replaced
+only then), and a folder that is not a report is never written into.
 docs/evaluation.md states the conventions. This module owns the evaluation loop and the report.
 """
 from __future__ import annotations
@@ -17,6 +20,8 @@ import argparse
 import csv
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,8 +35,9 @@ from diffusers import AutoencoderTiny
 from PIL import Image
 
 from . import metrics
-from .images import center_crop_to_multiple, list_images, load_rgb, oriented_size, to_tensor, to_uint8
-from .io import NotAnAutoencoder, load_autoencoder
+from .errors import BadInputError
+from .images import BadImage, center_crop_to_multiple, list_images, load_rgb, oriented_size, to_tensor, to_uint8
+from .io import NotAnAutoencoder, load_autoencoder, with_flag
 from .losses import kl_to_standard_normal
 from .model import decode, downsample_factor, encode_moments, latent_channels
 from .perceptual import load_lpips, lpips_distance
@@ -66,7 +72,7 @@ FITS: dict[str, Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 def get_fit(name: str):
     if name not in FITS:
-        raise ValueError(f"unknown fit {name!r}; valid choices: {', '.join(FITS)}")
+        raise BadInputError(f"unknown fit {name!r}; valid choices: {', '.join(FITS)}")
     return FITS[name]
 
 
@@ -80,8 +86,13 @@ def downscale_to_max_side(img: Image.Image, max_side: int) -> Image.Image:
 
 
 def load_eval_image(path: Path, max_side: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
-    """(1, 3, H, W) in [-1, 1] after the optional downscale, and the file's own (width, height)."""
-    img = load_rgb(path, draft_size=(max_side, max_side) if max_side else None)
+    """(1, 3, H, W) in [-1, 1] after the optional downscale, and the file's own (width, height).
+
+    An image that cannot be decoded is a BadInputError: every VAE must see the same images."""
+    try:
+        img = load_rgb(path, draft_size=(max_side, max_side) if max_side else None)
+    except BadImage as e:
+        raise BadInputError(f"{e}; every VAE is scored on the same images: remove or fix it in --data") from e
     with Image.open(path) as raw:
         size = oriented_size(raw)  # as displayed, like the pixels load_rgb returns
     return to_tensor(downscale_to_max_side(img, max_side))[None], size
@@ -174,7 +185,10 @@ def evaluate_vae(label: str, source: str, vae, images: list[Path], settings: Eva
     result = VaeResult(label, source)
     for path in images:
         x, (w0, h0) = load_eval_image(path, settings.max_side)
-        x_in, ref = fit(x, factor)
+        try:
+            x_in, ref = fit(x, factor)
+        except BadInputError as e:
+            raise BadInputError(f"{path}: {e}") from e
         rec = reconstruct(vae, x_in, ref.shape[-2:], dtype)
         ref_u8, out_u8, out_float = hwc_uint8(ref), hwc_uint8(rec.x_hat), hwc_float(rec.x_hat)
         row = {"vae": label, "image": path.name, "width": w0, "height": h0,
@@ -285,8 +299,45 @@ def plot_spectra(path: Path, results: list[VaeResult], bins: int) -> None:
     plt.close(fig)
 
 
+def check_report_folder(out: Path) -> None:
+    """REPORT must be new, empty or an earlier report (it has summary.json): never someone's other folder."""
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"--out {out} exists and is not a folder; expected a new folder or an earlier report")
+    if out.is_dir() and any(out.iterdir()) and not (out / "summary.json").is_file():
+        raise BadInputError(f"--out {out} is a non-empty folder that is not an evaluation report (no summary.json); "
+                            "choose a new or empty folder")
+
+
+def publish_report(tmp: Path, out: Path) -> None:
+    """Rename the finished staging folder to REPORT, replacing an earlier report only after that succeeds."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old.exists():
+            os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def write_report(out: Path, results: list[VaeResult], summary: dict, settings_record: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    """The report's files, into a hidden staging folder beside `out` that then replaces it whole."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed evaluation: never published
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        _write_report_files(tmp, results, summary, settings_record)
+        publish_report(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_report_files(out: Path, results: list[VaeResult], summary: dict, settings_record: dict) -> None:
     write_csv(out / "per_image.csv", results)
     (out / "summary.json").write_text(json.dumps(finite_or_none({"settings": settings_record, "vaes": summary}),
                                                  indent=2) + "\n")
@@ -314,19 +365,44 @@ def vae_label(spec: str, taken: set[str]) -> str:
 def load_all(specs: list[str], device: torch.device) -> dict[str, tuple[str, torch.nn.Module]]:
     """label -> (spec, VAE), all loaded before any work so that a bad path fails at once."""
     taken: set[str] = set()
-    return {vae_label(s, taken): (s, load_autoencoder(s).to(device).eval()) for s in specs}
+    return {vae_label(s, taken): (s, load_vae(s).to(device).eval()) for s in specs}
+
+
+def load_vae(spec: str):
+    """load_autoencoder, with `--vae` leading the message of a NotAnAutoencoder."""
+    try:
+        return load_autoencoder(spec)
+    except NotAnAutoencoder as e:
+        raise with_flag("--vae", spec, e) from e
+
+
+def resolve_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise BadInputError(f"--device {device}: not a device ({e})") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BadInputError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    return dev
 
 
 def run_evaluation(specs: list[str], data: str | Path, out: str | Path, settings: EvalSettings = EvalSettings(),
-                   lpips_dir: Optional[str] = None, device: str = "cpu", limit: int = 0, log=print) -> dict:
-    """The whole evaluation; returns summary.json's contents. Raises NotAnAutoencoder for a bad VAE path."""
+                   lpips_dir: Optional[str] = None, device: str = "cpu", limit: int = 0, log=print,
+                   lpips_option: str = "--lpips-dir") -> dict:
+    """The whole evaluation; returns summary.json's contents. Raises NotAnAutoencoder for a bad VAE path,
+    other UserErrors for other bad inputs, all before any work; `out` is written only at the end."""
     for net in settings.lpips_nets:
         if net not in LPIPS_NETS:
-            raise ValueError(f"unknown LPIPS net {net!r}; valid choices: {', '.join(LPIPS_NETS)}")
-    dev = torch.device(device)
+            raise BadInputError(f"--lpips: unknown LPIPS net {net!r}; valid choices: {', '.join(LPIPS_NETS)}")
+    get_fit(settings.fit)
+    if limit < 0 or settings.max_side < 0:
+        raise BadInputError(f"--limit and --max-side must be >= 0 (0: all images, no downscale); got "
+                            f"{limit} and {settings.max_side}")
+    check_report_folder(Path(out))
+    dev = resolve_device(device)
     vaes = load_all(specs, dev)
     images = list_images(data)[: limit or None]
-    lpips_models = {net: load_lpips(net, lpips_dir) for net in settings.lpips_nets}
+    lpips_models = {net: load_lpips(net, lpips_dir, option=lpips_option) for net in settings.lpips_nets}
     results, summary = [], {}
     for label, (spec, vae) in vaes.items():
         log(f"{label}: {type(vae).__name__}, /{downsample_factor(vae)}, {latent_channels(vae)} channels")
@@ -341,12 +417,13 @@ def run_evaluation(specs: list[str], data: str | Path, out: str | Path, settings
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="latentvae evaluate", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .cli import make_parser
+
+    p = make_parser("latentvae evaluate", __doc__.split("\n")[0])
     p.add_argument("--vae", action="append", required=True,
                    help="diffusers folder, training run/checkpoint, LDM .safetensors or taesd:sd|sdxl|sd3|flux; repeat")
     p.add_argument("--data", required=True, help="image folder (searched recursively)")
-    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--out", required=True, help="report folder: new, empty, or an earlier report (replaced)")
     p.add_argument("--fit", default="crop", choices=list(FITS), help="crop or pad to the downsampling factor")
     p.add_argument("--max-side", type=int, default=0, help="downscale images whose long side exceeds this (0: never)")
     p.add_argument("--lpips", default=",".join(LPIPS_NETS), help="comma-separated LPIPS nets, or '' for none")
@@ -357,17 +434,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> None:
+def _evaluate_command(argv=None) -> None:
     args = _parser().parse_args(argv)
     settings = EvalSettings(fit=args.fit, max_side=args.max_side, precision=args.precision,
                             lpips_nets=tuple(n for n in args.lpips.split(",") if n))
-    try:
-        summary = run_evaluation(args.vae, args.data, args.out, settings, args.lpips_dir, args.device, args.limit,
-                                 log=lambda m: print(m, file=sys.stderr))
-    except (NotAnAutoencoder, FileNotFoundError, ValueError) as e:
-        sys.exit(f"latentvae evaluate: {e}")
+    summary = run_evaluation(args.vae, args.data, args.out, settings, args.lpips_dir, args.device, args.limit,
+                             log=lambda m: print(m, file=sys.stderr))
     print(markdown_table(summary["vaes"]))
     print(f"report: {args.out}/report.md")
+
+
+def main(argv=None) -> None:
+    """`latentvae evaluate` = `python eval/evaluate.py`; a mistake is one line on stderr, exit status 2."""
+    from .cli import run_command
+
+    run_command("evaluate", _evaluate_command, argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ OUT gets `config.json` + `diffusion_pytorch_model.safetensors` (loadable by
 latent statistics, evaluation figures) and `latentvae_export.json` (the same facts, machine-readable,
 including whether the scaling factors were measured). The folder is written beside OUT under a
 hidden temporary name, reloaded and compared with the training model, and only then renamed into
-place, so a folder named OUT is always complete. See docs/export.md.
+place, so a folder named OUT is always complete. Every argument is checked before that (OUT is
+neither inside RUN nor RUN inside OUT; an existing non-empty OUT needs --overwrite), and a failed
+export leaves nothing behind. See docs/export.md.
 """
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ import copy
 import json
 import os
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -29,6 +30,7 @@ from . import checkpoint as ckpt
 from .calibrate import (CONVENTIONS, CalibrationConfig, Fp16Report, LatentStats, calibrate, fp16_check,
                         format_fp16, format_stats)
 from .config import config_from_dict
+from .errors import BadInputError, MissingInputError, UserError
 from .io import load_from_checkpoint
 from .model import decode, downsample_factor, encode_moments
 
@@ -41,6 +43,10 @@ METADATA_FILE = "latentvae_export.json"
 
 class ExportError(RuntimeError):
     """The export could not be completed or did not verify; OUT was left untouched."""
+
+
+class ExportTargetExists(UserError, FileExistsError):
+    """OUT exists and holds something that --overwrite was not given to replace."""
 
 
 @dataclass(frozen=True)
@@ -57,15 +63,18 @@ class ExportOptions:
 
     def check(self) -> None:
         if self.weights not in WEIGHTS:
-            raise ValueError(f"unknown weights {self.weights!r}; valid choices: {', '.join(WEIGHTS)}")
+            raise BadInputError(f"unknown weights {self.weights!r}; valid choices: {', '.join(WEIGHTS)}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; valid choices: {', '.join(DTYPES)}")
+            raise BadInputError(f"unknown dtype {self.dtype!r}; valid choices: {', '.join(DTYPES)}")
         if self.convention is not None and self.convention not in CONVENTIONS:
-            raise ValueError(f"unknown convention {self.convention!r}; valid choices: {', '.join(CONVENTIONS)}")
+            raise BadInputError(f"unknown convention {self.convention!r}; valid choices: {', '.join(CONVENTIONS)}")
         if self.convention is not None and self.calibrate is None:
-            raise ValueError("--convention chooses how measured factors are written; it needs --calibrate DATA")
+            raise BadInputError("--convention chooses how measured factors are written; it needs --calibrate DATA")
         if self.count <= 0 or self.resolution <= 0:
-            raise ValueError("calibration count and resolution must be positive")
+            raise BadInputError(f"calibration --count and --resolution must be positive, got {self.count} and "
+                                f"{self.resolution}")
+        if self.fp16_images < 0:
+            raise BadInputError(f"--fp16-images must be >= 0, got {self.fp16_images}")
 
 
 @dataclass(frozen=True)
@@ -87,7 +96,8 @@ def run_folder(found_checkpoint: Path) -> Path:
 def find_eval_summary(found_checkpoint: Path, explicit: Optional[str]) -> Optional[Path]:
     if explicit is not None:
         if not Path(explicit).is_file():
-            raise FileNotFoundError(f"--eval-summary {explicit} does not exist")
+            raise MissingInputError(f"--eval-summary {explicit} does not exist" if not Path(explicit).exists()
+                                    else f"--eval-summary {explicit} is not a file")
         return Path(explicit)
     default = run_folder(found_checkpoint) / "eval" / "summary.json"
     return default if default.is_file() else None
@@ -95,9 +105,36 @@ def find_eval_summary(found_checkpoint: Path, explicit: Optional[str]) -> Option
 
 def check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
+        raise ExportTargetExists(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        raise ExportTargetExists(f"{out} exists and is not empty; pass --overwrite to replace it")
+
+
+def check_apart(run: str | Path, found: Path, out: Path) -> None:
+    """OUT must not be RUN, lie inside it, or hold it: writing (or --overwrite replacing) OUT would
+    change or delete the training run being exported."""
+    sources = {found.resolve(): str(found), Path(run).resolve(): str(run)}  # resolved -> as the user wrote it
+    if found.parent.name == "checkpoints":
+        sources.setdefault(run_folder(found).resolve(), str(run_folder(found)))
+    target = out.resolve()
+    for src, shown in sorted(sources.items(), key=lambda kv: len(kv[0].parts)):
+        if target == src:
+            raise BadInputError(f"export target {out} is its source {shown}; choose a folder outside the training run")
+        if src in target.parents:
+            raise BadInputError(f"export target {out} is inside its source {shown}; choose a folder outside the "
+                                "training run")
+        if target in src.parents:
+            raise BadInputError(f"export target {out} contains its source {shown}; choose a folder outside the "
+                                "training run")
+
+
+def find_source(run: str | Path) -> Path:
+    """The checkpoint to export, or a MissingInputError/BadInputError naming RUN."""
+    try:
+        return ckpt.find_checkpoint(run)
+    except FileNotFoundError as e:
+        raise MissingInputError(str(e)) from e
+
 
 
 def staging_dir(out: Path) -> Path:
@@ -256,12 +293,19 @@ def export(run: str | Path, out: str | Path, options: ExportOptions = ExportOpti
     """RUN (a training run or one checkpoint) -> verified diffusers folder OUT."""
     options.check()
     out = Path(out)
+    found = find_source(run)
+    check_apart(run, found, out)
     check_out(out, options.overwrite)
-    found = ckpt.find_checkpoint(run)
-    state = ckpt.read_state(found)
+    try:
+        state = ckpt.read_state(found)
+    except ValueError as e:
+        raise BadInputError(str(e)) from e
     cfg = config_from_dict(state["config"])
     vae = load_from_checkpoint(found, options.weights).float()
     summary_file = find_eval_summary(found, options.eval_summary)
+    if options.calibrate is not None and options.resolution % downsample_factor(vae):
+        raise BadInputError(f"--resolution {options.resolution} is not a multiple of the VAE's downsampling factor "
+                            f"{downsample_factor(vae)}")
     log(f"exporting {found} (step {state['step']}, {options.weights} weights) -> {out} as {options.dtype}")
 
     stats, fp16 = measure(vae, options, use_mean=cfg.model.mode == "ae", log=log)
@@ -299,10 +343,12 @@ def export(run: str | Path, out: str | Path, options: ExportOptions = ExportOpti
 
 # ----------------------------------------------------------------------------- command line
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="latentvae export", description="Export a training run to a diffusers "
-                                "AutoencoderKL folder, optionally with measured latent scaling factors.")
+    from .cli import make_parser
+
+    p = make_parser("latentvae export", "Export a training run to a diffusers AutoencoderKL folder, optionally with "
+                    "measured latent scaling factors.")
     p.add_argument("run", help="training output folder (its newest checkpoint) or one checkpoint folder")
-    p.add_argument("out", help="diffusers folder to write")
+    p.add_argument("out", help="diffusers folder to write (outside the run)")
     p.add_argument("--weights", choices=list(WEIGHTS), default="ema", help="EMA (default) or raw training weights")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="stored dtype of the weights")
     p.add_argument("--calibrate", metavar="DATA", help="image folder or dataset: measure the latent statistics on it")
@@ -318,14 +364,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> None:
+def _export_command(argv=None) -> None:
     a = parser().parse_args(argv)
     options = ExportOptions(a.weights, a.dtype, a.calibrate, a.convention, a.count, a.resolution, a.fp16_images,
                             a.eval_summary, a.overwrite)
-    try:
-        export(a.run, a.out, options)
-    except (FileNotFoundError, FileExistsError, ValueError, ExportError) as e:
-        sys.exit(f"export failed: {e}")
+    export(a.run, a.out, options)
+
+
+def main(argv=None) -> None:
+    """`latentvae export`; a mistake in the arguments is one line on stderr and exit status 2 (a failed
+    verification, ExportError, is not a user's mistake and keeps its traceback)."""
+    from .cli import run_command
+
+    run_command("export", _export_command, argv)
 
 
 if __name__ == "__main__":

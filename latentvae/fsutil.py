@@ -3,6 +3,7 @@
     atomic_write_bytes(path, data)          # bytes
     atomic_write_json(path, obj)            # JSON, indented, sorted keys
     atomic_write(path, lambda f: ...)       # anything written to a binary file object
+    atomic_save_image(pil_image, path)      # a PIL image, format from the suffix
     sha256_file(path)                       # hex digest, streamed
 
 After `os.replace` returns and the folder is fsynced, a crash (SIGKILL, power loss) leaves either
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -37,7 +39,7 @@ def write_durable(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     """`write(fileobj)` into a hidden temporary beside `path`, fsync, rename over `path`, fsync the folder."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         write_durable(tmp, write)
         os.replace(tmp, path)
@@ -53,6 +55,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_image(img, path: str | Path, **kwargs) -> None:
+    """A PIL image (format from the file suffix; `kwargs` go to `Image.save`), creating the folder."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unknown image file extension {path.suffix!r}")
+    atomic_write(path, lambda f: img.save(f, format=fmt, **kwargs))
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -16,21 +16,29 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
+from .errors import BadInputError, MissingInputError
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".jfif"}
 
 
 class BadImage(ValueError):
-    """An input that cannot be used as an RGB image; the message names the file and the reason."""
+    """An input that cannot be used as an RGB image; the message names the file and the reason.
+
+    Per image, and skipped by design where many images are read; not a UserError."""
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Every image file below `folder` (recursive, by extension), sorted for reproducibility."""
+    """Every image file below `folder` (recursive, by extension), sorted for reproducibility.
+
+    MissingInputError for a missing or image-less folder, BadInputError for a file."""
     folder = Path(folder)
+    if folder.is_file():
+        raise BadInputError(f"image folder {folder} is a file; expected a folder of images")
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
+        raise MissingInputError(f"image folder {folder} does not exist")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
-        raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found below {folder}")
+        raise MissingInputError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found below {folder}")
     return files
 
 
@@ -162,6 +170,6 @@ def center_crop_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     h, w = x.shape[-2:]
     nh, nw = h - h % multiple, w - w % multiple
     if nh == 0 or nw == 0:
-        raise ValueError(f"image {w}x{h} is smaller than the downsampling factor {multiple}")
+        raise BadInputError(f"image {w}x{h} is smaller than the downsampling factor {multiple}")
     top, left = (h - nh) // 2, (w - nw) // 2
     return x[..., top:top + nh, left:left + nw]

@@ -18,11 +18,18 @@ from diffusers import AutoencoderKL
 from . import checkpoint as ckpt
 from . import convert
 from .config import config_from_dict
+from .errors import BadInputError, MissingInputError, UserError
 from .model import AUTOENCODER_CLASSES, diffusers_kwargs
 
 
-class NotAnAutoencoder(ValueError):
+class NotAnAutoencoder(UserError, ValueError):
     """A path that holds no autoencoder we can load; the message says what was expected."""
+
+
+def with_flag(flag: str, spec, e: NotAnAutoencoder) -> NotAnAutoencoder:
+    """The same error, its message led by the option that named the path (`--vae PATH ...`)."""
+    text = str(e)
+    return NotAnAutoencoder(f"{flag} {text}" if text.startswith(str(spec)) else f"{flag} {spec}: {text}")
 
 
 def load_from_checkpoint(path: str | Path, weights: str = "ema") -> AutoencoderKL:
@@ -35,10 +42,11 @@ def load_from_checkpoint(path: str | Path, weights: str = "ema") -> AutoencoderK
         vae = AutoencoderKL(**diffusers_kwargs(config_from_dict(state["config"]).model))
     name = {"ema": "ema.safetensors", "raw": "model.safetensors"}.get(weights)
     if name is None:
-        raise ValueError(f"unknown weights {weights!r}; valid choices: ema, raw")
+        raise BadInputError(f"unknown weights {weights!r}; valid choices: ema, raw")
     file = found / name
     if weights == "ema" and not file.is_file():
-        raise FileNotFoundError(f"{found}: no ema.safetensors (EMA was off in this run); use weights='raw'")
+        raise MissingInputError(f"{found}: no ema.safetensors (EMA was off in this run); use the raw weights "
+                                "(--weights raw, weights='raw')")
     vae.load_state_dict(ckpt.load_tensors(file), strict=True)
     return vae.eval()
 
@@ -49,13 +57,26 @@ def load_diffusers_folder(path: str | Path):
         config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise NotAnAutoencoder(f"{path}/config.json: unreadable ({e})") from e
-    cls_name = config.get("_class_name")
+    cls_name = config.get("_class_name") if isinstance(config, dict) else None
     if cls_name not in AUTOENCODER_CLASSES:
         raise NotAnAutoencoder(f"{path}/config.json: _class_name is {cls_name!r}; expected one of "
                                f"{', '.join(AUTOENCODER_CLASSES)}")
     if not any(path.glob("*.safetensors")):
         raise NotAnAutoencoder(f"{path}: no .safetensors weights (only safetensors are loaded, never pickles)")
-    return AUTOENCODER_CLASSES[cls_name].from_pretrained(str(path), use_safetensors=True).eval()
+    try:
+        return AUTOENCODER_CLASSES[cls_name].from_pretrained(str(path), use_safetensors=True).eval()
+    except (OSError, ValueError) as e:  # unreadable/truncated weights, a config that does not fit them
+        raise NotAnAutoencoder(f"{path}: diffusers cannot load this {cls_name} folder ({type(e).__name__}: "
+                               f"{_first_line(e)})") from e
+    except RuntimeError as e:
+        if "state_dict" not in str(e) and "size mismatch" not in str(e):
+            raise
+        raise NotAnAutoencoder(f"{path}: the weights do not fit config.json ({_first_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_autoencoder(path: str | Path, taesd_dir: str | Path | None = None, weights: str = "ema",
@@ -84,6 +105,11 @@ def load_autoencoder(path: str | Path, taesd_dir: str | Path | None = None, weig
     if path.is_dir() and (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
         return load_diffusers_folder(path)
     if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "state.json").is_file()):
-        return load_from_checkpoint(path, weights)
+        try:
+            return load_from_checkpoint(path, weights)
+        except UserError:
+            raise
+        except (FileNotFoundError, ValueError) as e:  # no complete checkpoint, unreadable state.json / weights
+            raise NotAnAutoencoder(str(e)) from e
     raise NotAnAutoencoder(f"{path}: not a diffusers autoencoder folder (config.json + *.safetensors) "
                            "nor a latentvae training run or checkpoint")

@@ -170,7 +170,7 @@ class Trainer:
             self.ae.to(memory_format=torch.channels_last)
         self.lpips = None
         if cfg.loss.lpips_weight > 0:
-            self.lpips = load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_dir, cfg.loss.lpips_random_backbone)
+            self.lpips = load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_dir)
             self.lpips.to(self.acc.device)
         self.opt_g = make_optimizer(self.ae.parameters(), t.lr, cfg)
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, lr_lambda(cfg))

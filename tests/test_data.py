@@ -2,6 +2,7 @@
 a pure function of (seed, index) so resume and worker count change nothing."""
 import io
 import os
+import re
 import stat
 
 import numpy as np
@@ -12,6 +13,7 @@ from PIL import Image
 from conftest import make_photo
 from latentvae.config import DataConfig
 from latentvae.data import CropStream, StreamSampler, collate, open_source, split_holdout
+from latentvae.errors import BadInputError, UserError
 from latentvae.images import BadImage, atomic_save_image, list_images, load_rgb, oriented_size
 
 
@@ -114,6 +116,16 @@ def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
         list_images(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         open_source(str(tmp_path / "nowhere" / "x" / "y"))
+    with pytest.raises(UserError, match=re.escape(str(tmp_path))):  # a user's mistake: one line on the command line
+        open_source(str(tmp_path))
+
+
+def test_a_file_is_not_a_data_source(tmp_path):
+    make_photo((40, 40)).save(tmp_path / "a.png")
+    with pytest.raises(BadInputError, match=r"data source .*a\.png is a file; expected an image folder"):
+        open_source(str(tmp_path / "a.png"))
+    with pytest.raises(BadInputError, match=r"image folder .*a\.png is a file"):
+        list_images(tmp_path / "a.png")
 
 
 def test_hf_dataset_source_with_image_column(tmp_path):
@@ -126,6 +138,9 @@ def test_hf_dataset_source_with_image_column(tmp_path):
     assert len(src) == 3 and src.load(1).size == (40, 36)
     with pytest.raises(ValueError, match="no image column 'image'; columns: img, caption"):
         open_source(str(tmp_path / "ds"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(BadInputError, match="no split 'test'; splits: train"):
+        open_source(str(tmp_path / "dd"), split="test", column="img")
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])

@@ -141,11 +141,34 @@ def test_refuses_a_folder_that_is_not_a_vae(image_folder, tmp_path, capsys):
     (bad / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
     with pytest.raises(SystemExit) as e:
         evaluate_main(["--vae", str(bad), "--data", str(image_folder), "--out", str(tmp_path / "r"), "--lpips", ""])
-    assert str(bad) in str(e.value.code) and "AutoencoderKL" in str(e.value.code)
+    err = capsys.readouterr().err  # the message goes to stderr, as one line; exit status 2
+    assert e.value.code == 2 and str(bad) in err and "AutoencoderKL" in err
     with pytest.raises(SystemExit) as e:
         evaluate_main(["--vae", str(tmp_path / "missing"), "--data", str(image_folder), "--out", str(tmp_path / "r")])
-    assert str(tmp_path / "missing") in str(e.value.code)
+    assert e.value.code == 2 and str(tmp_path / "missing") in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # nothing written
+
+
+def test_an_earlier_report_is_replaced_whole_and_survives_a_failed_run(vae_folder, image_folder, tmp_path,
+                                                                       monkeypatch):
+    import latentvae.evaluate as ev
+
+    out = tmp_path / "report"
+    args = ["--vae", str(vae_folder), "--data", str(image_folder), "--out", str(out), "--lpips", ""]
+    evaluate_main(args + ["--limit", "2"])
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def crash(*_a, **_k):
+        raise RuntimeError("plotting crashed")
+    monkeypatch.setattr(ev, "plot_spectra", crash)  # fails after the CSV and summary.json are written
+    with pytest.raises(RuntimeError, match="plotting crashed"):
+        evaluate_main(args + ["--limit", "1"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # the earlier report, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "report", "tiny-vae"]  # no staging left
+    monkeypatch.undo()
+    evaluate_main(args + ["--limit", "1"])
+    assert json.loads((out / "summary.json").read_text())["settings"]["images"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "report", "tiny-vae"]
 
 
 def test_library_raises_not_an_autoencoder(tmp_path, image_folder):

@@ -225,18 +225,31 @@ def test_an_interrupted_export_leaves_nothing_that_looks_complete(run, tmp_path,
     assert sorted(p.name for p in exports.iterdir()) == ["vae"]
 
 
-def test_refuses_a_non_empty_out_unless_overwrite(run, tmp_path):
+def test_refuses_a_non_empty_out_unless_overwrite(run, tmp_path, capsys):
     out = tmp_path / "vae"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="--overwrite"):
         export(run, out, ExportOptions(), log=quiet)
     assert (out / "keep.txt").read_text() == "mine"
-    with pytest.raises(SystemExit, match="not empty"):
+    with pytest.raises(SystemExit) as e:  # the command line: one line on stderr, exit status 2
         main([str(run), str(out)])
+    assert e.value.code == 2 and "not empty" in capsys.readouterr().err
     export(run, out, ExportOptions(overwrite=True), log=quiet)
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "vae"]
+
+
+@pytest.mark.parametrize("source,target", [("run", "run/export"), ("checkpoint", "run"), ("run", ".")])
+def test_refuses_a_target_inside_or_holding_its_source(run, tmp_path, source, target):
+    from latentvae.errors import BadInputError
+
+    src = run if source == "run" else run / "checkpoints" / "checkpoint-00000004"
+    out = tmp_path / target
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(BadInputError, match="export target .* (is|is inside|contains) its source"):
+        export(src, out, ExportOptions(overwrite=True), log=quiet)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written, the run intact
 
 
 def test_bad_options_name_the_valid_choices(run, tmp_path):

@@ -75,6 +75,12 @@ def test_torch_files_are_read_only_with_weights_only(tmp_path):
     assert not marker.exists()
 
 
+def test_not_an_autoencoder_is_a_user_error_and_still_a_value_error():
+    from latentvae.errors import UserError
+
+    assert issubclass(NotAnAutoencoder, UserError) and issubclass(NotAnAutoencoder, ValueError)
+
+
 def test_bad_inputs_name_the_file_and_what_was_expected(tmp_path):
     save_file({"weight": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(NotAnAutoencoder, match=r"other.safetensors: not an LDM VAE.*encoder.down.0.block.0"):

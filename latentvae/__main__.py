@@ -1,0 +1,5 @@
+"""`python -m latentvae COMMAND ...` = `latentvae COMMAND ...`"""
+from .cli import main
+
+if __name__ == "__main__":
+    main()
