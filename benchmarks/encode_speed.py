@@ -72,9 +72,9 @@ def naive_inputs(files: list[Path], res: int) -> float:
 
 def library_inputs(data: Path, res: int, factor: int) -> float:
     """Seconds for encode's per-image decoding + preprocessing alone, in this process (no worker)."""
-    from latentvae.buckets import Preprocess
-    from latentvae.data import open_source
-    from latentvae.encode import load_preprocessed
+    from latentvae.preprocess import Preprocess
+    from latentvae.sources import open_source
+    from latentvae.preprocess import load_preprocessed
 
     src, pre = open_source(str(data)), Preprocess("center-crop", res, factor)
     t0 = time.perf_counter()

@@ -7,7 +7,7 @@ Each row runs in a fresh subprocess so its peak memory (max RSS on the CPU, max 
 CUDA) is its own. Rows, for the same recipe (L1 + LPIPS-vgg + KL; then with the GAN on):
   naive    fp32, default memory format, AdamW(foreach=False), no compile, LPIPS on the whole image,
            `vae.encode(x).latent_dist.sample()` / `vae.decode(z)` called the obvious way;
-  latentvae  Trainer.train_micro_step with the default TrainConfig (what train/train.py runs);
+  latentvae  train.step.train_step with the default TrainConfig (what train/train.py runs);
   latentvae+LEVER[+LEVER]  the same with levers switched on, one row each, to measure what each gives:
            ckpt (model.gradient_checkpointing), bf16 (bf16 autocast), cl (channels_last),
            compile (torch.compile of the model), crop64 (LPIPS on one 64x64 crop per image).
@@ -49,7 +49,8 @@ def _overrides(args, gan: bool, extra: list[str]) -> list[str]:
 def _batches(args, device):
     """Fixed real crops, so both rows see identical data without timing the loader."""
     from latentvae.config import load_config
-    from latentvae.data import CropStream, open_source
+    from latentvae.sources import open_source
+    from latentvae.train.data import CropStream
     cfg = load_config(None, [f"data.source={args.data}", f"data.resolution={args.resolution}"])
     stream = CropStream(open_source(cfg.data.source), cfg.data, seed=0)
     return [torch.stack([stream[i * args.batch + j]["pixels"] for j in range(args.batch)]).to(device)
@@ -109,7 +110,7 @@ def run_row(args) -> dict:
 
 def _naive_step(args, gan: bool, device: str):
     from latentvae.config import load_config
-    from latentvae.discriminator import PatchDiscriminator
+    from latentvae.train.discriminator import PatchDiscriminator
     from latentvae.model import build_vae
     from latentvae.perceptual import load_lpips
     cfg = load_config(None, _overrides(args, gan, []))
@@ -152,11 +153,12 @@ def _naive_step(args, gan: bool, device: str):
 
 def _latentvae_step(args, cfg):
     import tempfile
-    from latentvae.trainer import Trainer
+    from latentvae.train import Trainer
+    from latentvae.train.step import train_step
     trainer = Trainer(cfg, tempfile.mkdtemp(prefix="bench-"), show_progress=False)
 
     def step(x):
-        logs = trainer.train_micro_step({"pixels": x, "bad": []})
+        logs = train_step(trainer.parts, trainer.state, x)
         return logs["loss"] if logs else float("nan")
 
     return step, sum(p.numel() for p in trainer.vae.parameters())
@@ -182,7 +184,7 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     if device == "cpu":
-        from latentvae.trainer import cpu_threads_per_process
+        from latentvae.train import cpu_threads_per_process
         torch.set_num_threads(cpu_threads_per_process(1))
     peak = {"fp32": matmul_flops(torch.float32, device), "bf16": matmul_flops(torch.bfloat16, device)}
     print(f"device: {device} ({torch.get_num_threads()} threads)  matmul 2048^2: fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, "

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from PIL import Image, ImageOps
-
-from .data import open_source
 from .errors import BadInputError
-from .images import BadImage, to_tensor
+from .images import BadImage
+from .preprocess import Preprocess, load_preprocessed
+from .sources import open_source
 from .model import decode, downsample_factor, encode_moments
 
 FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
@@ -133,7 +132,7 @@ def health(m: LatentMoments, dead_kl: float = DEAD_KL) -> LatentHealth:
 class CalibrationConfig:
     source: str  # image folder or `datasets` dataset (as data.source)
     count: int = 64  # images (the first `count` of the sorted source)
-    resolution: int = 256  # short side resized to this, then a central square crop
+    resolution: int = 256  # as the cache's center-crop: resized to cover, central square
     convention: Optional[str] = None  # None: sd3 for 16-channel latents, else sd
     batch_size: int = 4
     kind: str = "auto"
@@ -171,20 +170,17 @@ class LatentStats:
                            "constant_channels": list(h.constant_channels)}}
 
 
-def square_crop(img: Image.Image, res: int) -> torch.Tensor:
-    """Short side resized to `res`, central res x res crop, as [-1, 1] (3, res, res)."""
-    return to_tensor(ImageOps.fit(img, (res, res), Image.BICUBIC))
-
-
-def calibration_images(cfg: CalibrationConfig):
-    """Yield (batch, skipped names) of the first `count` decodable images; bad files are skipped."""
+def calibration_images(cfg: CalibrationConfig, factor: int):
+    """Yield (batch in [-1, 1], skipped names) of the first `count` decodable images, preprocessed
+    exactly as `latentvae encode --preprocess center-crop --resolution R` stores them."""
     src = open_source(cfg.source, cfg.kind, cfg.split, cfg.column)
+    pre = Preprocess("center-crop", cfg.resolution, factor)
     batch, skipped, used = [], [], 0
     for i in range(len(src)):
         if used >= cfg.count:
             break
         try:
-            batch.append(square_crop(src.load(i), cfg.resolution))
+            batch.append(load_preprocessed(src, i, pre)["pixels"].float().div(127.5).sub(1.0))
             used += 1
         except BadImage as e:
             skipped.append(f"{src.name(i)} ({e})")
@@ -207,7 +203,7 @@ def calibrate(vae, cfg: CalibrationConfig) -> LatentStats:
         raise BadInputError(f"unknown convention {convention!r}; valid choices: {', '.join(CONVENTIONS)}")
     dtype = next(vae.parameters()).dtype
     moments, skipped, kept, n = None, [], [], 0
-    for x, bad in calibration_images(cfg):
+    for x, bad in calibration_images(cfg, factor):
         skipped += bad
         if x is None:
             continue

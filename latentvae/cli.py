@@ -1,37 +1,65 @@
-"""Command-line entry points: `latentvae train|export|encode|decode|evaluate|demo` and train/train.py.
+"""One command line: `latentvae train|export|encode|decode|evaluate|demo|tradeoff`, generated from options.
+
+Each subcommand is an options dataclass (options.py) and a `run(options)` function in its job
+module: the flags, their help and defaults come from the dataclass, so a new option is one field.
+`python -m latentvae ...`, `accelerate launch -m latentvae ...`, `train/train.py` and the eval/
+scripts all come here.
 
 A user's mistake (any `errors.UserError`: a wrong path, flag or key) is printed as one line,
 `latentvae COMMAND: error: MESSAGE`, on stderr, and the command exits with status 2; anything
-else is a bug and keeps its traceback. `run_command` does that for every entry point, whether it
-is reached through `latentvae COMMAND`, `python -m latentvae.encode` or `python eval/evaluate.py`.
-This module imports nothing heavy, so `latentvae --help` answers at once.
+else is a bug and keeps its traceback. Nothing heavy is imported before a job runs, so `--help`
+answers at once.
 """
 from __future__ import annotations
 
-import argparse
+import importlib
 import sys
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+from . import options as o
 from .errors import UserError
 
 PROG = "latentvae"
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Option defaults shown in --help (unless None/off, or the help text already states its default);
-    descriptions printed as written."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
+@dataclass(frozen=True)
+class Command:
+    options: type  # the options dataclass
+    target: str  # "module:function" taking the options object
+    summary: str  # one line for `latentvae --help`
+    epilog: Optional[Callable[[], str]] = None  # extra --help text, built on demand
 
 
-def make_parser(prog: str, description: Optional[str] = None, **kwargs) -> argparse.ArgumentParser:
-    """An ArgumentParser as every latentvae command has it: no abbreviated flags (`--n` is not
-    `--num`), defaults shown in --help."""
-    kwargs.setdefault("formatter_class", HelpFormatter)
-    return argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False, **kwargs)
+def _config_keys() -> str:
+    from .config import describe_keys
+    return describe_keys()
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(o.TrainOptions, "latentvae.train:run", "train a VAE or autoencoder (= accelerate launch "
+                     "train/train.py)", _config_keys),
+    "export": Command(o.ExportOptions, "latentvae.export:run", "export a VAE to a diffusers folder, with measured "
+                      "latent scaling"),
+    "encode": Command(o.EncodeOptions, "latentvae.cache.encode:run", "encode images or a dataset to a resumable "
+                      "parquet cache of latents"),
+    "decode": Command(o.DecodeOptions, "latentvae.cache.verify:run", "decode random rows of a latent cache; PSNR "
+                      "against the sources"),
+    "evaluate": Command(o.EvaluateOptions, "latentvae.evaluate:run", "compare autoencoders side by side: PSNR, "
+                        "SSIM, LPIPS, sharpness, speed"),
+    "tradeoff": Command(o.TradeoffOptions, "latentvae.tradeoff:run", "the blur tradeoff: train or take several "
+                        "autoencoders, evaluate, plot"),
+}
+DEMOS: dict[str, Command] = {
+    "recon-grid": Command(o.ReconGridOptions, "latentvae.demos:run_recon_grid", "original | reconstruction | "
+                          "|error|, per VAE"),
+    "prior": Command(o.PriorOptions, "latentvae.demos:run_prior", "decode z ~ N(0, I); how far it is from the "
+                     "encoder's latents"),
+    "interpolate": Command(o.InterpolateOptions, "latentvae.demos:run_interpolate", "linear and spherical latent "
+                           "interpolation, PNG + GIF"),
+}
+SUMMARIES = {**{k: c.summary for k, c in COMMANDS.items()},
+             "demo": "the lecture's pictures: " + ", ".join(DEMOS)}
 
 
 def one_line(message: str) -> str:
@@ -41,91 +69,64 @@ def one_line(message: str) -> str:
 
 def run_command(name: str, func: Callable[[Optional[Sequence[str]]], None], argv=None) -> None:
     """Run `func(argv)`; a UserError becomes `latentvae NAME: error: MESSAGE` on stderr (one line) and
-    exit status 2. Other exceptions propagate with their traceback. A script (NAME ending in .py)
-    is named as is."""
+    exit status 2. Other exceptions propagate with their traceback."""
     try:
         func(argv)
     except UserError as e:
-        prog = name if name.endswith(".py") else f"{PROG} {name}"
-        print(f"{prog}: error: {one_line(str(e)) or type(e).__name__}", file=sys.stderr)
+        print(f"{PROG} {name}: error: {one_line(str(e)) or type(e).__name__}", file=sys.stderr)
         sys.exit(2)
 
 
-# ----------------------------------------------------------------------------- train
-def _train_parser() -> argparse.ArgumentParser:
-    from .config import MODEL_PRESETS
-
-    p = make_parser("train.py", "Train a KL-regularized VAE with Accelerate.")
-    p.add_argument("--config", help="YAML file of overrides (see configs/)")
-    p.add_argument("--output-dir", required=True, help="run folder: checkpoints, logs, samples")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help=f"override one key, e.g. train.lr=1e-4 or model.preset=sd "
-                        f"(presets: {', '.join(MODEL_PRESETS)})")
-    p.add_argument("--resume", help="'latest': this run's newest checkpoint that verifies (falling back to the previous "
-                   "one if damaged; with none yet, start from step 0), or a checkpoint folder")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to TensorBoard)")
-    return p
+def _invoke(cmd: Command, prog: str, argv: Sequence[str]) -> None:
+    parser = o.build_parser(cmd.options, prog)
+    if cmd.epilog is not None and ("-h" in argv or "--help" in argv):
+        parser.epilog = cmd.epilog()
+    opts = o.make_options(cmd.options, o.values_from_namespace(cmd.options, parser.parse_args(argv)))
+    module, func = cmd.target.split(":")
+    getattr(importlib.import_module(module), func)(opts)
 
 
-def _train(argv=None) -> None:
-    from .config import load_config
-
-    args = _train_parser().parse_args(argv)
-    cfg = load_config(args.config, args.set)  # ConfigError: one line, before anything heavy is imported
-    from .trainer import Trainer
-
-    Trainer(cfg, args.output_dir, resume=args.resume, show_progress=not args.no_progress).run()
-
-
-def train_main(argv=None) -> None:
-    """`latentvae train ...` = `accelerate launch train/train.py ...`"""
-    run_command("train", _train, argv)
-
-
-# ----------------------------------------------------------------------------- latentvae COMMAND
-# subcommand -> ("module:function", one-line description); each function takes argv (list of str),
-# owns its parser and is itself wrapped in run_command (so `python -m latentvae.encode` behaves alike)
-COMMANDS = {
-    "train": ("latentvae.cli:train_main", "train a VAE or autoencoder (= accelerate launch train/train.py)"),
-    "export": ("latentvae.export:main", "export a training run to a diffusers folder, with measured latent scaling"),
-    "encode": ("latentvae.encode:main", "encode images or a dataset to a resumable parquet cache of latents"),
-    "decode": ("latentvae.encode:decode_main", "decode random rows of a latent cache; PSNR against the sources"),
-    "evaluate": ("latentvae.evaluate:main", "compare autoencoders side by side: PSNR, SSIM, LPIPS, sharpness, speed"),
-    "demo": ("latentvae.demos:main", "the lecture's pictures: recon-grid, prior, interpolate (= eval/demos.py)"),
-}
-USAGE = f"usage: {PROG} [-h] {{{','.join(COMMANDS)}}} ..."
-
-
-def help_text() -> str:
-    from . import __version__
-
-    width = max(map(len, COMMANDS))
-    lines = [USAGE, "", f"latentvae {__version__}: train, export, encode with and evaluate the VAEs that latent "
-             "diffusion models run in.", "", "commands:"]
-    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
-    lines += ["", f"`{PROG} COMMAND --help` lists a command's options."]
-    return "\n".join(lines)
-
-
-def _usage_error(message: str, usage: bool = True) -> None:
-    if usage:
-        print(USAGE, file=sys.stderr)
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+def _usage_error(usage: str, message: str, show_usage: bool = True) -> None:
+    if show_usage:
+        print(usage, file=sys.stderr)
+    print(f"{usage.split()[1] if show_usage else PROG}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
-def main(argv=None) -> None:
-    import importlib
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    valid = ", ".join(COMMANDS)
+def _dispatch(table: dict[str, Command], argv: list[str], prog: str, summaries: dict[str, str]) -> None:
+    usage = f"usage: {prog} [-h] {{{','.join(summaries)}}} ..."
+    valid = ", ".join(summaries)
     if not argv:
-        _usage_error(f"no command given; valid commands: {valid} (`{PROG} --help` describes them)")
+        _usage_error(usage, f"no command given; valid commands: {valid} (`{prog} --help` describes them)")
     if argv[0] in ("-h", "--help"):
-        print(help_text())
+        width = max(map(len, summaries))
+        print("\n".join([usage, "", "commands:", *(f"  {k:<{width}}  {v}" for k, v in summaries.items()), "",
+                         f"`{prog} COMMAND --help` lists a command's options."]))
         sys.exit(0)
-    if argv[0] not in COMMANDS:
-        what = "option" if argv[0].startswith("-") else "command"
-        _usage_error(f"unknown {what} {argv[0]!r}; valid commands: {valid}", usage=False)
-    module, func = COMMANDS[argv[0]][0].split(":")
-    run_command(argv[0], getattr(importlib.import_module(module), func), argv[1:])
+    name = argv[0]
+    if name == "demo" and table is COMMANDS:
+        _dispatch(DEMOS, argv[1:], f"{prog} demo", {k: c.summary for k, c in DEMOS.items()})
+        return
+    if name not in table:
+        what = "option" if name.startswith("-") else "command"
+        print(f"{prog}: error: unknown {what} {name!r}; valid commands: {valid}", file=sys.stderr)
+        sys.exit(2)
+    label = f"{prog} {name}"
+    run_command(label[len(PROG) + 1:], lambda a: _invoke(table[name], label, a), argv[1:])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """`latentvae COMMAND [options]`"""
+    _dispatch(COMMANDS, list(sys.argv[1:] if argv is None else argv), PROG, SUMMARIES)
+
+
+def train_main(argv: Optional[Sequence[str]] = None) -> None:
+    """train/train.py: `accelerate launch train/train.py ...` = `latentvae train ...`"""
+    main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+def script_main(command: str) -> Callable[[Optional[Sequence[str]]], None]:
+    """The main() of a thin script under eval/: `latentvae COMMAND` with the script's arguments."""
+    def run(argv: Optional[Sequence[str]] = None) -> None:
+        main([*command.split(), *(sys.argv[1:] if argv is None else argv)])
+    return run

@@ -140,6 +140,7 @@ class Config:
 
 
 SECTIONS = {f.name: f.type for f in fields(Config)}
+SECTIONS_CLS = {"model": ModelConfig, "loss": LossConfig, "data": DataConfig, "train": TrainConfig}
 
 
 def _apply(section: Any, name: str, updates: dict[str, Any]) -> Any:
@@ -282,3 +283,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.short_side_max must be >= data.short_side_min (or 0 for native size)")
     if lo.lpips_crop and lo.lpips_crop < 32:
         raise ConfigError(f"loss.lpips_crop must be 0 (whole image) or >= 32 (AlexNet and VGG need it), got {lo.lpips_crop}")
+
+
+def describe_keys() -> str:
+    """Every config key with its default and documentation (for `latentvae train --help`)."""
+    lines = ["config keys (--set section.key=value; a YAML file holds the same sections):"]
+    for name, cls in SECTIONS_CLS.items():
+        for f in fields(cls):
+            default = list(f.default) if isinstance(f.default, tuple) else f.default
+            lines.append(f"  {name}.{f.name} = {default}: {f.metadata.get('help', '')}")
+    presets = [f"{k} {list(v['block_out_channels'])} z={v['latent_channels']}" for k, v in MODEL_PRESETS.items()]
+    lines.append("model presets: " + "; ".join(presets))
+    return "\n".join(lines)

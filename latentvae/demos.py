@@ -30,7 +30,8 @@ from PIL import Image, ImageDraw, ImageOps
 
 from . import metrics
 from .errors import BadInputError, MissingInputError
-from .images import BadImage, atomic_save_image, list_images, load_rgb, make_grid, to_pil, to_tensor
+from .fsutil import atomic_save_image
+from .images import BadImage, cover_crop, list_images, load_rgb, make_grid, to_pil, to_tensor
 from .evaluate import load_vae, trained_stochastic
 from .model import decode, downsample_factor, encode_moments, latent_channels
 
@@ -47,7 +48,7 @@ def load_square(path: str | Path, size: int, flag: str = "") -> torch.Tensor:
         img = load_rgb(path)
     except BadImage as e:
         raise BadInputError(f"{flag + ' ' if flag else ''}{e}") from e
-    return to_tensor(ImageOps.fit(img, (size, size), Image.Resampling.LANCZOS))
+    return to_tensor(cover_crop(img, (size, size))[0])
 
 
 def error_map(x: torch.Tensor, x_hat: torch.Tensor, gain: float = 4.0) -> torch.Tensor:

@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from .buckets import PREPROCESS_MODES, Preprocess, resize_crop
+from .preprocess import PREPROCESS_MODES, Preprocess, load_preprocessed
 from .errors import BadInputError, MissingInputError
 from .images import BadImage, load_rgb, oriented_size, to_uint8
 from .model import decode, downsample_factor, encode_moments, latent_channels
@@ -176,7 +176,7 @@ class FailureLog:
 # ----------------------------------------------------------------------------- inputs
 def open_inputs(cfg: EncodeConfig):
     """(image source, passthrough dataset or None): every non-image column of a `datasets` input."""
-    from .data import HFImageSource, open_source
+    from .sources import HFImageSource, open_source
 
     src = open_source(cfg.data, cfg.kind, cfg.split, cfg.image_column, cfg.max_image_pixels)
     if not isinstance(src, HFImageSource):
@@ -186,35 +186,6 @@ def open_inputs(cfg: EncodeConfig):
     if clash:
         raise BadInputError(f"{cfg.data}: columns {clash} clash with the cache's own columns ({', '.join(OWN_COLUMNS)})")
     return src, rest
-
-
-def peek_size(item) -> Optional[tuple[int, int]]:
-    """(w, h) from the file header without decoding pixels; None if it cannot be read."""
-    if isinstance(item, Image.Image):
-        return oriented_size(item)
-    try:
-        with Image.open(io.BytesIO(item) if isinstance(item, (bytes, bytearray)) else item) as img:
-            return oriented_size(img)
-    except Exception:  # load_rgb will say why, with the file name
-        return None
-
-
-def load_preprocessed(src, i: int, pre: Preprocess, draft: bool) -> dict:
-    """Image i -> uint8 pixels (3, H, W) as stored, with SDXL-style size/crop metadata; raises BadImage."""
-    item = src.raw(i)
-    size = peek_size(item)
-    target = pre.target_size(size) if size else (pre.resolution, pre.resolution)
-    try:
-        img = load_rgb(item, src.max_pixels, draft_size=target if draft else None)
-    except BadImage as e:
-        raise BadImage(f"{src.name(i)}: {e}" if str(e).startswith("<") else str(e)) from e
-    if size is None:  # header unreadable but the decoder coped: the target from the decoded shape
-        size = img.size
-        target = pre.target_size(size)
-    original = (size[1], size[0])  # (h, w) of the file, even when JPEG draft decoded it smaller
-    img, crop = resize_crop(img, target)
-    pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return {"pixels": pixels, "original_size": original, "crop_top_left": crop}
 
 
 class PreprocessedImages(torch.utils.data.Dataset):
@@ -595,7 +566,7 @@ def discard_if_unstarted(out: Path, created: Path) -> None:
 
 
 def prepare_vae(path: str, device, channels_last: Optional[bool], flag: Optional[str] = "--vae"):
-    from .io import NotAnAutoencoder, load_autoencoder, with_flag
+    from .loading import NotAnAutoencoder, load_autoencoder, with_flag
     from .precision import resolve_channels_last
 
     try:
@@ -758,9 +729,9 @@ def sample_rows(out: Path, num: int, seed: int) -> list[tuple[str, int]]:
 def verify_cache(out: str | Path, num: int = 8, seed: int = 0, vae=None, vae_path: Optional[str] = None,
                  save_dir: Optional[str] = None) -> dict:
     """Decode `num` random stored latents; PSNR against the source images preprocessed the same way."""
-    from .data import open_source
+    from .sources import open_source
     from .images import make_grid
-    from .io import NotAnAutoencoder
+    from .loading import NotAnAutoencoder
 
     out = Path(out)
     manifest = read_manifest(out)

@@ -37,8 +37,8 @@ from PIL import Image
 from . import metrics
 from .errors import BadInputError
 from .images import BadImage, center_crop_to_multiple, list_images, load_rgb, oriented_size, to_tensor, to_uint8
-from .io import NotAnAutoencoder, load_autoencoder, with_flag
-from .losses import kl_to_standard_normal
+from .loading import NotAnAutoencoder, load_autoencoder, with_flag
+from .train.losses import kl_to_standard_normal
 from .model import decode, downsample_factor, encode_moments, latent_channels
 from .perceptual import load_lpips, lpips_distance
 from .precision import resolve_mixed_precision

@@ -26,12 +26,12 @@ from typing import Any, Optional
 import torch
 from diffusers import AutoencoderKL
 
-from . import checkpoint as ckpt
+from . import runs as ckpt
 from .calibrate import (CONVENTIONS, CalibrationConfig, Fp16Report, LatentStats, calibrate, fp16_check,
                         format_fp16, format_stats)
 from .config import config_from_dict
 from .errors import BadInputError, MissingInputError, UserError
-from .io import load_from_checkpoint
+from .loading import load_from_checkpoint
 from .model import decode, downsample_factor, encode_moments
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

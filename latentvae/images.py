@@ -1,8 +1,14 @@
-"""Image files in, tensors out, and back: decoding any common file to 8-bit RGB, listing folders.
+"""Image files in, tensors out, and back: decoding any common file to 8-bit RGB, resizing and cropping.
 
-    img = load_rgb("photo.tif")            # PIL RGB, or raises BadImage naming the file and why
-    x = to_tensor(img)                     # (3, H, W) float in [-1, 1]
-    save_grid([orig, recon], "grid.png")   # rows of [-1, 1] batches side by side
+    img = load_rgb("photo.tif")              # PIL RGB, or raises BadImage naming the file and why
+    img, (top, left) = cover_crop(img, (W, H))  # resize to cover (W, H), central crop: caches, calibration, demos
+    img = resize_short_side(img, 256)        # training crops start here
+    img = crop_center(img, 256)              # native scale, central square: preview grids
+    x = to_tensor(img)                       # (3, H, W) float in [-1, 1]
+    grid = make_grid([orig, recon])          # rows of [-1, 1] batches side by side
+
+Every resize and crop in latentvae is one of these three, so the latent statistics that export
+measures come from the same pixels the cache stores.
 """
 from __future__ import annotations
 
@@ -140,18 +146,38 @@ def to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(to_uint8(x).permute(1, 2, 0).cpu().numpy())
 
 
-def atomic_save_image(img: Image.Image, path: str | Path, **kwargs) -> None:
-    """Write an image through a temporary file and a rename, so no half-written file is left."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a unique hidden name opened the usual way (mkstemp would leave the file mode 0600, not the umask's)
-    tmp = path.parent / f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}{path.suffix}"
-    try:
-        img.save(tmp, **kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# ----------------------------------------------------------------------------- resize and crop
+def resize_short_side(img: Image.Image, short: int) -> Image.Image:
+    """Bicubic (antialiased) resize so that the short side is `short`; unchanged if it already is."""
+    w, h = img.size
+    scale = short / min(w, h)
+    if abs(scale - 1) < 1e-6:
+        return img
+    size = (max(short, round(w * scale)), max(short, round(h * scale)))
+    return img.resize(size, Image.BICUBIC, reducing_gap=3.0 if scale < 0.5 else None)
+
+
+def cover_crop(img: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:
+    """Resize (bicubic, antialiased) to cover `size` = (W, H), then crop its centre.
+
+    Returns the (W, H) image and the crop's (top, left) in the resized image (SDXL's crop
+    conditioning)."""
+    W, H = size
+    w, h = img.size
+    scale = max(W / w, H / h)
+    rw, rh = max(W, round(w * scale)), max(H, round(h * scale))
+    if (rw, rh) != (w, h):
+        img = img.resize((rw, rh), Image.BICUBIC)
+    top, left = (rh - H) // 2, (rw - W) // 2
+    return img.crop((left, top, left + W, top + H)), (top, left)
+
+
+def crop_center(img: Image.Image, res: int) -> Image.Image:
+    """Central res x res crop at native scale (upscaled only where the image is smaller than `res`)."""
+    img = resize_short_side(img, max(min(img.size), res))
+    w, h = img.size
+    left, top = (w - res) // 2, (h - res) // 2
+    return img.crop((left, top, left + res, top + res))
 
 
 def make_grid(rows: Sequence[torch.Tensor], pad: int = 2) -> Image.Image:

@@ -1,4 +1,4 @@
-"""The network: `diffusers.AutoencoderKL` built from a ModelConfig, or loaded from disk.
+"""The network: `diffusers.AutoencoderKL` built from a ModelConfig (loading from disk is loading.py).
 
 Also a small uniform interface over the diffusers autoencoders we use (AutoencoderKL and, for
 the TAESD references, AutoencoderTiny), so evaluation and encoding treat them alike:
@@ -33,14 +33,12 @@ def diffusers_kwargs(m: ModelConfig) -> dict:
 
 
 def build_vae(m: ModelConfig) -> AutoencoderKL:
-    """A randomly initialised AutoencoderKL, or the one `m.init_from` points to."""
-    if m.init_from:
-        from .io import load_autoencoder  # local import: io imports this module
-        vae = load_autoencoder(m.init_from)
-        if not isinstance(vae, AutoencoderKL):
-            raise ValueError(f"model.init_from={m.init_from}: training needs an AutoencoderKL, got {type(vae).__name__}")
-    else:
-        vae = AutoencoderKL(**diffusers_kwargs(m))
+    """A randomly initialised AutoencoderKL of the architecture `m` describes."""
+    return AutoencoderKL(**diffusers_kwargs(m))
+
+
+def configure_for_training(vae: AutoencoderKL, m: ModelConfig) -> AutoencoderKL:
+    """Gradient checkpointing and a frozen encoder (`train_decoder_only`), as `m` asks."""
     if m.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     if m.train_decoder_only:

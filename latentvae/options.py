@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import math
 import types
 import typing
@@ -141,7 +142,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Defaults shown in --help (unless None/off, or the help already says); descriptions as written."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -225,7 +227,7 @@ def values_from_namespace(cls: type, ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser(cls: type, prog: str, description: Optional[str] = None) -> argparse.ArgumentParser:
-    parser = make_parser(prog, description if description is not None else (cls.__doc__ or "").strip())
+    parser = make_parser(prog, description if description is not None else inspect.cleandoc(cls.__doc__ or ""))
     add_options(parser, cls)
     return parser
 
@@ -234,3 +236,196 @@ def parse_options(cls: type, argv: Optional[Sequence[str]], prog: str, descripti
     """Parse `argv` into a checked `cls` instance (argparse errors exit 2 with the usage, as argparse does)."""
     ns = build_parser(cls, prog, description).parse_args(argv)
     return make_options(cls, values_from_namespace(cls, ns))
+
+
+# ============================================================================= the jobs' options
+# One name per concept across jobs: --vae, --data / --data-kind / --split / --image-column, --out,
+# --limit (how many images or rows), --resolution (a square side), --mixed-precision, --device,
+# --seed, --progress. Each job module has `run(options)`; cli.py maps subcommands to both.
+Precision = Literal["auto", "no", "bf16", "fp16"]
+DataKind = Literal["auto", "folder", "hf"]
+
+VAE_HELP = ("a VAE: diffusers folder, latentvae run or checkpoint, LDM/SD .safetensors file, "
+            "or taesd:sd|sdxl|sd3|flux")
+DATA_HELP = "image folder (recursive), saved `datasets` folder, or hub dataset name"
+PRECISION_HELP = "autocast dtype; auto: bf16 on CUDA and on CPUs with bf16 kernels, else fp32 (no)"
+
+
+def _positive(**values: float) -> None:
+    for flag, value in values.items():
+        if value < 1:
+            raise OptionError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Train a KL-regularized VAE (or a plain autoencoder) with Accelerate. Every config key is listed
+    below; `--set section.key=value` overrides one (see README, Configuration)."""
+    out: str = opt(REQUIRED, "run folder: checkpoints, logs, preview grids")
+    config: Optional[str] = opt(None, "YAML file of overrides (see configs/)")
+    set: tuple[str, ...] = opt((), "override one config key, e.g. train.lr=1e-4 or model.preset=sd",
+                               metavar="SECTION.KEY=VALUE")
+    resume: Optional[str] = opt(None, "'latest': this run's newest checkpoint that verifies (the previous one if "
+                                      "it is damaged; none yet: start from step 0), or a checkpoint folder")
+    progress: bool = opt(True, "progress bar (logs go to TensorBoard either way)")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Export any VAE to a diffusers folder, with latent statistics measured on your images."""
+    src: str = opt(REQUIRED, "training run (its newest checkpoint) or checkpoint folder", positional=True,
+                   metavar="SRC")
+    out: str = opt(REQUIRED, "diffusers folder to write (outside SRC)")
+    weights: Literal["ema", "raw"] = opt("ema", "a training run's EMA or raw weights")
+    dtype: Literal["fp32", "fp16", "bf16"] = opt("fp32", "stored dtype of the weights")
+    calibrate: Optional[str] = opt(None, "images to measure the latent statistics on (" + DATA_HELP + ")",
+                                   metavar="DATA")
+    convention: Optional[Literal["sd", "sd3"]] = opt(None, "sd: z * scaling_factor; sd3: (z - shift_factor) * "
+                                                           "scaling_factor (default: sd3 for 16 channels, else sd)")
+    limit: int = opt(64, "calibration images")
+    resolution: int = opt(256, "calibration crop size")
+    fp16_images: int = opt(2, "calibration images decoded in fp16 to check for overflow (0: skip the check, "
+                              "keep force_upcast)")
+    eval_summary: Optional[str] = opt(None, "evaluation summary JSON for the model card "
+                                            "(default: SRC/eval/summary.json)")
+    overwrite: bool = opt(False, "replace a non-empty --out")
+
+    def check(self) -> None:
+        _positive(limit=self.limit, resolution=self.resolution)
+        if self.fp16_images < 0:
+            raise OptionError(f"--fp16-images must be >= 0, got {self.fp16_images}")
+        if self.convention is not None and self.calibrate is None:
+            raise OptionError("--convention chooses how measured factors are written; it needs --calibrate DATA")
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """Encode an image folder or a `datasets` dataset to a resumable parquet cache of latents
+    (`accelerate launch -m latentvae encode ...` for several processes)."""
+    vae: str = opt(REQUIRED, VAE_HELP)
+    data: str = opt(REQUIRED, DATA_HELP)
+    out: str = opt(REQUIRED, "cache folder: new, empty, or an earlier cache of the same settings (resumed)")
+    data_kind: DataKind = opt("auto", "what --data is (auto: from the path)")
+    split: str = opt("train", "split of a `datasets` input")
+    image_column: str = opt("image", "image column of a `datasets` input")
+    limit: int = opt(0, "only the first N inputs (0: all)")
+    preprocess: Literal["center-crop", "buckets"] = opt("center-crop", "resize and crop mode")
+    resolution: int = opt(256, "square side; aspect buckets hold about its square")
+    max_aspect: float = opt(2.0, "widest bucket aspect ratio")
+    flip: bool = opt(False, "also store a horizontally flipped copy of every image")
+    store: Literal["mean", "moments", "sample"] = opt("mean", "latent columns of each row")
+    dtype: Literal["fp16", "bf16", "fp32"] = opt("fp16", "stored dtype of the latents")
+    shard_size: int = opt(1000, "rows per parquet shard")
+    batch_size: int = opt(8, "images per encoder call")
+    num_workers: int = opt(-1, "DataLoader workers decoding images; -1: auto")
+    mixed_precision: Precision = opt("auto", PRECISION_HELP)
+    channels_last: Optional[bool] = opt(None, "channels-last memory format (auto: yes for inference)")
+    jpeg_draft: bool = opt(True, "decode JPEGs at a reduced DCT scale that still covers the target")
+    max_image_pixels: int = opt(100_000_000, "larger images are recorded as failures")
+    seed: int = opt(0, "noise of --store sample, rows checked by --verify")
+    verify: bool = opt(False, "then decode 8 random rows and report their PSNR (= latentvae decode OUT)")
+    progress: bool = opt(True, "progress bar")
+
+    def check(self) -> None:
+        _positive(shard_size=self.shard_size, batch_size=self.batch_size, resolution=self.resolution)
+        if self.limit < 0:
+            raise OptionError(f"--limit must be >= 0, got {self.limit}")
+        if self.max_aspect < 1:
+            raise OptionError(f"--max-aspect must be >= 1, got {self.max_aspect}")
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Decode random rows of a latent cache; PSNR against the source images preprocessed the same way."""
+    cache: str = opt(REQUIRED, "folder written by `latentvae encode` (with manifest.json)", positional=True,
+                     metavar="CACHE")
+    vae: Optional[str] = opt(None, "the VAE (default: the one in the manifest; its weights must match)")
+    limit: int = opt(8, "rows to decode")
+    seed: int = opt(0, "which rows")
+    out: Optional[str] = opt(None, "write source | decoded PNG pairs into this folder")
+    min_psnr: Optional[float] = opt(None, "exit 1 if the mean PSNR is below this")
+
+    def check(self) -> None:
+        _positive(limit=self.limit)
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    """Evaluate autoencoders side by side: PSNR, SSIM, LPIPS, sharpness, rate, speed."""
+    vae: tuple[str, ...] = opt(REQUIRED, VAE_HELP)
+    data: str = opt(REQUIRED, DATA_HELP)
+    out: str = opt(REQUIRED, "report folder: new, empty, or an earlier report (replaced whole)")
+    data_kind: DataKind = opt("auto", "what --data is (auto: from the path)")
+    split: str = opt("train", "split of a `datasets` input")
+    image_column: str = opt("image", "image column of a `datasets` input")
+    limit: int = opt(0, "only the first N images (0: all)")
+    fit: Literal["crop", "pad"] = opt("crop", "center-crop or reflect-pad each image to the downsampling factor")
+    max_side: int = opt(0, "downscale images whose long side exceeds this first (0: never)")
+    lpips: Literal["alex,vgg", "alex", "vgg", "none"] = opt("alex,vgg", "LPIPS networks")
+    lpips_dir: Optional[str] = opt(None, "folder of the LPIPS backbones (default: $LATENTVAE_LPIPS_DIR)")
+    mixed_precision: Precision = opt("auto", PRECISION_HELP)
+    device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+
+    def check(self) -> None:
+        if self.limit < 0 or self.max_side < 0:
+            raise OptionError("--limit and --max-side must be >= 0")
+
+
+@dataclass(frozen=True)
+class ReconGridOptions:
+    """One row per image: original | reconstruction | |error| x gain, for each VAE."""
+    vae: tuple[str, ...] = opt(REQUIRED, VAE_HELP)
+    data: str = opt(REQUIRED, "image folder")
+    out: str = opt(REQUIRED, "PNG file to write")
+    limit: int = opt(4, "the first N images")
+    resolution: int = opt(256, "central square, resized to this (a multiple of each VAE's downsampling factor)")
+    gain: float = opt(4.0, "error map amplification")
+
+    def check(self) -> None:
+        _positive(limit=self.limit, resolution=self.resolution)
+
+
+@dataclass(frozen=True)
+class PriorOptions:
+    """Decode z ~ N(0, I) in one forward pass per VAE; how far such draws fall from the encoder's latents."""
+    vae: tuple[str, ...] = opt(REQUIRED, VAE_HELP + "; e.g. an ae-mode run, then a vae run")
+    data: str = opt(REQUIRED, "real images: the aggregate posterior")
+    out: str = opt(REQUIRED, "folder to write prior.png and prior.json into")
+    limit: int = opt(8, "prior samples (and reconstructions) per VAE")
+    resolution: int = opt(128, "image side (a multiple of each VAE's downsampling factor)")
+    seed: int = opt(0, "seed of the draws")
+
+    def check(self) -> None:
+        _positive(limit=self.limit, resolution=self.resolution)
+
+
+@dataclass(frozen=True)
+class InterpolateOptions:
+    """Decoded latent interpolation between two images, linear and spherical, as PNG strips and GIFs."""
+    vae: str = opt(REQUIRED, VAE_HELP)
+    a: str = opt(REQUIRED, "first image file")
+    b: str = opt(REQUIRED, "last image file")
+    out: str = opt(REQUIRED, "folder to write into")
+    steps: int = opt(8, "frames, both ends included")
+    resolution: int = opt(256, "image side (a multiple of the VAE's downsampling factor)")
+
+    def check(self) -> None:
+        _positive(resolution=self.resolution)
+        if self.steps < 2:
+            raise OptionError(f"--steps must be >= 2 (both ends), got {self.steps}")
+
+
+@dataclass(frozen=True)
+class TradeoffOptions:
+    """The blur tradeoff: train (or take) a set of autoencoders, evaluate them, draw the pictures."""
+    data: str = opt(REQUIRED, "evaluation images")
+    out: str = opt(REQUIRED, "folder: runs/, eval/, the plots and tradeoff.md")
+    runs: tuple[str, ...] = opt((), "evaluate these VAEs instead of training the sweep (" + VAE_HELP + ")")
+    variants: tuple[str, ...] = opt((), "sweep variants to train (default: all)")
+    steps: int = opt(300, "training steps per sweep run")
+    config: Optional[str] = opt(None, "training config the sweep starts from (default: configs/quickstart.yaml)")
+    max_side: int = opt(256, "evaluation: downscale images whose long side exceeds this")
+    lpips_dir: Optional[str] = opt(None, "folder of the LPIPS backbones (default: $LATENTVAE_LPIPS_DIR)")
+
+    def check(self) -> None:
+        _positive(steps=self.steps)

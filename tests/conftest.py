@@ -73,7 +73,7 @@ def fresh_trainer(cfg, out, **kwargs):
     """A Trainer in this process, with accelerate's process-wide singletons reset first."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from latentvae.trainer import Trainer
+    from latentvae.train import Trainer
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()

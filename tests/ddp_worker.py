@@ -13,7 +13,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from latentvae.config import load_config
-from latentvae.trainer import Trainer
+from latentvae.train import Trainer
 
 
 def _save(module, path):
@@ -25,9 +25,9 @@ if __name__ == "__main__":
     overrides = [a for a in sys.argv[2:] if a != "--set"]
     trainer = Trainer(load_config(None, overrides), out, show_progress=False)
     rank = trainer.acc.process_index
-    if trainer.disc is not None:
-        _save(trainer.disc_module(), out / f"disc-init-rank{rank}.safetensors")
+    if trainer.parts.disc is not None:
+        _save(trainer.parts.disc_module(), out / f"disc-init-rank{rank}.safetensors")
     trainer.run()
     _save(trainer.vae, out / f"final-rank{rank}.safetensors")
-    if trainer.disc is not None:
-        _save(trainer.disc_module(), out / f"disc-final-rank{rank}.safetensors")
+    if trainer.parts.disc is not None:
+        _save(trainer.parts.disc_module(), out / f"disc-final-rank{rank}.safetensors")

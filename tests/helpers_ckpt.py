@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from latentvae import checkpoint as ckpt
+from latentvae import runs as ckpt
 from latentvae.config import Config, merge
 from latentvae.model import build_vae
 

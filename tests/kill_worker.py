@@ -4,7 +4,8 @@
 
 KILL is one of
     none                  train to the end
-    step:N                in the middle of this process's N-th update (after backward, before the step)
+    step:N                in the middle of this process's N-th micro-step (after the autoencoder's
+                          backward, before the discriminator and the update)
     written:NAME:N        right after the N-th file called NAME is written into a staging folder
     publish:N             in the N-th checkpoint commit, just before the rename that publishes it
     published:N           in the N-th checkpoint commit, just after that rename (before old ones rotate out)
@@ -15,9 +16,9 @@ import signal
 import sys
 from pathlib import Path
 
-from latentvae import checkpoint as ckpt
+from latentvae import runs as ckpt
 from latentvae.config import load_config
-from latentvae.trainer import Trainer
+from latentvae.train import Trainer, step
 
 
 def die() -> None:
@@ -34,8 +35,8 @@ def arm(kill: str) -> None:
             die()
 
     if kind == "step":
-        real = Trainer.apply_updates
-        Trainer.apply_updates = lambda self: (hit(int(args[0])), real(self))[1]
+        real = step.generator_step
+        step.generator_step = lambda *a, **k: (real(*a, **k), hit(int(args[0])))[0]
     elif kind == "written":
         name, n = args[0], int(args[1])
         for fn in ("save_tensors", "write_json"):

@@ -16,7 +16,7 @@ def _train(args, tmp_path, env_extra=None):
 
 
 def test_misspelled_key_exits_at_once_naming_the_valid_keys(tmp_path):
-    proc = _train(["--output-dir", str(tmp_path / "r"), "--set", "train.learning_rate=1e-4"], tmp_path)
+    proc = _train(["--out", str(tmp_path / "r"), "--set", "train.learning_rate=1e-4"], tmp_path)
     assert proc.returncode != 0
     assert "unknown key train.learning_rate; valid keys in 'train': seed, steps, batch_size" in proc.stderr
     assert not (tmp_path / "r").exists()  # nothing written for a run that never started
@@ -29,7 +29,7 @@ def test_bad_images_are_skipped_listed_and_the_run_finishes(image_folder, tmp_pa
     overrides = tiny_overrides(image_folder, **{"data.val_count": "0", "data.num_workers": "1", "train.steps": "4",
                                                 "data.resolution": "24", "data.val_resolution": "24",
                                                 "loss.lpips_weight": "0"})
-    args = ["--output-dir", str(tmp_path / "r"), "--no-progress"] + [a for o in overrides for a in ("--set", o)]
+    args = ["--out", str(tmp_path / "r"), "--no-progress"] + [a for o in overrides for a in ("--set", o)]
     proc = _train(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     listed = (tmp_path / "r" / "skipped_images.txt").read_text()
@@ -40,7 +40,7 @@ def test_bad_images_are_skipped_listed_and_the_run_finishes(image_folder, tmp_pa
 
 def test_missing_lpips_weights_stop_the_run_with_instructions(image_folder, tmp_path):
     overrides = tiny_overrides(image_folder, **{"loss.lpips_dir": str(tmp_path / "no-weights")})
-    args = ["--output-dir", str(tmp_path / "r")] + [a for o in overrides for a in ("--set", o)]
+    args = ["--out", str(tmp_path / "r")] + [a for o in overrides for a in ("--set", o)]
     proc = _train(args, tmp_path)
     assert proc.returncode != 0
     assert "loss.lpips_dir=" in proc.stderr and "is not a folder" in proc.stderr and "LATENTVAE_LPIPS_DIR" in proc.stderr

@@ -3,7 +3,7 @@ import pytest
 import yaml
 
 from latentvae.config import MODEL_PRESETS, Config, ConfigError, config_from_dict, load_config
-from latentvae.losses import D_LOSSES, G_LOSSES, RECON_LOSSES
+from latentvae.train.losses import D_LOSSES, G_LOSSES, RECON_LOSSES
 from latentvae.model import build_vae, downsample_factor
 
 

@@ -12,9 +12,11 @@ from PIL import Image
 
 from conftest import make_photo
 from latentvae.config import DataConfig
-from latentvae.data import CropStream, StreamSampler, collate, open_source, split_holdout
+from latentvae.sources import open_source, split_holdout
+from latentvae.train.data import CropStream, StreamSampler, collate
 from latentvae.errors import BadInputError, UserError
-from latentvae.images import BadImage, atomic_save_image, list_images, load_rgb, oriented_size
+from latentvae.fsutil import atomic_save_image
+from latentvae.images import BadImage, list_images, load_rgb, oriented_size
 
 
 def _write_odd_images(folder):

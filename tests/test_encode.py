@@ -20,9 +20,10 @@ import torch
 from diffusers import AutoencoderKL
 
 from conftest import make_photo
-from latentvae.buckets import Preprocess, make_buckets, nearest_bucket
-from latentvae.data import open_source
-from latentvae.encode import (EncodeConfig, decode_main, encode, from_storage, load_preprocessed, verify_cache,
+from latentvae.preprocess import Preprocess, make_buckets, nearest_bucket
+from latentvae.sources import open_source
+from latentvae.preprocess import load_preprocessed
+from latentvae.encode import (EncodeConfig, decode_main, encode, from_storage, verify_cache,
                               weights_sha256)
 from latentvae.model import decode, encode_moments
 

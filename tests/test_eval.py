@@ -16,7 +16,7 @@ from skimage.filters import gaussian
 from conftest import REPO, make_photo
 from latentvae import demos, metrics
 from latentvae.evaluate import CSV_COLUMNS, fit_pad, main as evaluate_main
-from latentvae.io import NotAnAutoencoder
+from latentvae.loading import NotAnAutoencoder
 from latentvae.perceptual import load_lpips, lpips_distance
 
 SUMMARY_KEYS = {"psnr", "psnr_pooled", "ssim", "lpips_alex", "lpips_vgg", "hf_energy_ratio", "laplacian_var_ratio",

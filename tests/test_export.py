@@ -12,7 +12,7 @@ from latentvae import export as ex
 from latentvae.calibrate import (CalibrationConfig, batch_moments, calibrate, factors, fp16_check,
                                  health, merge_moments)
 from latentvae.export import ExportOptions, export, main
-from latentvae.io import load_from_checkpoint
+from latentvae.loading import load_from_checkpoint
 from latentvae.model import build_vae, decode, encode_moments
 
 FAST = dict(count=3, resolution=32, fp16_images=1)  # calibration sized for a test

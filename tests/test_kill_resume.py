@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from conftest import tiny_overrides
-from latentvae import checkpoint as ckpt
+from latentvae import runs as ckpt
 
 WORKER = Path(__file__).with_name("kill_worker.py")
 SETTINGS = {"train.steps": "8", "train.save_every": "2", "train.keep_last": "1", "train.grad_accum": "2",
@@ -29,7 +29,7 @@ KILLS = {
     "written:model.safetensors:2": ([2], {"model.safetensors", "rng-rank0.safetensors", "rng-rank0.json"}),
     "publish:1": ([2], "complete"),  # state.json written, folder not yet renamed
     "published:1": ([2, 4], None),  # renamed, the older one not yet rotated out
-    "step:2": ([2, 4], None),  # mid-update of step 6
+    "step:2": ([2, 4], None),  # mid-update of step 5 (its second micro-step)
     "random": (None, None),
 }
 

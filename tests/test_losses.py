@@ -4,11 +4,11 @@ import torch
 from torchvision.transforms.functional import gaussian_blur
 
 from latentvae.config import LossConfig, load_config
-from latentvae.discriminator import PatchDiscriminator
-from latentvae.losses import adaptive_weight, discriminator_loss, generator_loss, kl_to_standard_normal
+from latentvae.train.discriminator import PatchDiscriminator
+from latentvae.train.losses import adaptive_weight, discriminator_loss, generator_loss, kl_to_standard_normal
 from latentvae.model import build_vae, last_decoder_layer
 from latentvae.perceptual import LPIPSWeightsError, load_lpips, lpips_distance
-from latentvae.trainer import Autoencoder
+from latentvae.train.step import Autoencoder, discriminator_step, generator_step
 
 
 def _grad_groups(vae, disc=None):
@@ -68,13 +68,13 @@ def test_gan_term_trains_the_vae_and_not_the_discriminator(image_folder, tmp_pat
                                                             "loss.kl_weight": "0", "loss.adaptive_weight": "false"}))
     trainer = fresh_trainer(cfg, tmp_path / "r")
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    x_hat, logs = trainer.generator_step(x)
-    got = _grad_groups(trainer.vae, trainer.disc_module())
+    x_hat, logs = generator_step(trainer.parts, x, step=0, gan=True)
+    got = _grad_groups(trainer.vae, trainer.parts.disc_module())
     assert got["decoder"] > 0 and got["encoder"] > 0 and got["disc"] == 0, got
     assert "g_loss" in logs and not x_hat.requires_grad
-    assert all(p.requires_grad for p in trainer.disc_module().parameters())
-    trainer.discriminator_step(x, x_hat)
-    assert _grad_groups(trainer.vae, trainer.disc_module())["disc"] > 0
+    assert all(p.requires_grad for p in trainer.parts.disc_module().parameters())
+    discriminator_step(trainer.parts, x, x_hat)
+    assert _grad_groups(trainer.vae, trainer.parts.disc_module())["disc"] > 0
 
 
 def test_discriminator_loss_sees_detached_reconstructions():

@@ -20,6 +20,7 @@ from latentvae import precision
 from latentvae.config import load_config
 from latentvae.images import to_tensor
 from latentvae.precision import cpu_capability, resolve_channels_last, resolve_mixed_precision
+from latentvae.train.step import train_step
 
 # stated tolerances (README.md, "Precision"): bf16 keeps 8 significant bits (relative rounding 2^-9)
 BF16_STEP_RTOL = 0.05  # training loss and gradient norm of one step, relative to fp32
@@ -61,8 +62,8 @@ def test_auto_means_bf16_exactly_where_the_cpu_has_bf16_kernels(monkeypatch, fas
     assert resolve_channels_last(False, "cpu") is False
     # the jobs take the decision from there: training, encoding and evaluation alike
     trainer = fresh_trainer(_cfg(image_folder, "auto"), tmp_path / "run")
-    assert trainer.precision == want and trainer.channels_last is fast_bf16
-    assert not trainer.scaler.is_enabled()
+    assert trainer.parts.precision == want and trainer.parts.channels_last is fast_bf16
+    assert not trainer.parts.scaler.is_enabled()
 
     from latentvae.encode import EncodeConfig, encode
     vae = _tiny_vae_folder(tmp_path / "vae")
@@ -81,7 +82,7 @@ def test_auto_on_cuda_follows_the_device(monkeypatch):
 
 def _one_step(image_folder, out, mp, **extra):
     trainer = fresh_trainer(_cfg(image_folder, mp, **extra), out)
-    logs = trainer.train_micro_step({"pixels": _batch(), "bad": []})
+    logs = train_step(trainer.parts, trainer.state, _batch())
     return trainer, {k: float(v) for k, v in logs.items()}
 
 
@@ -92,7 +93,7 @@ def _rel(a, b):
 def test_a_bf16_training_step_matches_fp32(image_folder, tmp_path):
     _, ref = _one_step(image_folder, tmp_path / "fp32", "no")
     trainer, got = _one_step(image_folder, tmp_path / "bf16", "bf16")
-    assert trainer.precision == "bf16"
+    assert trainer.parts.precision == "bf16"
     for key in ("loss", "rec", "grad_norm"):
         assert _rel(got[key], ref[key]) < BF16_STEP_RTOL, (key, got[key], ref[key], cpu_capability())
 
@@ -105,17 +106,17 @@ def test_fp16_with_the_gan_unscales_each_optimizer_once(image_folder, tmp_path):
     gan = {"loss.gan": "true", "loss.gan_start": "0", "train.lr": "1e-4", "train.fp16_init_scale": "1024"}
     ref_trainer, ref = _one_step(image_folder, tmp_path / "fp32", "no", **gan)
     trainer, got = _one_step(image_folder, tmp_path / "fp16", "fp16", **gan)
-    assert trainer.scaler.is_enabled() and got["grad_scale"] == 1024.0
-    assert trainer.scaler.state_dict()["_growth_tracker"] == 1  # one update for the step, not two
+    assert trainer.parts.scaler.is_enabled() and got["grad_scale"] == 1024.0
+    assert trainer.parts.scaler.state_dict()["_growth_tracker"] == 1  # one update for the step, not two
     for key in ("grad_norm", "d_grad_norm"):
         assert _rel(got[key], ref[key]) < FP16_NORM_RTOL, (key, got[key], ref[key])
     assert trainer.state.step == 1
     # both optimizers stepped, and the discriminator's update points where fp32's does (Adam's first
     # step is about lr * sign(gradient), so near-zero gradient elements may differ; compare directions)
-    init = fresh_trainer(_cfg(image_folder, "no", **gan), tmp_path / "init").disc_module()
+    init = fresh_trainer(_cfg(image_folder, "no", **gan), tmp_path / "init").parts.disc_module()
     weights = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])
-    step32 = weights(ref_trainer.disc_module()) - weights(init)
-    step16 = weights(trainer.disc_module()) - weights(init)
+    step32 = weights(ref_trainer.parts.disc_module()) - weights(init)
+    step16 = weights(trainer.parts.disc_module()) - weights(init)
     assert step16.norm() > 0.5 * step32.norm() > 0
     assert torch.nn.functional.cosine_similarity(step16, step32, dim=0) > 0.9
 

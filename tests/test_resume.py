@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import fresh_trainer
-from latentvae import checkpoint as ckpt
+from latentvae import runs as ckpt
 from latentvae import fsutil
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import fresh_trainer
-from latentvae import checkpoint as ckpt
-from latentvae.trainer import NonFiniteError
+from latentvae import runs as ckpt
+from latentvae.train import NonFiniteError
 
 
 def _run(cfg, out, resume=None):
@@ -79,7 +79,7 @@ def test_interrupted_checkpoint_write_is_never_taken_as_complete(tiny_config, tm
 
 
 def test_nonfinite_steps_are_skipped_counted_and_eventually_stop_the_run(tiny_config, tmp_path, monkeypatch):
-    import latentvae.trainer as tr
+    import latentvae.train.step as tr
     real = tr.generator_loss
     poison = {"from_step": 3, "calls": 0}
 

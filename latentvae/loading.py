@@ -15,7 +15,7 @@ from pathlib import Path
 
 from diffusers import AutoencoderKL
 
-from . import checkpoint as ckpt
+from . import runs as ckpt
 from . import convert
 from .config import config_from_dict
 from .errors import BadInputError, MissingInputError, UserError

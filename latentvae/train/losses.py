@@ -16,8 +16,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .config import LossConfig
-from .perceptual import lpips_distance
+from ..config import LossConfig
+from ..perceptual import lpips_distance
 
 
 def l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Preprocessing for latent caches: one PIL image -> the exact pixels a diffusion trainer sees.
+"""Preprocessing for latent caches and calibration: one image -> the exact pixels a diffusion trainer sees.
 
 Two modes (keys of PREPROCESS_MODES):
   center-crop  resize so the short side is `resolution`, central resolution x resolution crop;
@@ -8,19 +8,24 @@ Two modes (keys of PREPROCESS_MODES):
 
     pre = Preprocess("buckets", resolution=256, factor=8)
     size = pre.target_size(img.size)           # (W, H) of the bucket, before decoding the pixels
-    img, crop = resize_crop(img, size)         # PIL (W, H) and the crop's top-left in resized coords
+    row = load_preprocessed(src, i, pre, draft=True)   # uint8 (3, H, W) + SDXL size/crop metadata
 
 `target_size` needs only the image size, so JPEGs can be decoded in draft mode at a reduced
 scale that still covers the target (images.load_rgb(..., draft_size=size)).
 """
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
+import numpy as np
+import torch
 from PIL import Image
 
 from .errors import BadInputError
+from .images import BadImage, cover_crop, load_rgb, oriented_size
 
 PREPROCESS_MODES = {
     "center-crop": "resize the short side to resolution, central square crop",
@@ -55,21 +60,6 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tup
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - r), -b[0] * b[1], -b[0]))
 
 
-def resize_crop(img: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:
-    """Resize (bicubic, antialiased) to cover `size` = (W, H), then crop its centre.
-
-    Returns the (W, H) image and the crop's (top, left) in the resized image (SDXL's crop
-    conditioning)."""
-    W, H = size
-    w, h = img.size
-    scale = max(W / w, H / h)
-    rw, rh = max(W, round(w * scale)), max(H, round(h * scale))
-    if (rw, rh) != (w, h):
-        img = img.resize((rw, rh), Image.BICUBIC)
-    top, left = (rh - H) // 2, (rw - W) // 2
-    return img.crop((left, top, left + W, top + H)), (top, left)
-
-
 @dataclass(frozen=True)
 class Preprocess:
     """What happens to every image before encoding; recorded in the manifest as asdict(self)."""
@@ -100,3 +90,32 @@ class Preprocess:
         d = asdict(self)
         d["buckets"] = [list(b) for b in self.buckets]
         return d
+
+
+def peek_size(item) -> Optional[tuple[int, int]]:
+    """(w, h) from the file header without decoding pixels; None if it cannot be read."""
+    if isinstance(item, Image.Image):
+        return oriented_size(item)
+    try:
+        with Image.open(io.BytesIO(item) if isinstance(item, (bytes, bytearray)) else item) as img:
+            return oriented_size(img)
+    except Exception:  # load_rgb will say why, with the file name
+        return None
+
+
+def load_preprocessed(src, i: int, pre: Preprocess, draft: bool = True) -> dict:
+    """Image i -> uint8 pixels (3, H, W) as stored, with SDXL-style size/crop metadata; raises BadImage."""
+    item = src.raw(i)
+    size = peek_size(item)
+    target = pre.target_size(size) if size else (pre.resolution, pre.resolution)
+    try:
+        img = load_rgb(item, src.max_pixels, draft_size=target if draft else None)
+    except BadImage as e:
+        raise BadImage(f"{src.name(i)}: {e}" if str(e).startswith("<") else str(e)) from e
+    if size is None:  # header unreadable but the decoder coped: the target from the decoded shape
+        size = img.size
+        target = pre.target_size(size)
+    original = (size[1], size[0])  # (h, w) of the file, even when JPEG draft decoded it smaller
+    img, crop = cover_crop(img, target)
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return {"pixels": pixels, "original_size": original, "crop_top_left": crop}

@@ -1,0 +1,282 @@
+"""The training run: build the parts, then loop over the data stream until `train.steps`.
+
+    accelerate launch train/train.py --config configs/quickstart.yaml --out RUN
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 train/train.py --config ... --out RUN
+
+    trainer = Trainer(cfg, "runs/x", resume="latest"); trainer.run()
+
+The step itself is step.train_step; checkpoints are checkpoint.py; logs and preview grids report.py.
+Too many consecutive non-finite updates stop the run (NonFiniteError) after a last checkpoint of
+the (finite) weights.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import runs
+from ..config import Config
+from ..errors import UserError
+from ..fsutil import atomic_write_bytes, atomic_write_json
+from ..loading import load_autoencoder
+from ..model import build_vae, configure_for_training, describe
+from ..perceptual import load_lpips
+from ..precision import resolve_channels_last, resolve_mixed_precision
+from .checkpoint import load_checkpoint, resume_point, save_checkpoint
+from .data import CropStream, build_sources, load_val_batch, make_loader, mix_seed
+from .discriminator import PatchDiscriminator
+from .ema import EMA
+from .report import LogWindow, flat_config, save_preview
+from .step import Autoencoder, Parts, TrainState, train_step
+
+SHARED_MARKER = ".latentvae-shared-check"
+SHARDED = {"FSDP", "DEEPSPEED", "MEGATRON_LM"}
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with non-finite gradients."""
+
+
+# ----------------------------------------------------------------------------- set-up checks
+def refuse_sharded_training(distributed_type: Optional[str] = None) -> None:
+    """FSDP / DeepSpeed / Megatron are refused at start: the VAE fits on one device, DDP is the way."""
+    from accelerate.utils import parse_flag_from_env
+
+    asked = [name for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"),
+                                    ("Megatron-LM", "ACCELERATE_USE_MEGATRON_LM")) if parse_flag_from_env(env)]
+    if distributed_type is not None and str(distributed_type).split(".")[-1] in SHARDED:
+        asked.append(str(distributed_type).split(".")[-1])
+    if asked:
+        raise UserError(f"accelerate is set up for {asked[0]}, which latentvae does not support: the VAE fits on one "
+                        "device, so train with DDP (`accelerate launch --multi_gpu ...`, or an `accelerate config` "
+                        "without FSDP/DeepSpeed)")
+
+
+def check_shared_output(acc, out: Path) -> None:
+    """Every process must see the output folder that process 0 writes (each writes its RNG state into
+    the checkpoints there): process 0 writes a random token, every process reads it back."""
+    import json
+    import uuid
+
+    from accelerate.utils import broadcast_object_list
+
+    token = [uuid.uuid4().hex if acc.is_main_process else None]
+    if acc.num_processes > 1:
+        broadcast_object_list(token)
+    if acc.is_main_process:
+        atomic_write_json(out / SHARED_MARKER, {"token": token[0]})
+    acc.wait_for_everyone()
+    try:
+        seen = json.loads((out / SHARED_MARKER).read_text()).get("token")
+    except (OSError, ValueError):
+        seen = None
+    ok = acc.gather(torch.tensor([int(seen == token[0])], device=acc.device))
+    bad = [r for r, v in enumerate(ok.tolist()) if not v]
+    if bad:
+        raise UserError(f"--out {out}: process(es) {bad} do not see the folder that process 0 writes; every "
+                        "process (on every node) must see the same output folder, e.g. on a shared file system")
+
+
+def cpu_threads_per_process(num_processes: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))
+    return max(1, cores // max(1, local))
+
+
+def env_cpu() -> bool:
+    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+
+
+def initial_vae(m):
+    """The VAE training starts from: `model.init_from` (any VAE loading.py reads), else a random one."""
+    from diffusers import AutoencoderKL
+
+    if not m.init_from:
+        return build_vae(m)
+    vae = load_autoencoder(m.init_from)
+    if not isinstance(vae, AutoencoderKL):
+        raise UserError(f"model.init_from={m.init_from}: training needs an AutoencoderKL, got {type(vae).__name__}")
+    return vae.float().train()
+
+
+# ----------------------------------------------------------------------------- optimizers
+def lr_lambda(cfg: Config):
+    t = cfg.train
+
+    def f(step: int) -> float:
+        if t.lr_warmup_steps and step < t.lr_warmup_steps:
+            return (step + 1) / t.lr_warmup_steps
+        if t.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - t.lr_warmup_steps) / max(1, t.steps - t.lr_warmup_steps))
+        if t.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return f
+
+
+def make_optimizer(params, lr: float, cfg: Config) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    fused = torch.cuda.is_available()
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay,
+                             fused=fused, foreach=None if fused else True)
+
+
+# ----------------------------------------------------------------------------- the run
+class Trainer:
+    """Builds the parts (data, models, optimizers, precision) and `run()`s to `cfg.train.steps`."""
+
+    def __init__(self, cfg: Config, output_dir: str | Path, resume: Optional[str] = None, accelerator=None,
+                 show_progress: bool = True):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.cfg, self.out, self.show_progress = cfg, Path(output_dir), show_progress
+        t = cfg.train
+        refuse_sharded_training()
+        # Precision is ours, not accelerate's: we autocast and own the fp16 GradScaler, so that with the
+        # GAN each optimizer is unscaled exactly once and the scaler updated once per step (accelerate's
+        # wrapper updates it at every optimizer.step), and so that fp16 also works on a CPU.
+        acc = accelerator or Accelerator(mixed_precision="no", gradient_accumulation_steps=t.grad_accum,
+                                         log_with="tensorboard", project_dir=str(self.out), cpu=env_cpu())
+        refuse_sharded_training(acc.distributed_type)
+        precision = resolve_mixed_precision(t.mixed_precision, acc.device.type)
+        channels_last = resolve_channels_last(t.channels_last, acc.device.type)
+        if acc.device.type == "cpu":
+            torch.set_num_threads(t.cpu_threads or cpu_threads_per_process(acc.num_processes))
+        set_seed(t.seed)  # identical initial weights on every process
+        self.state = TrainState()
+        train_src, val_src = build_sources(cfg.data)
+        self.stream = CropStream(train_src, cfg.data, t.seed)
+        self.val, bad_val = load_val_batch(val_src, cfg.data.val_resolution)
+        self.state.bad_images.extend(bad_val)
+
+        vae = configure_for_training(initial_vae(cfg.model), cfg.model)
+        ae = Autoencoder(vae, stochastic=cfg.model.mode == "vae", frozen_encoder=cfg.model.train_decoder_only)
+        lpips = None
+        if cfg.loss.lpips_weight > 0:
+            lpips = load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_dir).to(acc.device)
+        opt_g = make_optimizer(ae.parameters(), t.lr, cfg)
+        disc = opt_d = None
+        if cfg.loss.gan:
+            disc = PatchDiscriminator(cfg.loss.disc_layers, cfg.loss.disc_channels)
+            opt_d = make_optimizer(disc.parameters(), cfg.loss.disc_lr or t.lr, cfg)
+        if channels_last:
+            for m in (ae, disc):
+                if m is not None:
+                    m.to(memory_format=torch.channels_last)
+        # the schedule is stepped by us once per update (accelerate's wrapper steps it per process)
+        sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda(cfg))
+        if disc is not None:
+            ae, disc, opt_g, opt_d = acc.prepare(ae, disc, opt_g, opt_d)
+        else:
+            ae, opt_g = acc.prepare(ae, opt_g)
+        if t.compile:
+            ae = torch.compile(ae)
+        self.parts = Parts(cfg=cfg, acc=acc, ae=ae, opt_g=opt_g, sched_g=sched_g, precision=precision,
+                           scaler=torch.amp.GradScaler(acc.device.type, init_scale=t.fp16_init_scale,
+                                                       enabled=precision == "fp16"),
+                           channels_last=channels_last, lpips=lpips, disc=disc, opt_d=opt_d,
+                           ema=EMA(acc.unwrap_model(ae).vae, t.ema_decay) if t.ema_decay > 0 else None)
+        # each process draws its own reparameterization noise
+        torch.manual_seed(mix_seed(t.seed, 1_000_000 + acc.process_index))
+
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            runs.clean_staging(self.out)
+            atomic_write_json(self.out / "config.json", cfg.to_dict())
+        acc.wait_for_everyone()
+        check_shared_output(acc, self.out)
+        if resume:
+            path = resume_point(self.out, resume, acc.print)
+            if path is not None:
+                self.state = load_checkpoint(self.parts, path, acc.print)
+
+    @property
+    def acc(self):
+        return self.parts.acc
+
+    @property
+    def vae(self):
+        return self.parts.vae
+
+    def run(self) -> TrainState:
+        p, t, st, acc = self.parts, self.cfg.train, self.state, self.parts.acc
+        if st.step >= t.steps:
+            acc.print(f"{self.out}: already at step {st.step} of train.steps={t.steps}; nothing to train "
+                      f"(raise train.steps to continue)")
+            return st
+        if acc.is_main_process:
+            acc.init_trackers("tb", config=flat_config(self.cfg))
+            acc.print(describe(self.vae), f"| {len(self.stream.src)} training images | {acc.num_processes} process(es)"
+                      f" | precision {p.precision} | output: {self.out}")
+        loader = make_loader(self.stream, t.batch_size, st.micro_step, acc.process_index, acc.num_processes,
+                             self.cfg.data.num_workers)
+        bar = None
+        if acc.is_main_process and self.show_progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=t.steps, initial=st.step, desc="train", dynamic_ncols=True)
+        window = LogWindow(st.micro_step)
+        try:
+            for batch in loader:
+                self.record_bad_images(batch["bad"])
+                logs = train_step(p, st, batch["pixels"])
+                if logs is None:
+                    continue
+                if st.nonfinite_in_row:
+                    self.on_nonfinite()
+                    continue
+                window.add(logs)
+                if bar is not None:
+                    bar.update(1)
+                if st.step % t.log_every == 0 or st.step == t.steps:
+                    window.flush(p, st, bar)
+                if st.step % t.image_every == 0 or st.step == t.steps:
+                    save_preview(p, self.val, self.out, st.step)
+                if st.step % t.save_every == 0 or st.step == t.steps:
+                    self.save()
+                if st.step >= t.steps:
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+            acc.end_training()
+        return st
+
+    def save(self) -> Optional[Path]:
+        return save_checkpoint(self.parts, self.state, self.out, self.cfg.train.keep_last)
+
+    def on_nonfinite(self) -> None:
+        st, t = self.state, self.cfg.train
+        self.acc.print(f"step {st.step}: non-finite gradients, update skipped "
+                       f"({st.nonfinite_in_row} in a row, {st.nonfinite_total} in all)")
+        if st.nonfinite_in_row >= t.max_nonfinite_in_row:
+            self.save()
+            raise NonFiniteError(
+                f"{st.nonfinite_in_row} consecutive updates had non-finite gradients "
+                f"(train.max_nonfinite_in_row={t.max_nonfinite_in_row}); stopped at step {st.step}. "
+                f"The last checkpoint holds the last finite weights: lower train.lr, use "
+                f"train.mixed_precision=bf16 instead of fp16, or check the data.")
+
+    def record_bad_images(self, messages: list[str]) -> None:
+        new = [m for m in messages if m not in self.state.bad_images]
+        if not new:
+            return
+        self.state.bad_images.extend(new)
+        for m in new:
+            self.acc.print(f"skipped image: {m}")
+        if self.acc.is_main_process:
+            atomic_write_bytes(self.out / "skipped_images.txt", ("\n".join(self.state.bad_images) + "\n").encode())
+
+
+def run(opts) -> TrainState:
+    """`latentvae train` (options.TrainOptions): load the config, build the Trainer, train."""
+    from ..config import load_config
+
+    cfg = load_config(opts.config, opts.set)
+    return Trainer(cfg, opts.out, resume=opts.resume, show_progress=opts.progress).run()

@@ -1,0 +1,155 @@
+"""One training step, top to bottom: forward, losses, backward, and when gradients sync the updates.
+
+    logs = train_step(parts, state, batch["pixels"])   # None until an accumulation window completes
+
+fp32 master weights, the networks under autocast (bf16 or fp16), KL and LPIPS in fp32 (losses.py).
+With fp16 the loss is scaled by our GradScaler, and at the update each optimizer's gradients are
+unscaled exactly once before clipping, both optimizers stepped through the scaler, and the scale
+updated once. A step whose generator gradients are not finite changes no weight, EMA or schedule
+and is counted; the loop decides when too many in a row stop the run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..model import last_decoder_layer
+from ..precision import AUTOCAST_DTYPES
+from .ema import EMA
+from .losses import discriminator_loss, generator_loss
+
+
+class Autoencoder(nn.Module):
+    """Wraps AutoencoderKL so one DDP-visible forward returns (x_hat, mean, logvar).
+
+    "vae" mode samples z = mean + std * eps (in fp32); "ae" mode uses z = mean.
+    """
+
+    def __init__(self, vae, stochastic: bool, frozen_encoder: bool = False):
+        super().__init__()
+        self.vae, self.stochastic, self.frozen_encoder = vae, stochastic, frozen_encoder
+
+    def forward(self, x: torch.Tensor):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_encoder):
+            dist = self.vae.encode(x).latent_dist  # logvar clamped to [-30, 20] by diffusers
+        mean, logvar = dist.mean.float(), dist.logvar.float()
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if self.stochastic else mean
+        x_hat = self.vae.decode(z.to(dist.mean.dtype)).sample
+        return x_hat, mean, logvar
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer updates done
+    micro_step: int = 0  # micro-batches consumed (the data position)
+    nonfinite_total: int = 0
+    nonfinite_in_row: int = 0
+    bad_images: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Parts:
+    """Everything a step touches, built and prepared by loop.Trainer."""
+    cfg: Config
+    acc: Any  # accelerate.Accelerator
+    ae: nn.Module  # Autoencoder, prepared (DDP-wrapped with several processes)
+    opt_g: torch.optim.Optimizer
+    sched_g: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler  # enabled for fp16 only
+    precision: str  # resolved: "no", "bf16" or "fp16"
+    channels_last: bool
+    lpips: Optional[nn.Module] = None
+    disc: Optional[nn.Module] = None  # prepared PatchDiscriminator, when loss.gan
+    opt_d: Optional[torch.optim.Optimizer] = None
+    ema: Optional[EMA] = None
+
+    @property
+    def vae(self):
+        return self.acc.unwrap_model(self.ae).vae
+
+    def disc_module(self):
+        return self.acc.unwrap_model(self.disc)
+
+    def gan_active(self, step: int) -> bool:
+        return self.disc is not None and step >= self.cfg.loss.gan_start
+
+    def autocast(self):
+        """The networks' forward in the run's precision."""
+        dtype = AUTOCAST_DTYPES[self.precision]
+        return torch.autocast(self.acc.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def generator_step(p: Parts, x: torch.Tensor, step: int, gan: bool) -> tuple[torch.Tensor, dict]:
+    """The autoencoder's forward, loss and backward; returns the detached reconstruction and logs.
+
+    With the GAN on, the discriminator judges the reconstruction without learning from it."""
+    disc = p.disc_module() if gan else None
+    if disc is not None:
+        disc.requires_grad_(False)
+    with p.autocast():
+        x_hat, mean, logvar = p.ae(x)
+        loss, logs = generator_loss(p.cfg.loss, x, x_hat, mean, logvar, step, lpips=p.lpips, disc=disc,
+                                    last_layer=last_decoder_layer(p.vae) if disc else None,
+                                    train_kl=p.cfg.model.mode == "vae")
+    p.acc.backward(p.scaler.scale(loss))
+    if disc is not None:
+        disc.requires_grad_(True)
+    return x_hat.detach(), logs
+
+
+def discriminator_step(p: Parts, x: torch.Tensor, x_hat: torch.Tensor) -> dict:
+    """The discriminator's forward, loss and backward on real images and detached reconstructions."""
+    with p.autocast():
+        loss, logs = discriminator_loss(p.cfg.loss, p.disc, x, x_hat)
+    p.acc.backward(p.scaler.scale(loss))
+    return logs
+
+
+def train_step(p: Parts, st: TrainState, x: torch.Tensor) -> Optional[dict[str, torch.Tensor]]:
+    """One micro-batch; on the last one of an accumulation window, the updates. Returns the logs
+    (0-d tensors, read them rarely: reading syncs with the device) after an update, else None."""
+    x = x.to(p.acc.device, non_blocking=True)
+    if p.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    gan = p.gan_active(st.step)
+    with p.acc.accumulate(*([p.ae, p.disc] if p.disc is not None else [p.ae])):
+        # forward, losses, backward: the autoencoder, then the discriminator
+        x_hat, logs = generator_step(p, x, st.step, gan)
+        if gan:
+            logs.update(discriminator_step(p, x, x_hat))
+        st.micro_step += 1
+        if not p.acc.sync_gradients:
+            return None
+
+        # the updates: unscale each optimizer once, clip, step through the scaler, update it once
+        clip = p.cfg.train.grad_clip if p.cfg.train.grad_clip > 0 else float("inf")
+        updates = [("grad_norm", p.opt_g, p.ae)] + ([("d_grad_norm", p.opt_d, p.disc)] if gan else [])
+        for name, opt, model in updates:
+            p.scaler.unscale_(opt)  # a no-op without fp16
+            logs[name] = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).detach()
+        for name, opt, _ in updates:
+            # the scaler skips a step whose gradients hold inf/nan; without it, we do
+            if p.scaler.is_enabled() or bool(torch.isfinite(logs[name])):  # one host sync per update
+                p.scaler.step(opt)
+            opt.zero_grad(set_to_none=True)
+        if p.opt_d is not None and not gan:
+            p.opt_d.zero_grad(set_to_none=True)
+        p.scaler.update()
+        if p.scaler.is_enabled():
+            logs["grad_scale"] = torch.tensor(p.scaler.get_scale())
+        if not torch.isfinite(logs["grad_norm"]):
+            st.nonfinite_total += 1
+            st.nonfinite_in_row += 1
+            return logs
+
+        # a real update: schedule, EMA, counters
+        p.sched_g.step()
+        if p.ema is not None:
+            p.ema.update(p.vae)
+        st.nonfinite_in_row = 0
+        st.step += 1
+        return logs
