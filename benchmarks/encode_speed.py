@@ -1,4 +1,4 @@
-"""Encoding speed: `latentvae.encode.encode` against a naive caching loop, and against the machine's peak.
+"""Encoding speed: `latentvae.cache.encode` against a naive caching loop, and against the machine's peak.
 
     python benchmarks/encode_speed.py                                   # sd preset, 256x256, 9 dev images x 2
     python benchmarks/encode_speed.py --images 6 --batch-size 2 --out benchmarks/results/encode-cpu.json
@@ -7,7 +7,7 @@ Same images (../shared/data/dev-images), same randomly initialised `sd`-preset A
 256x256 center crop, in one run:
   naive      for each batch: PIL full decode, torchvision Resize + CenterCrop + ToTensor + Normalize,
              `vae.encode(x).latent_dist.mean` in fp32 under no_grad, one torch.save file per image;
-  latentvae  encode(EncodeConfig(...)) end to end: loading the VAE and hashing its weights, DataLoader
+  latentvae  encode(EncodeOptions(...)) end to end: loading the VAE and hashing its weights, DataLoader
              worker decoding (JPEG draft mode) overlapped with encoder-only inference, parquet shards,
              manifest. Reported over the whole call and over its encoding loop alone.
   latentvae, other format   the same call with the memory format "auto" did not pick forced
@@ -85,12 +85,13 @@ def library_inputs(data: Path, res: int, factor: int) -> float:
 
 def library(vae_dir: Path, data: Path, res: int, batch_size: int, out: Path,
             channels_last: bool | None = None) -> tuple[float, dict]:
-    from latentvae.encode import EncodeConfig, encode
+    from latentvae.cache import encode
+    from latentvae.options import EncodeOptions
 
     t0 = time.perf_counter()
-    manifest = encode(EncodeConfig(vae=str(vae_dir), data=str(data), out=str(out), resolution=res,
-                                   batch_size=batch_size, dtype="fp16", progress=False,
-                                   channels_last=channels_last))
+    manifest = encode(EncodeOptions(vae=str(vae_dir), data=str(data), out=str(out), resolution=res,
+                                    batch_size=batch_size, dtype="fp16", progress=False,
+                                    channels_last=channels_last))
     return time.perf_counter() - t0, manifest
 
 
@@ -105,7 +106,7 @@ def main() -> None:
     args = p.parse_args()
 
     from latentvae.config import load_config
-    from latentvae.encode import resolve_workers
+    from latentvae.cache.encode import resolve_workers
     from latentvae.images import list_images
     from latentvae.model import build_vae
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
+from .conventions import FAMILIES, check_family, default_family, diffusers_config
 from .errors import BadInputError
 from .images import BadImage
 from .preprocess import Preprocess, load_preprocessed
@@ -77,34 +78,14 @@ def global_mean_std(m: LatentMoments) -> tuple[float, float]:
     return float(mean), float((m.sumsq.sum() / n - mean.pow(2)).clamp_min(0).sqrt())
 
 
-def sd_factors(m: LatentMoments) -> dict:
-    """SD / SDXL: the diffusion model sees z * scaling_factor."""
-    _, std = global_mean_std(m)
-    return {"scaling_factor": 1.0 / std, "shift_factor": None}
-
-
-def sd3_factors(m: LatentMoments) -> dict:
-    """SD3 / FLUX: the diffusion model sees (z - shift_factor) * scaling_factor."""
-    mean, std = global_mean_std(m)
-    return {"scaling_factor": 1.0 / std, "shift_factor": mean}
-
-
-CONVENTIONS: dict[str, Callable[[LatentMoments], dict]] = {"sd": sd_factors, "sd3": sd3_factors}
-
-
-def default_convention(latent_channels: int) -> str:
-    """16-channel latents are the SD3/FLUX family; fewer are the SD/SDXL family."""
-    return "sd3" if latent_channels >= 16 else "sd"
-
-
 def factors(m: LatentMoments, convention: str) -> dict:
-    """Moments -> the diffusers config entries: scaling_factor, shift_factor, latents_mean, latents_std."""
-    if convention not in CONVENTIONS:
-        raise BadInputError(f"unknown convention {convention!r}; valid choices: {', '.join(CONVENTIONS)}")
-    mean, std = channel_mean_std(m)
-    out = CONVENTIONS[convention](m)
-    out.update(latents_mean=[float(v) for v in mean], latents_std=[float(v) for v in std])
-    return out
+    """Moments -> the convention's diffusers config entries (conventions.diffusers_config), plus the
+    measured per-channel statistics as `channel_mean` / `channel_std`."""
+    channel_mean, channel_std = channel_mean_std(m)
+    mean, std = global_mean_std(m)
+    out = diffusers_config(convention, channel_mean=channel_mean.tolist(), channel_std=channel_std.tolist(),
+                           mean=mean, std=std)
+    return {**out, "channel_mean": [float(v) for v in channel_mean], "channel_std": [float(v) for v in channel_std]}
 
 
 # ----------------------------------------------------------------------------- health (pure)
@@ -133,7 +114,7 @@ class CalibrationConfig:
     source: str  # image folder or `datasets` dataset (as data.source)
     count: int = 64  # images (the first `count` of the sorted source)
     resolution: int = 256  # as the cache's center-crop: resized to cover, central square
-    convention: Optional[str] = None  # None: sd3 for 16-channel latents, else sd
+    convention: Optional[str] = None  # a key of conventions.FAMILIES; None: sd3 for 16 channels, else sd
     batch_size: int = 4
     kind: str = "auto"
     split: str = "train"
@@ -144,11 +125,10 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class LatentStats:
-    convention: str
-    scaling_factor: float
-    shift_factor: Optional[float]
-    latents_mean: tuple[float, ...]
-    latents_std: tuple[float, ...]
+    convention: str  # a key of conventions.FAMILIES
+    config: dict  # the diffusers config entries of that convention (scaling/shift factor, latents_mean/std)
+    channel_mean: tuple[float, ...]  # measured, per latent channel
+    channel_std: tuple[float, ...]
     health: LatentHealth
     images: int
     resolution: int
@@ -158,12 +138,12 @@ class LatentStats:
 
     def config_entries(self) -> dict:
         """What goes into the diffusers config.json."""
-        return {"scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor,
-                "latents_mean": list(self.latents_mean), "latents_std": list(self.latents_std)}
+        return dict(self.config)
 
     def to_dict(self) -> dict:
         h = self.health
-        return {**self.config_entries(), "convention": self.convention, "images": self.images,
+        return {**self.config_entries(), "convention": self.convention, "channel_mean": list(self.channel_mean),
+                "channel_std": list(self.channel_std), "images": self.images,
                 "resolution": self.resolution, "source": self.source, "skipped": list(self.skipped),
                 "health": {"channel_std": list(h.channel_std), "channel_kl": h.channel_kl and list(h.channel_kl),
                            "kl_per_element": h.kl_per_element, "dead_channels": list(h.dead_channels),
@@ -198,9 +178,8 @@ def calibrate(vae, cfg: CalibrationConfig) -> LatentStats:
     if cfg.resolution % factor:
         raise BadInputError(f"calibration resolution {cfg.resolution} (--resolution) is not a multiple of the VAE's "
                          f"downsampling factor {factor}")
-    convention = cfg.convention or default_convention(vae.config.latent_channels)
-    if convention not in CONVENTIONS:
-        raise BadInputError(f"unknown convention {convention!r}; valid choices: {', '.join(CONVENTIONS)}")
+    convention = check_family(cfg.convention or default_family(vae.config.latent_channels),
+                              vae.config.latent_channels)
     dtype = next(vae.parameters()).dtype
     moments, skipped, kept, n = None, [], [], 0
     for x, bad in calibration_images(cfg, factor):
@@ -217,18 +196,21 @@ def calibrate(vae, cfg: CalibrationConfig) -> LatentStats:
         raise BadInputError(f"{cfg.source}: no decodable image to calibrate on (skipped: {len(skipped)})")
     f = factors(moments, convention)
     sample = torch.cat(kept)[:cfg.keep_latents] if kept else None
-    return LatentStats(convention, f["scaling_factor"], f["shift_factor"], tuple(f["latents_mean"]),
-                       tuple(f["latents_std"]), health(moments), n, cfg.resolution, cfg.source,
-                       tuple(skipped), sample)
+    config = {k: f[k] for k in ("scaling_factor", "shift_factor", "latents_mean", "latents_std")}
+    return LatentStats(convention, config, tuple(f["channel_mean"]), tuple(f["channel_std"]), health(moments), n,
+                       cfg.resolution, cfg.source, tuple(skipped), sample)
 
 
 def format_stats(s: LatentStats) -> str:
     h = s.health
-    shift = "" if s.shift_factor is None else f"  shift_factor={s.shift_factor:.6g}"
-    lines = [f"latent statistics ({s.convention} convention, {s.images} images at {s.resolution}px from {s.source}):",
-             f"  scaling_factor={s.scaling_factor:.6g}{shift}",
-             "  latents_mean = [" + ", ".join(f"{v:.4g}" for v in s.latents_mean) + "]",
-             "  latents_std  = [" + ", ".join(f"{v:.4g}" for v in s.latents_std) + "]"]
+    c = s.config
+    shift = "" if c["shift_factor"] is None else f"  shift_factor={c['shift_factor']:.6g}"
+    stats = "" if c["latents_mean"] is None else "  latents_mean/latents_std per channel (below)"
+    lines = [f"latent statistics ({s.convention} convention: {FAMILIES[s.convention]}; {s.images} images at "
+             f"{s.resolution}px from {s.source}):",
+             f"  config: scaling_factor={c['scaling_factor']:.6g}{shift}{stats}",
+             "  measured channel mean = [" + ", ".join(f"{v:.4g}" for v in s.channel_mean) + "]",
+             "  measured channel std  = [" + ", ".join(f"{v:.4g}" for v in s.channel_std) + "]"]
     if h.kl_per_element is None:
         lines.append("  KL: n/a (deterministic encoder)")
     else:

@@ -1,9 +1,9 @@
 """The VAE lecture's demonstrations, as commands that write images.
 
-    latentvae demo recon-grid  --vae VAE [--vae VAE ...] --data IMAGES --out grid.png [--size 256]
-    latentvae demo prior       --vae AE_RUN --vae VAE_RUN --data IMAGES --out DIR [--num 8]
+    latentvae demo recon-grid  --vae VAE [--vae VAE ...] --data IMAGES --out grid.png [--resolution 256] [--limit 4]
+    latentvae demo prior       --vae AE_RUN --vae VAE_RUN --data IMAGES --out DIR [--limit 8]
     latentvae demo interpolate --vae VAE --a IMG_A --b IMG_B --out DIR [--steps 8]
-    (= python eval/demos.py ...)
+    python eval/demos.py recon-grid ...       # the same commands
 
 recon-grid: one row per image: original | reconstruction | |error| x gain, for each VAE.
 prior: z ~ N(0, I) decoded in one forward pass for each VAE (an autoencoder and a VAE trained on
@@ -13,27 +13,28 @@ prior: z ~ N(0, I) decoded in one forward pass for each VAE (an autoencoder and 
   Fréchet distance between the two Gaussian fits go to `prior.json`.
 interpolate: decoded latent interpolation between two images, linear and spherical, as PNG strips
   and animated GIFs, beside a pixel cross-fade.
-Every input (VAEs, images, --size against each VAE's downsampling factor) is checked and every
-picture computed before the first file is written: a mistake leaves nothing behind.
+Every input (VAEs, images, --resolution against each VAE's downsampling factor) is checked and
+every picture computed before the first file is written: a mistake leaves nothing behind.
+Images are the central square of each file, resized to --resolution (images.cover_crop).
 This module owns those pictures and the pure functions behind them (lerp/slerp, error maps).
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 
 from . import metrics
 from .errors import BadInputError, MissingInputError
-from .fsutil import atomic_save_image
+from .evaluate import load_vae, trained_stochastic, vae_label
+from .fsutil import atomic_save_image, atomic_write_bytes
 from .images import BadImage, cover_crop, list_images, load_rgb, make_grid, to_pil, to_tensor
-from .evaluate import load_vae, trained_stochastic
 from .model import decode, downsample_factor, encode_moments, latent_channels
+from .options import InterpolateOptions, PriorOptions, ReconGridOptions
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -124,10 +125,6 @@ def save_gif(frames: torch.Tensor, path: Path, ms: int = 120) -> None:
     atomic_save_image(images[0], path, save_all=True, append_images=images[1:], duration=ms, loop=0)
 
 
-def short_name(spec: str) -> str:
-    return spec if spec.startswith("taesd:") else Path(spec).name
-
-
 # ----------------------------------------------------------------------------- recon-grid
 def recon_grid(vaes: dict, paths: list[Path], size: int, gain: float) -> Image.Image:
     """rows: images; columns: original, then reconstruction and error map per VAE."""
@@ -157,32 +154,24 @@ def prior_samples(vae, num: int, size: int, generator: torch.Generator) -> tuple
     """(z ~ N(0, I) raw latents, their decodings in one forward pass)"""
     f = downsample_factor(vae)
     if size % f:
-        raise BadInputError(f"--size {size} is not a multiple of the downsampling factor {f}")
+        raise BadInputError(f"--resolution {size} is not a multiple of the downsampling factor {f}")
     z = torch.randn(num, latent_channels(vae), size // f, size // f, generator=generator)
     return z, decode(vae, z).clamp(-1, 1)
 
 
-def load_vaes(specs: list[str], size: int) -> dict[str, tuple[str, torch.nn.Module]]:
-    """label -> (spec, VAE), every one loaded and checked against --size before any work."""
+def load_vaes(specs: tuple[str, ...], size: int) -> dict[str, tuple[str, torch.nn.Module]]:
+    """label -> (spec, VAE), every one loaded and checked against --resolution before any work."""
     vaes: dict[str, tuple[str, torch.nn.Module]] = {}
     for spec in specs:
-        vae, name = load_vae(spec).eval(), short_name(spec)
+        vae = load_vae(spec).eval()
         f = downsample_factor(vae)
         if size % f:
             lo = size - size % f
             hint = f"; use {lo} or {lo + f}" if lo else f"; use {f} or a multiple of it"
-            raise BadInputError(f"--size {size} is not a multiple of the downsampling factor {f} of --vae {spec}{hint}")
-        label, i = name, 2
-        while label in vaes:
-            label, i = f"{name}#{i}", i + 1
-        vaes[label] = (spec, vae)
+            raise BadInputError(f"--resolution {size} is not a multiple of the downsampling factor {f} of --vae "
+                                f"{spec}{hint}")
+        vaes[vae_label(spec, set(vaes))] = (spec, vae)
     return vaes
-
-
-def check_positive(**values: int) -> None:
-    for flag, value in values.items():
-        if value < 1:
-            raise BadInputError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
 
 
 def load_images(data: str, size: int, limit: int) -> tuple[list[Path], torch.Tensor]:
@@ -191,26 +180,26 @@ def load_images(data: str, size: int, limit: int) -> tuple[list[Path], torch.Ten
     return paths, torch.stack([load_square(p, size, "--data") for p in paths])
 
 
-def prior_demo(specs: list[str], data: str, size: int, num: int, seed: int, max_real: int = 32):
+def prior_demo(specs: tuple[str, ...], data: str, size: int, num: int, seed: int, max_real: int = 32):
     """(grid image, {label: distances}) for each VAE: samples next to reconstructions of real images."""
-    check_positive(size=size, num=num)
     vaes = load_vaes(specs, size)
     _, x = load_images(data, size, max_real)
     rows, names, numbers = [], [], {}
     for name, (spec, vae) in vaes.items():
         g = torch.Generator().manual_seed(seed)
-        real = aggregate_posterior(vae, x, trained_stochastic(spec, vae), g)
+        stochastic = trained_stochastic(spec, vae)
+        real = aggregate_posterior(vae, x, stochastic, g)
         z, samples = prior_samples(vae, num, size, g)
         draws = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double().numpy()
         numbers[name] = {**metrics.gaussian_fit_distances(real, draws),
-                         "real_latent_std": float(real.std()), "aggregate": "sampled" if trained_stochastic(spec, vae) else "mean"}
+                         "real_latent_std": float(real.std()), "aggregate": "sampled" if stochastic else "mean"}
         recon = reconstruct_batch(vae, x[:num])
         rows += [samples, torch.cat([recon, torch.full((num - len(recon), *recon.shape[1:]), 1.0)])]
         names += [f"{name}: z~N(0,I)", f"{name}: recon"]
     return label_rows(make_grid(rows), names, size), numbers
 
 
-# ----------------------------------------------------------------------------- command line
+# ----------------------------------------------------------------------------- the commands
 def check_out_file(out: str) -> None:
     """--out of recon-grid: an image file path that PIL can write (not a folder)."""
     path = Path(out)
@@ -227,24 +216,25 @@ def check_out_folder(out: str) -> None:
         raise BadInputError(f"--out {out} exists and is not a folder")
 
 
-def _cmd_recon_grid(args) -> None:
-    check_positive(num=args.num, size=args.size)
-    check_out_file(args.out)
-    vaes = load_vaes(args.vae, args.size)
-    paths = list_images(args.data)[: args.num]
+def run_recon_grid(opts: ReconGridOptions) -> None:
+    """`latentvae demo recon-grid`: --out, a PNG of the first --limit images of --data through every --vae."""
+    check_out_file(opts.out)
+    vaes = load_vaes(opts.vae, opts.resolution)
+    paths = list_images(opts.data)[: opts.limit]
     for p in paths:  # every image decodable before any work (recon_grid loads them again)
-        load_square(p, args.size, "--data")
-    grid = recon_grid({label: vae for label, (_, vae) in vaes.items()}, paths, args.size, args.gain)
-    atomic_save_image(grid, args.out)
-    print(f"wrote {args.out}: {len(paths)} images x (original + {len(vaes)} VAEs)")
+        load_square(p, opts.resolution, "--data")
+    grid = recon_grid({label: vae for label, (_, vae) in vaes.items()}, paths, opts.resolution, opts.gain)
+    atomic_save_image(grid, opts.out)
+    print(f"wrote {opts.out}: {len(paths)} images x (original + {len(vaes)} VAEs)")
 
 
-def _cmd_prior(args) -> None:
-    out = Path(args.out)
-    check_out_folder(args.out)
-    grid, numbers = prior_demo(args.vae, args.data, args.size, args.num, args.seed)
+def run_prior(opts: PriorOptions) -> None:
+    """`latentvae demo prior`: --out/prior.png and prior.json, and their numbers as a table on stdout."""
+    out = Path(opts.out)
+    check_out_folder(opts.out)
+    grid, numbers = prior_demo(opts.vae, opts.data, opts.resolution, opts.limit, opts.seed)
     atomic_save_image(grid, out / "prior.png")
-    (out / "prior.json").write_text(json.dumps(numbers, indent=2) + "\n")
+    atomic_write_bytes(out / "prior.json", (json.dumps(numbers, indent=2) + "\n").encode())
     print("| VAE | Mahalanobis² / C of N(0,I) draws | same for real latents | Fréchet(real fit, N(0,I) fit) | real latent std |")
     print("|---|---:|---:|---:|---:|")
     for name, n in numbers.items():
@@ -253,72 +243,21 @@ def _cmd_prior(args) -> None:
     print(f"wrote {out}/prior.png and prior.json")
 
 
-def _cmd_interpolate(args) -> None:
-    out = Path(args.out)
-    check_positive(size=args.size)
-    if args.steps < 2:
-        raise BadInputError(f"--steps must be >= 2 (both ends are frames), got {args.steps}")
-    check_out_folder(args.out)
-    x_a, x_b = load_square(args.a, args.size, "--a"), load_square(args.b, args.size, "--b")
-    (_, vae), = load_vaes([args.vae], args.size).values()
-    ts = np.linspace(0, 1, args.steps).tolist()
+def run_interpolate(opts: InterpolateOptions) -> None:
+    """`latentvae demo interpolate`: --out/{linear,slerp}.{png,gif} and strips.png, every one computed
+    before the first is written."""
+    out, size = Path(opts.out), opts.resolution
+    check_out_folder(opts.out)
+    x_a, x_b = load_square(opts.a, size, "--a"), load_square(opts.b, size, "--b")
+    (_, vae), = load_vaes((opts.vae,), size).values()
+    ts = np.linspace(0, 1, opts.steps).tolist()
     rows = [torch.stack([lerp(x_a, x_b, t) for t in ts])]  # pixel cross-fade, for comparison
     frames = {mode: interpolation_frames(vae, x_a, x_b, ts, mode) for mode in INTERPOLATIONS}
     rows += list(frames.values())
-    strips = label_rows(make_grid(rows), ["pixel cross-fade", *INTERPOLATIONS], args.size)
+    strips = label_rows(make_grid(rows), ["pixel cross-fade", *INTERPOLATIONS], size)
     # every picture computed: only now are files written
     for mode, f in frames.items():
         atomic_save_image(make_grid([f]), out / f"{mode}.png")
         save_gif(f, out / f"{mode}.gif")
     atomic_save_image(strips, out / "strips.png")
     print(f"wrote {out}/{{linear,slerp}}.{{png,gif}} and strips.png")
-
-
-SUBCOMMANDS = {"recon-grid": _cmd_recon_grid, "prior": _cmd_prior, "interpolate": _cmd_interpolate}
-
-
-def _parser() -> argparse.ArgumentParser:
-    from .cli import HelpFormatter, make_parser
-
-    p = make_parser("latentvae demo", __doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
-    sub_kw = dict(allow_abbrev=False, formatter_class=HelpFormatter)
-    g = sub.add_parser("recon-grid", help="original | reconstruction | |error|, per VAE", **sub_kw)
-    g.add_argument("--vae", action="append", required=True, help="any VAE `latentvae evaluate` takes; repeat")
-    g.add_argument("--data", required=True, help="image folder")
-    g.add_argument("--out", required=True, help="PNG file")
-    g.add_argument("--num", type=int, default=4, help="first N images")
-    g.add_argument("--size", type=int, default=256,
-                   help="central square, resized to this (a multiple of each VAE's downsampling factor)")
-    g.add_argument("--gain", type=float, default=4.0, help="error map amplification")
-    pr = sub.add_parser("prior", help="decode z ~ N(0, I); how far it is from the encoder's latents", **sub_kw)
-    pr.add_argument("--vae", action="append", required=True, help="e.g. an ae-mode run, then a vae run")
-    pr.add_argument("--data", required=True, help="real images: the aggregate posterior")
-    pr.add_argument("--out", required=True, help="folder")
-    pr.add_argument("--num", type=int, default=8, help="prior samples (and reconstructions) per VAE")
-    pr.add_argument("--size", type=int, default=128, help="image side (a multiple of each VAE's downsampling factor)")
-    pr.add_argument("--seed", type=int, default=0, help="seed of the draws")
-    it = sub.add_parser("interpolate", help="linear and spherical latent interpolation, PNG + GIF", **sub_kw)
-    it.add_argument("--vae", required=True, help="any VAE `latentvae evaluate` takes")
-    it.add_argument("--a", required=True, help="first image file")
-    it.add_argument("--b", required=True, help="last image file")
-    it.add_argument("--out", required=True, help="folder")
-    it.add_argument("--steps", type=int, default=8, help="frames, both ends included")
-    it.add_argument("--size", type=int, default=256, help="image side (a multiple of the VAE's downsampling factor)")
-    return p
-
-
-def _demo_command(argv=None) -> None:
-    args = _parser().parse_args(argv)
-    SUBCOMMANDS[args.command](args)
-
-
-def main(argv=None) -> None:
-    """`latentvae demo ...` = `python eval/demos.py ...`; a mistake is one line on stderr, exit status 2."""
-    from .cli import run_command
-
-    run_command("demo", _demo_command, argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,23 +1,25 @@
 """Evaluate any set of autoencoders side by side: PSNR, SSIM, LPIPS, sharpness, rate, speed.
 
     latentvae evaluate --vae runs/quickstart --vae taesd:sd --data IMAGES --out REPORT [--max-side 1024]
-    python eval/evaluate.py --vae VAE [--vae VAE ...] --data IMAGES --out REPORT
+    latentvae evaluate --vae VAE --data user/dataset --split validation --image-column img --limit 100 --out REPORT
+    python eval/evaluate.py --vae VAE [--vae VAE ...] --data IMAGES --out REPORT      # the same command
 
 Each VAE is a diffusers folder, a training run or checkpoint, an LDM .safetensors file or
-`taesd:sd|sdxl|sd3|flux` (anything `io.load_autoencoder` accepts). Every image is reconstructed
-whole, at full resolution (or downscaled to --max-side first), center-cropped (--fit crop,
-default) or reflect-padded (--fit pad) to a multiple of the downsampling factor; z is the
-posterior mean. REPORT gets `per_image.csv`, `summary.json`, `report.md` (the table side by
-side) and `spectrum.png` (radial power spectrum of the reconstructions over the originals).
-Every input is checked before the work starts; the report is written under a hidden name beside
-REPORT and renamed into place, so REPORT is always a whole report (an earlier one is replaced
-only then), and a folder that is not a report is never written into.
-docs/evaluation.md states the conventions. This module owns the evaluation loop and the report.
+`taesd:sd|sdxl|sd3|flux` (anything `loading.load_autoencoder` accepts). `--data` is an image folder
+or a `datasets` dataset (sources.open_source; `--limit N`: its first N images). Every image is
+reconstructed whole, at full resolution (or downscaled to --max-side first), center-cropped
+(--fit crop, default) or reflect-padded (--fit pad) to a multiple of the downsampling factor; z is
+the posterior mean. REPORT gets `per_image.csv`, `summary.json` (its "settings": the options, as
+resolved), `report.md` (the table side by side) and `spectrum.png` (radial power spectrum of the
+reconstructions over the originals). Every input is checked before the work starts; the report is
+written under a hidden name beside REPORT and renamed into place, so REPORT is always a whole
+report (an earlier one is replaced only then), and a folder that is not a report is never written
+into. docs/evaluation.md states the conventions. This module owns the evaluation loop and the report.
 """
 from __future__ import annotations
 
-import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -36,15 +38,18 @@ from PIL import Image
 
 from . import metrics
 from .errors import BadInputError
-from .images import BadImage, center_crop_to_multiple, list_images, load_rgb, oriented_size, to_tensor, to_uint8
+from .fsutil import fsync_dir, write_durable
+from .images import BadImage, center_crop_to_multiple, downscale_long_side, load_rgb, to_tensor, to_uint8
 from .loading import NotAnAutoencoder, load_autoencoder, with_flag
-from .train.losses import kl_to_standard_normal
 from .model import decode, downsample_factor, encode_moments, latent_channels
+from .options import EvaluateOptions
 from .perceptual import load_lpips, lpips_distance
-from .precision import resolve_mixed_precision
+from .precision import AUTOCAST_DTYPES, resolve_mixed_precision
+from .preprocess import peek_size
+from .sources import ImageSource, open_source
+from .train.losses import kl_to_standard_normal
 
-LPIPS_NETS = ("alex", "vgg")
-PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # after resolving "auto"
+SPECTRUM_BINS = 32  # rings of spectrum.png, up to Nyquist
 CSV_COLUMNS = ("vae", "image", "width", "height", "eval_width", "eval_height", "latent_shape", "psnr", "ssim",
                "lpips_alex", "lpips_vgg", "hf_energy_ratio", "laplacian_var_ratio", "kl_per_element",
                "encode_s", "decode_s")
@@ -70,32 +75,33 @@ def fit_pad(x: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
 FITS: dict[str, Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]] = {"crop": fit_crop, "pad": fit_pad}
 
 
-def get_fit(name: str):
-    if name not in FITS:
-        raise BadInputError(f"unknown fit {name!r}; valid choices: {', '.join(FITS)}")
-    return FITS[name]
+def open_images(opts: EvaluateOptions) -> ImageSource:
+    """--data (a folder or a `datasets` dataset) as a source, cut to its first --limit images."""
+    src = open_source(opts.data, opts.data_kind, opts.split, opts.image_column)
+    return src.subset(list(range(min(opts.limit, len(src))))) if opts.limit else src
 
 
-def downscale_to_max_side(img: Image.Image, max_side: int) -> Image.Image:
-    """Lanczos-downscale so that the longer side is at most `max_side` (0: unchanged)."""
-    w, h = img.size
-    if not max_side or max(w, h) <= max_side:
-        return img
-    s = max_side / max(w, h)
-    return img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
+def image_name(src: ImageSource, i: int, data: str) -> str:
+    """per_image.csv's name of image i: a file by its path below --data, a dataset row as `DATA:SPLIT[ROW]`."""
+    name = src.name(i)
+    try:
+        return Path(name).relative_to(data).as_posix()
+    except ValueError:
+        return name
 
 
-def load_eval_image(path: Path, max_side: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
-    """(1, 3, H, W) in [-1, 1] after the optional downscale, and the file's own (width, height).
+def load_eval_image(src: ImageSource, i: int, max_side: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(1, 3, H, W) in [-1, 1] after the optional downscale, and the image's own (width, height) as displayed.
 
     An image that cannot be decoded is a BadInputError: every VAE must see the same images."""
     try:
-        img = load_rgb(path, draft_size=(max_side, max_side) if max_side else None)
+        item = src.raw(i)
+        size = peek_size(item)  # from the header, EXIF orientation applied, as load_rgb does
+        img = load_rgb(item, src.max_pixels, draft_size=(max_side, max_side) if max_side else None)
     except BadImage as e:
-        raise BadInputError(f"{e}; every VAE is scored on the same images: remove or fix it in --data") from e
-    with Image.open(path) as raw:
-        size = oriented_size(raw)  # as displayed, like the pixels load_rgb returns
-    return to_tensor(downscale_to_max_side(img, max_side))[None], size
+        where = "" if str(e).startswith(src.name(i)) else f"{src.name(i)}: "
+        raise BadInputError(f"{where}{e}; every VAE is scored on the same images: remove or fix it in --data") from e
+    return to_tensor(downscale_long_side(img, max_side))[None], size or img.size
 
 
 # ----------------------------------------------------------------------------- one image through one VAE
@@ -155,15 +161,6 @@ def warm_up(vae, factor: int, dtype=None) -> None:
 
 
 # ----------------------------------------------------------------------------- a whole evaluation
-@dataclass(frozen=True)
-class EvalSettings:
-    fit: str = "crop"
-    max_side: int = 0
-    lpips_nets: tuple[str, ...] = LPIPS_NETS
-    precision: str = "auto"
-    spectrum_bins: int = 32
-
-
 @dataclass
 class VaeResult:
     label: str
@@ -173,37 +170,49 @@ class VaeResult:
     squared_error: float = 0.0
     values: int = 0
 
+    def add(self, row: dict, ref_u8: np.ndarray, out_u8: np.ndarray, out_float: np.ndarray) -> None:
+        """One image's CSV row, and its share of the pooled PSNR and of the spectrum."""
+        self.rows.append(row)
+        self.squared_error += metrics.squared_error_sum(ref_u8, out_u8)
+        self.values += ref_u8.size
+        _, p_ref = metrics.radial_power_spectrum(metrics.luma(ref_u8), SPECTRUM_BINS)
+        _, p_out = metrics.radial_power_spectrum(metrics.luma(out_float), SPECTRUM_BINS)
+        self.spectrum_log_ratio.append(np.log10(np.maximum(p_out, 1e-20) / np.maximum(p_ref, 1e-20)))
 
-def evaluate_vae(label: str, source: str, vae, images: list[Path], settings: EvalSettings,
-                 lpips_models: dict, log=print) -> VaeResult:
+
+def score_image(result: VaeResult, name: str, size: tuple[int, int], ref: torch.Tensor, rec: Reconstruction,
+                stochastic: bool, lpips_models: dict) -> dict:
+    """One (VAE, image) row of per_image.csv, added to `result`."""
+    ref_u8, out_u8, out_float = hwc_uint8(ref), hwc_uint8(rec.x_hat), hwc_float(rec.x_hat)
+    kl = float(kl_to_standard_normal(rec.mean, rec.logvar).mean()) if stochastic and rec.logvar is not None else None
+    row = {"vae": result.label, "image": name, "width": size[0], "height": size[1],
+           "eval_width": ref.shape[-1], "eval_height": ref.shape[-2],
+           "latent_shape": "x".join(map(str, rec.mean.shape[1:])),
+           **image_metrics(ref_u8, out_u8, out_float, lpips_models),
+           "kl_per_element": kl, "encode_s": rec.encode_s, "decode_s": rec.decode_s}
+    result.add(row, ref_u8, out_u8, out_float)
+    return row
+
+
+def evaluate_vae(label: str, source: str, vae, src: ImageSource, opts: EvaluateOptions, lpips_models: dict,
+                 log=print) -> VaeResult:
     """Reconstruct every image with one VAE and score it; one CSV row per image."""
-    factor, fit = downsample_factor(vae), get_fit(settings.fit)
+    factor, fit = downsample_factor(vae), FITS[opts.fit]
     device = next(vae.parameters()).device
-    dtype = PRECISIONS[resolve_mixed_precision(settings.precision, device.type)]
+    dtype = AUTOCAST_DTYPES[resolve_mixed_precision(opts.mixed_precision, device.type)]
     warm_up(vae, factor, dtype)
     stochastic = trained_stochastic(source, vae)
     result = VaeResult(label, source)
-    for path in images:
-        x, (w0, h0) = load_eval_image(path, settings.max_side)
+    for i in range(len(src)):
+        name = image_name(src, i, opts.data)
+        x, size = load_eval_image(src, i, opts.max_side)
         try:
             x_in, ref = fit(x, factor)
         except BadInputError as e:
-            raise BadInputError(f"{path}: {e}") from e
+            raise BadInputError(f"{name}: {e}") from e
         rec = reconstruct(vae, x_in, ref.shape[-2:], dtype)
-        ref_u8, out_u8, out_float = hwc_uint8(ref), hwc_uint8(rec.x_hat), hwc_float(rec.x_hat)
-        row = {"vae": label, "image": path.name, "width": w0, "height": h0,
-               "eval_width": ref.shape[-1], "eval_height": ref.shape[-2],
-               "latent_shape": "x".join(map(str, rec.mean.shape[1:])),
-               **image_metrics(ref_u8, out_u8, out_float, lpips_models),
-               "kl_per_element": None if rec.logvar is None or not stochastic else float(kl_to_standard_normal(rec.mean, rec.logvar).mean()),
-               "encode_s": rec.encode_s, "decode_s": rec.decode_s}
-        result.rows.append(row)
-        result.squared_error += metrics.squared_error_sum(ref_u8, out_u8)
-        result.values += ref_u8.size
-        _, p_ref = metrics.radial_power_spectrum(metrics.luma(ref_u8), settings.spectrum_bins)
-        _, p_out = metrics.radial_power_spectrum(metrics.luma(out_float), settings.spectrum_bins)
-        result.spectrum_log_ratio.append(np.log10(np.maximum(p_out, 1e-20) / np.maximum(p_ref, 1e-20)))
-        log(f"  {label} {path.name} {ref.shape[-1]}x{ref.shape[-2]}: PSNR {row['psnr']:.2f} SSIM {row['ssim']:.4f} "
+        row = score_image(result, name, size, ref, rec, stochastic, lpips_models)
+        log(f"  {label} {name} {ref.shape[-1]}x{ref.shape[-2]}: PSNR {row['psnr']:.2f} SSIM {row['ssim']:.4f} "
             f"enc {rec.encode_s:.2f}s dec {rec.decode_s:.2f}s")
     return result
 
@@ -271,16 +280,22 @@ def markdown_table(summary: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(path: Path, results: list[VaeResult]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for r in results:
-            for row in r.rows:
-                writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
+def write_text(path: Path, text: str) -> None:
+    """A file of the staging folder, written and fsynced (fsutil.write_durable)."""
+    write_durable(path, lambda f: f.write(text.encode()))
 
 
-def plot_spectra(path: Path, results: list[VaeResult], bins: int) -> None:
+def csv_text(results: list[VaeResult]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for r in results:
+        for row in r.rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
+    return buf.getvalue()
+
+
+def plot_spectra(path: Path, results: list[VaeResult], bins: int = SPECTRUM_BINS) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -295,7 +310,7 @@ def plot_spectra(path: Path, results: list[VaeResult], bins: int) -> None:
            title="Where reconstructions lose detail")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_durable(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -319,10 +334,11 @@ def publish_report(tmp: Path, out: Path) -> None:
         if old.exists():
             os.replace(old, out)
         raise
+    fsync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_report(out: Path, results: list[VaeResult], summary: dict, settings_record: dict) -> None:
+def write_report(out: Path, results: list[VaeResult], summary: dict, settings: dict) -> None:
     """The report's files, into a hidden staging folder beside `out` that then replaces it whole."""
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed evaluation: never published
@@ -330,26 +346,28 @@ def write_report(out: Path, results: list[VaeResult], summary: dict, settings_re
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     tmp.mkdir()
     try:
-        _write_report_files(tmp, results, summary, settings_record)
+        write_report_files(tmp, results, summary, settings)
+        fsync_dir(tmp)
         publish_report(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _write_report_files(out: Path, results: list[VaeResult], summary: dict, settings_record: dict) -> None:
-    write_csv(out / "per_image.csv", results)
-    (out / "summary.json").write_text(json.dumps(finite_or_none({"settings": settings_record, "vaes": summary}),
-                                                 indent=2) + "\n")
-    plot_spectra(out / "spectrum.png", results, settings_record["spectrum_bins"])
-    fit = {"crop": "center-cropped", "pad": "reflect-padded (scored on the original pixels)"}[settings_record["fit"]]
-    scale = f"downscaled to at most {settings_record['max_side']} px on the long side, " if settings_record["max_side"] else ""
-    md = [f"# VAE evaluation: {settings_record['images']} images from `{settings_record['data']}`", "",
+def write_report_files(out: Path, results: list[VaeResult], summary: dict, settings: dict) -> None:
+    """per_image.csv, summary.json, spectrum.png and report.md into the folder `out`."""
+    write_text(out / "per_image.csv", csv_text(results))
+    write_text(out / "summary.json", json.dumps(finite_or_none({"settings": settings, "vaes": summary}), indent=2)
+               + "\n")
+    plot_spectra(out / "spectrum.png", results, settings["spectrum_bins"])
+    fit = {"crop": "center-cropped", "pad": "reflect-padded (scored on the original pixels)"}[settings["fit"]]
+    scale = f"downscaled to at most {settings['max_side']} px on the long side, " if settings["max_side"] else ""
+    md = [f"# VAE evaluation: {settings['images']} images from `{settings['data']}`", "",
           f"Images {scale}{fit} to a multiple of each VAE's downsampling factor; z = posterior mean; "
           "metrics on uint8 outputs; PSNR and the other columns are per-image means (pooled PSNR: MSE pooled "
           "over all images). Conventions: docs/evaluation.md.", "", markdown_table(summary), "",
           "![spectrum](spectrum.png)", ""]
-    (out / "report.md").write_text("\n".join(md))
+    write_text(out / "report.md", "\n".join(md))
 
 
 def vae_label(spec: str, taken: set[str]) -> str:
@@ -362,21 +380,25 @@ def vae_label(spec: str, taken: set[str]) -> str:
     return label
 
 
-def load_all(specs: list[str], device: torch.device) -> dict[str, tuple[str, torch.nn.Module]]:
-    """label -> (spec, VAE), all loaded before any work so that a bad path fails at once."""
-    taken: set[str] = set()
-    return {vae_label(s, taken): (s, load_vae(s).to(device).eval()) for s in specs}
-
-
-def load_vae(spec: str):
-    """load_autoencoder, with `--vae` leading the message of a NotAnAutoencoder."""
+def load_vae(spec: str, flag: str = "--vae"):
+    """load_autoencoder, with `flag` leading the message of a NotAnAutoencoder."""
     try:
         return load_autoencoder(spec)
     except NotAnAutoencoder as e:
-        raise with_flag("--vae", spec, e) from e
+        raise with_flag(flag, spec, e) from e
+
+
+def load_all(specs: tuple[str, ...], device: torch.device,
+             flag: str = "--vae") -> dict[str, tuple[str, torch.nn.Module]]:
+    """label -> (spec, VAE), all loaded before any work so that a bad path fails at once."""
+    taken: set[str] = set()
+    return {vae_label(s, taken): (s, load_vae(s, flag).to(device).eval()) for s in specs}
 
 
 def resolve_device(device: str) -> torch.device:
+    """--device: `auto` is cuda where a GPU is available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except RuntimeError as e:
@@ -386,70 +408,39 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def run_evaluation(specs: list[str], data: str | Path, out: str | Path, settings: EvalSettings = EvalSettings(),
-                   lpips_dir: Optional[str] = None, device: str = "cpu", limit: int = 0, log=print,
-                   lpips_option: str = "--lpips-dir") -> dict:
-    """The whole evaluation; returns summary.json's contents. Raises NotAnAutoencoder for a bad VAE path,
-    other UserErrors for other bad inputs, all before any work; `out` is written only at the end."""
-    for net in settings.lpips_nets:
-        if net not in LPIPS_NETS:
-            raise BadInputError(f"--lpips: unknown LPIPS net {net!r}; valid choices: {', '.join(LPIPS_NETS)}")
-    get_fit(settings.fit)
-    if limit < 0 or settings.max_side < 0:
-        raise BadInputError(f"--limit and --max-side must be >= 0 (0: all images, no downscale); got "
-                            f"{limit} and {settings.max_side}")
-    check_report_folder(Path(out))
-    dev = resolve_device(device)
-    vaes = load_all(specs, dev)
-    images = list_images(data)[: limit or None]
-    lpips_models = {net: load_lpips(net, lpips_dir, option=lpips_option) for net in settings.lpips_nets}
+def settings_record(opts: EvaluateOptions, images: int, dev: torch.device) -> dict:
+    """summary.json's "settings": every option, `device` as resolved, and what else fixes the numbers."""
+    return {**asdict(opts), "vae": list(opts.vae), "device": str(dev), "images": images,
+            "mixed_precision_resolved": resolve_mixed_precision(opts.mixed_precision, dev.type),
+            "spectrum_bins": SPECTRUM_BINS, "latent": "posterior mean (mode)", "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def run_evaluation(opts: EvaluateOptions, log=print, vae_flag: str = "--vae") -> dict:
+    """The whole evaluation; returns summary.json's contents. Raises NotAnAutoencoder for a bad VAE path
+    (its message led by `vae_flag`), other UserErrors for other bad inputs, all before any work; --out is
+    written only at the end."""
+    out = Path(opts.out)
+    check_report_folder(out)
+    dev = resolve_device(opts.device)
+    vaes = load_all(opts.vae, dev, vae_flag)
+    src = open_images(opts)
+    nets = () if opts.lpips == "none" else tuple(opts.lpips.split(","))
+    lpips_models = {net: load_lpips(net, opts.lpips_dir, option="--lpips-dir") for net in nets}
     results, summary = [], {}
     for label, (spec, vae) in vaes.items():
         log(f"{label}: {type(vae).__name__}, /{downsample_factor(vae)}, {latent_channels(vae)} channels")
-        result = evaluate_vae(label, spec, vae, images, settings, lpips_models, log)
+        result = evaluate_vae(label, spec, vae, src, opts, lpips_models, log)
         results.append(result)
         summary[label] = summarize(result, vae)
-    record = {**asdict(settings), "data": str(data), "images": len(images), "device": device,
-              "precision_resolved": resolve_mixed_precision(settings.precision, dev.type),
-              "latent": "posterior mean (mode)", "torch": torch.__version__, "threads": torch.get_num_threads()}
-    write_report(Path(out), results, summary, record)
-    return finite_or_none({"settings": record, "vaes": summary})
+    settings = settings_record(opts, len(src), dev)
+    write_report(out, results, summary, settings)
+    return finite_or_none({"settings": settings, "vaes": summary})
 
 
-def _parser() -> argparse.ArgumentParser:
-    from .cli import make_parser
-
-    p = make_parser("latentvae evaluate", __doc__.split("\n")[0])
-    p.add_argument("--vae", action="append", required=True,
-                   help="diffusers folder, training run/checkpoint, LDM .safetensors or taesd:sd|sdxl|sd3|flux; repeat")
-    p.add_argument("--data", required=True, help="image folder (searched recursively)")
-    p.add_argument("--out", required=True, help="report folder: new, empty, or an earlier report (replaced)")
-    p.add_argument("--fit", default="crop", choices=list(FITS), help="crop or pad to the downsampling factor")
-    p.add_argument("--max-side", type=int, default=0, help="downscale images whose long side exceeds this (0: never)")
-    p.add_argument("--lpips", default=",".join(LPIPS_NETS), help="comma-separated LPIPS nets, or '' for none")
-    p.add_argument("--lpips-dir", help="folder of LPIPS backbones (default $LATENTVAE_LPIPS_DIR)")
-    p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS], help="autocast dtype for the VAE")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--limit", type=int, default=0, help="only the first N images (0: all)")
-    return p
-
-
-def _evaluate_command(argv=None) -> None:
-    args = _parser().parse_args(argv)
-    settings = EvalSettings(fit=args.fit, max_side=args.max_side, precision=args.precision,
-                            lpips_nets=tuple(n for n in args.lpips.split(",") if n))
-    summary = run_evaluation(args.vae, args.data, args.out, settings, args.lpips_dir, args.device, args.limit,
-                             log=lambda m: print(m, file=sys.stderr))
+def run(opts: EvaluateOptions) -> dict:
+    """`latentvae evaluate`: the evaluation, progress on stderr, the table on stdout."""
+    summary = run_evaluation(opts, log=lambda m: print(m, file=sys.stderr))
     print(markdown_table(summary["vaes"]))
-    print(f"report: {args.out}/report.md")
-
-
-def main(argv=None) -> None:
-    """`latentvae evaluate` = `python eval/evaluate.py`; a mistake is one line on stderr, exit status 2."""
-    from .cli import run_command
-
-    run_command("evaluate", _evaluate_command, argv)
-
-
-if __name__ == "__main__":
-    main()
+    print(f"report: {opts.out}/report.md")
+    return summary

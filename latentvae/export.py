@@ -1,7 +1,7 @@
 """Export a training run to a diffusers folder, with measured latent statistics and a model card.
 
-    latentvae export runs/quickstart out/my-vae --calibrate data/samples/train
-    latentvae export runs/quickstart/checkpoints/checkpoint-00000300 out/my-vae --weights raw --dtype fp16
+    latentvae export runs/quickstart --out out/my-vae --calibrate data/samples/train
+    latentvae export runs/quickstart/checkpoints/checkpoint-00000300 --out out/my-vae --weights raw --dtype fp16
 
 OUT gets `config.json` + `diffusion_pytorch_model.safetensors` (loadable by
 `diffusers.AutoencoderKL.from_pretrained(OUT)`), `README.md` (model card: training config, data,
@@ -14,7 +14,6 @@ export leaves nothing behind. See docs/export.md.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -26,19 +25,21 @@ from typing import Any, Optional
 import torch
 from diffusers import AutoencoderKL
 
-from . import runs as ckpt
-from .calibrate import (CONVENTIONS, CalibrationConfig, Fp16Report, LatentStats, calibrate, fp16_check,
+from . import runs
+from .calibrate import (CalibrationConfig, Fp16Report, LatentStats, calibrate, fp16_check,
                         format_fp16, format_stats)
 from .config import config_from_dict
+from .conventions import FAMILIES
 from .errors import BadInputError, MissingInputError, UserError
 from .loading import load_from_checkpoint
-from .model import decode, downsample_factor, encode_moments
+from .model import DETERMINISTIC_LOGVAR, decode, downsample_factor, encode_moments
+from .options import ExportOptions, validated
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-WEIGHTS = {"ema": "the EMA of the training weights", "raw": "the training weights themselves"}
 FP32_TOLERANCE = 1e-5
 UNMEASURED_SCALING = 1.0  # identity: diffusers needs some value; 1.0 is not passed off as measured
 METADATA_FILE = "latentvae_export.json"
+TILE_SAMPLE_SIZE = 512  # the exported config's sample_size at least (the SD VAE's)
 
 
 class ExportError(RuntimeError):
@@ -47,34 +48,6 @@ class ExportError(RuntimeError):
 
 class ExportTargetExists(UserError, FileExistsError):
     """OUT exists and holds something that --overwrite was not given to replace."""
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    weights: str = "ema"  # "ema" or "raw"
-    dtype: str = "fp32"  # key of DTYPES
-    calibrate: Optional[str] = None  # image folder / dataset to measure latent statistics on
-    convention: Optional[str] = None  # key of calibrate.CONVENTIONS; None: by latent channels
-    count: int = 64
-    resolution: int = 256
-    fp16_images: int = 2  # calibration images decoded in fp16 (slow on a CPU)
-    eval_summary: Optional[str] = None  # None: RUN/eval/summary.json when it exists
-    overwrite: bool = False
-
-    def check(self) -> None:
-        if self.weights not in WEIGHTS:
-            raise BadInputError(f"unknown weights {self.weights!r}; valid choices: {', '.join(WEIGHTS)}")
-        if self.dtype not in DTYPES:
-            raise BadInputError(f"unknown dtype {self.dtype!r}; valid choices: {', '.join(DTYPES)}")
-        if self.convention is not None and self.convention not in CONVENTIONS:
-            raise BadInputError(f"unknown convention {self.convention!r}; valid choices: {', '.join(CONVENTIONS)}")
-        if self.convention is not None and self.calibrate is None:
-            raise BadInputError("--convention chooses how measured factors are written; it needs --calibrate DATA")
-        if self.count <= 0 or self.resolution <= 0:
-            raise BadInputError(f"calibration --count and --resolution must be positive, got {self.count} and "
-                                f"{self.resolution}")
-        if self.fp16_images < 0:
-            raise BadInputError(f"--fp16-images must be >= 0, got {self.fp16_images}")
 
 
 @dataclass(frozen=True)
@@ -131,7 +104,7 @@ def check_apart(run: str | Path, found: Path, out: Path) -> None:
 def find_source(run: str | Path) -> Path:
     """The checkpoint to export, or a MissingInputError/BadInputError naming RUN."""
     try:
-        return ckpt.find_checkpoint(run)
+        return runs.find_checkpoint(run)
     except FileNotFoundError as e:
         raise MissingInputError(str(e)) from e
 
@@ -190,6 +163,15 @@ def verify(folder: Path, vae: AutoencoderKL, dtype: str) -> dict[str, float]:
     return diff
 
 
+def umask_modes(folder: Path) -> None:
+    """Give every file in `folder` the mode a plain `open()` would (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
+
+
 def publish(tmp: Path, out: Path) -> None:
     """Rename the verified staging folder to OUT, replacing an old OUT only after that succeeds."""
     old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -244,18 +226,19 @@ def model_card(meta: dict[str, Any]) -> str:
                   "with no shift_factor / latents_mean / latents_std. Measure them before training a diffusion "
                   "model: `latentvae export RUN OUT --calibrate IMAGES`."]
     else:
-        conv = {"sd": "SD/SDXL: the diffusion model sees `z * scaling_factor`",
-                "sd3": "SD3/FLUX: the diffusion model sees `(z - shift_factor) * scaling_factor`"}[stats["convention"]]
-        lines += [f"Measured on {stats['images']} images ({stats['resolution']}px, `{stats['source']}`), "
-                  f"{conv}.", "", "| entry | value |", "|---|---|",
-                  f"| scaling_factor | {lc['scaling_factor']:.6g} |",
-                  f"| shift_factor | {lc['shift_factor'] if lc['shift_factor'] is None else format(lc['shift_factor'], '.6g')} |",
-                  "| latents_mean | " + ", ".join(f"{v:.4g}" for v in lc["latents_mean"]) + " |",
-                  "| latents_std | " + ", ".join(f"{v:.4g}" for v in lc["latents_std"]) + " |", "",
+        def fmt(v):
+            return "not set" if v is None else ", ".join(f"{x:.4g}" for x in v) if isinstance(v, list) else f"{v:.6g}"
+        lines += [f"Measured on {stats['images']} images ({stats['resolution']}px, `{stats['source']}`), written for "
+                  f"the `{stats['convention']}` convention: {FAMILIES[stats['convention']]}, which gives "
+                  "unit-variance latents on those images.", "", "| config entry | value |", "|---|---|"]
+        lines += [f"| {k} | {fmt(lc[k])} |" for k in ("scaling_factor", "shift_factor", "latents_mean", "latents_std")]
+        lines += ["", "Measured per channel: mean " + fmt(stats["channel_mean"]) + "; std " + fmt(stats["channel_std"])
+                  + ".", "",
                   "Latent health: KL per element "
                   + ("n/a" if stats["health"]["kl_per_element"] is None else f"{stats['health']['kl_per_element']:.4g} nats")
                   + "; channels carrying no information: " + (", ".join(map(str, stats["health"]["dead_channels"])) or "none")
                   + "."]
+    lines += ["", "## Posterior", "", f"{meta['posterior']}."]
     lines += ["", "## fp16", "", f"`force_upcast: {lc['force_upcast']}`. "
               + (fp16["note"] if fp16 else "Not checked (no calibration images): force_upcast kept True.")]
     lines += ["", "## Data seen in training", "", "| | |", "|---|---|"]
@@ -281,7 +264,7 @@ def measure(vae: AutoencoderKL, options: ExportOptions, use_mean: bool = False,
         log(f"latent statistics: NOT measured (no --calibrate); config.json gets the unmeasured placeholder "
             f"scaling_factor={UNMEASURED_SCALING} and force_upcast=True")
         return None, None
-    stats = calibrate(vae, CalibrationConfig(options.calibrate, options.count, options.resolution, options.convention,
+    stats = calibrate(vae, CalibrationConfig(options.calibrate, options.limit, options.resolution, options.convention,
                                              keep_latents=options.fp16_images, use_mean=use_mean))
     log(format_stats(stats))
     fp16 = fp16_check(vae, stats.sample_latents) if options.fp16_images > 0 else None
@@ -289,15 +272,15 @@ def measure(vae: AutoencoderKL, options: ExportOptions, use_mean: bool = False,
     return stats, fp16
 
 
-def export(run: str | Path, out: str | Path, options: ExportOptions = ExportOptions(), log=print) -> ExportResult:
-    """RUN (a training run or one checkpoint) -> verified diffusers folder OUT."""
-    options.check()
-    out = Path(out)
+def export(options: ExportOptions, log=print) -> ExportResult:
+    """`options.src` (a training run or one checkpoint) -> verified diffusers folder `options.out`."""
+    options = validated(options)  # the command line's checks for library callers too
+    run, out = options.src, Path(options.out)
     found = find_source(run)
     check_apart(run, found, out)
     check_out(out, options.overwrite)
     try:
-        state = ckpt.read_state(found)
+        state = runs.read_state(found)
     except ValueError as e:
         raise BadInputError(str(e)) from e
     cfg = config_from_dict(state["config"])
@@ -310,7 +293,9 @@ def export(run: str | Path, out: str | Path, options: ExportOptions = ExportOpti
 
     stats, fp16 = measure(vae, options, use_mean=cfg.model.mode == "ae", log=log)
     lc = latent_config(stats, fp16)
-    vae.register_to_config(**lc)
+    # diffusers' tiling decodes in tiles of sample_size pixels (and normalizes per tile): 512, as the
+    # SD VAE, or the training/calibration size if larger; diffusers' default (32) made 32-px tiles
+    vae.register_to_config(**lc, sample_size=max(TILE_SAMPLE_SIZE, cfg.data.resolution, options.resolution))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
@@ -319,6 +304,7 @@ def export(run: str | Path, out: str | Path, options: ExportOptions = ExportOpti
         tmp.mkdir()
         stored = copy.deepcopy(vae) if options.dtype == "fp32" else copy.deepcopy(vae).to(DTYPES[options.dtype])
         stored.save_pretrained(str(tmp), safe_serialization=True)
+        umask_modes(tmp)  # safetensors writes its file 0600; the export is meant to be shared
         diff = verify(tmp, vae, options.dtype)
         meta = {"format": "latentvae-export-1", "checkpoint": str(found), "step": int(state["step"]),
                 "weights": options.weights, "dtype": options.dtype, "latent_config": lc,
@@ -327,7 +313,10 @@ def export(run: str | Path, out: str | Path, options: ExportOptions = ExportOpti
                 "data": data_seen(cfg, state), "training_config": cfg.to_dict(),
                 "evaluation_file": str(summary_file) if summary_file else None,
                 "evaluation": json.loads(summary_file.read_text()) if summary_file else None,
-                "max_abs_diff": diff}
+                "max_abs_diff": diff,
+                "posterior": ("deterministic: model.mode ae never trained the log-variance, so it is pinned to "
+                              f"{DETERMINISTIC_LOGVAR} (std ~3e-7) and latent_dist.sample() equals mode()"
+                              if cfg.model.mode == "ae" else "Gaussian: latent_dist.sample() = mean + std * noise")}
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         (tmp / "README.md").write_text(model_card(meta))
         publish(tmp, out)
@@ -341,43 +330,7 @@ def export(run: str | Path, out: str | Path, options: ExportOptions = ExportOpti
     return ExportResult(out, found, int(state["step"]), stats, fp16, diff)
 
 
-# ----------------------------------------------------------------------------- command line
-def parser() -> argparse.ArgumentParser:
-    from .cli import make_parser
-
-    p = make_parser("latentvae export", "Export a training run to a diffusers AutoencoderKL folder, optionally with "
-                    "measured latent scaling factors.")
-    p.add_argument("run", help="training output folder (its newest checkpoint) or one checkpoint folder")
-    p.add_argument("out", help="diffusers folder to write (outside the run)")
-    p.add_argument("--weights", choices=list(WEIGHTS), default="ema", help="EMA (default) or raw training weights")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="stored dtype of the weights")
-    p.add_argument("--calibrate", metavar="DATA", help="image folder or dataset: measure the latent statistics on it")
-    p.add_argument("--convention", choices=list(CONVENTIONS),
-                   help="sd: z*scaling_factor; sd3: (z-shift_factor)*scaling_factor (default: sd3 for 16 latent "
-                        "channels, else sd)")
-    p.add_argument("--count", type=int, default=64, help="calibration images (default 64)")
-    p.add_argument("--resolution", type=int, default=256, help="calibration crop size (default 256)")
-    p.add_argument("--fp16-images", type=int, default=2, help="calibration images decoded in fp16 to check for "
-                   "overflow (default 2; 0 skips the check and keeps force_upcast=True)")
-    p.add_argument("--eval-summary", help="evaluation summary JSON for the model card (default: RUN/eval/summary.json)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
-    return p
-
-
-def _export_command(argv=None) -> None:
-    a = parser().parse_args(argv)
-    options = ExportOptions(a.weights, a.dtype, a.calibrate, a.convention, a.count, a.resolution, a.fp16_images,
-                            a.eval_summary, a.overwrite)
-    export(a.run, a.out, options)
-
-
-def main(argv=None) -> None:
-    """`latentvae export`; a mistake in the arguments is one line on stderr and exit status 2 (a failed
-    verification, ExportError, is not a user's mistake and keeps its traceback)."""
-    from .cli import run_command
-
-    run_command("export", _export_command, argv)
-
-
-if __name__ == "__main__":
-    main()
+def run(options: ExportOptions) -> ExportResult:
+    """`latentvae export SRC --out OUT` (a failed verification, ExportError, is not a user's mistake
+    and keeps its traceback)."""
+    return export(options)

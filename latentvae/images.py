@@ -4,10 +4,11 @@
     img, (top, left) = cover_crop(img, (W, H))  # resize to cover (W, H), central crop: caches, calibration, demos
     img = resize_short_side(img, 256)        # training crops start here
     img = crop_center(img, 256)              # native scale, central square: preview grids
+    img = downscale_long_side(img, 1024)     # evaluation: long side at most 1024 (Lanczos)
     x = to_tensor(img)                       # (3, H, W) float in [-1, 1]
     grid = make_grid([orig, recon])          # rows of [-1, 1] batches side by side
 
-Every resize and crop in latentvae is one of these three, so the latent statistics that export
+Every resize and crop in latentvae is one of these four, so the latent statistics that export
 measures come from the same pixels the cache stores.
 """
 from __future__ import annotations
@@ -170,6 +171,16 @@ def cover_crop(img: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, tu
         img = img.resize((rw, rh), Image.BICUBIC)
     top, left = (rh - H) // 2, (rw - W) // 2
     return img.crop((left, top, left + W, top + H)), (top, left)
+
+
+def downscale_long_side(img: Image.Image, max_side: int) -> Image.Image:
+    """Lanczos-downscale so that the long side is at most `max_side` (0, or already small: unchanged);
+    the evaluation protocols' resize, which must not change the figures they published."""
+    w, h = img.size
+    if not max_side or max(w, h) <= max_side:
+        return img
+    s = max_side / max(w, h)
+    return img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
 
 
 def crop_center(img: Image.Image, res: int) -> Image.Image:

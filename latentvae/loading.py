@@ -15,11 +15,11 @@ from pathlib import Path
 
 from diffusers import AutoencoderKL
 
-from . import runs as ckpt
+from . import runs
 from . import convert
 from .config import config_from_dict
 from .errors import BadInputError, MissingInputError, UserError
-from .model import AUTOENCODER_CLASSES, diffusers_kwargs
+from .model import AUTOENCODER_CLASSES, diffusers_kwargs, make_posterior_deterministic
 
 
 class NotAnAutoencoder(UserError, ValueError):
@@ -34,8 +34,8 @@ def with_flag(flag: str, spec, e: NotAnAutoencoder) -> NotAnAutoencoder:
 
 def load_from_checkpoint(path: str | Path, weights: str = "ema") -> AutoencoderKL:
     """The VAE of a training checkpoint (or a run's newest), with its EMA or raw weights."""
-    found = ckpt.find_checkpoint(path)
-    state = ckpt.read_state(found)
+    found = runs.find_checkpoint(path)
+    state = runs.read_state(found)
     if "vae_config" in state:  # the architecture actually trained (also with model.init_from)
         vae = AutoencoderKL.from_config(state["vae_config"])
     else:
@@ -47,7 +47,9 @@ def load_from_checkpoint(path: str | Path, weights: str = "ema") -> AutoencoderK
     if weights == "ema" and not file.is_file():
         raise MissingInputError(f"{found}: no ema.safetensors (EMA was off in this run); use the raw weights "
                                 "(--weights raw, weights='raw')")
-    vae.load_state_dict(ckpt.load_tensors(file), strict=True)
+    vae.load_state_dict(runs.load_tensors(file), strict=True)
+    if state.get("config", {}).get("model", {}).get("mode") == "ae":
+        make_posterior_deterministic(vae)  # its log-variance never trained: sample() must equal mode()
     return vae.eval()
 
 

@@ -48,6 +48,24 @@ def configure_for_training(vae: AutoencoderKL, m: ModelConfig) -> AutoencoderKL:
     return vae
 
 
+# diffusers clamps the log-variance to [-30, 20]: at -30 the posterior's std is e^-15 ~ 3e-7
+DETERMINISTIC_LOGVAR = -30.0
+
+
+@torch.no_grad()
+def make_posterior_deterministic(vae: AutoencoderKL) -> AutoencoderKL:
+    """Pin the posterior's log-variance to -30 (std ~3e-7), so `latent_dist.sample()` equals `.mode()`.
+
+    A plain autoencoder (`model.mode: ae`) never trains the log-variance half of its moments, so
+    without this, `sample()` (what img2img and diffusers' training scripts call) adds noise larger
+    than the signal. The moments come from `quant_conv`, or from the encoder's last conv without it."""
+    conv = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
+    c = vae.config.latent_channels
+    conv.weight[c:].zero_()
+    conv.bias[c:].fill_(DETERMINISTIC_LOGVAR)
+    return vae
+
+
 def downsample_factor(vae) -> int:
     if isinstance(vae, AutoencoderTiny):
         return 2 ** sum(1 for m in vae.encoder.layers if isinstance(m, torch.nn.Conv2d) and m.stride[0] == 2)

@@ -130,6 +130,12 @@ def make_options(cls: type, values: dict[str, Any]) -> Any:
     return check(cls(**{k: coerce(flag_name(by_name[k]), v, hints[k]) for k, v in values.items()}))
 
 
+def validated(obj: Any) -> Any:
+    """An options object built in code (`EncodeOptions(vae=..., ...)`) put through the command line's
+    coercion and checks, so library callers get the same errors as users."""
+    return make_options(type(obj), {f.name: getattr(obj, f.name) for f in fields(obj)})
+
+
 # ----------------------------------------------------------------------------- the command line
 def flag_name(f: dataclasses.Field) -> str:
     """How the field is named on the command line: `--image-column`, or `SRC` for a positional."""
@@ -280,8 +286,10 @@ class ExportOptions:
     dtype: Literal["fp32", "fp16", "bf16"] = opt("fp32", "stored dtype of the weights")
     calibrate: Optional[str] = opt(None, "images to measure the latent statistics on (" + DATA_HELP + ")",
                                    metavar="DATA")
-    convention: Optional[Literal["sd", "sd3"]] = opt(None, "sd: z * scaling_factor; sd3: (z - shift_factor) * "
-                                                           "scaling_factor (default: sd3 for 16 channels, else sd)")
+    convention: Optional[Literal["sd", "sdxl", "sd3"]] = opt(
+        None, "the pipeline family whose own formula must give unit latents: sd (SD 1.x/2.x: z * scaling_factor), "
+              "sdxl (SDXL family: (z - latents_mean) * scaling_factor / latents_std, 4 channels), sd3 (SD3/FLUX: "
+              "(z - shift_factor) * scaling_factor); default: sd3 for 16 channels, else sd")
     limit: int = opt(64, "calibration images")
     resolution: int = opt(256, "calibration crop size")
     fp16_images: int = opt(2, "calibration images decoded in fp16 to check for overflow (0: skip the check, "
@@ -308,18 +316,19 @@ class EncodeOptions:
     data_kind: DataKind = opt("auto", "what --data is (auto: from the path)")
     split: str = opt("train", "split of a `datasets` input")
     image_column: str = opt("image", "image column of a `datasets` input")
-    limit: int = opt(0, "only the first N inputs (0: all)")
+    limit: int = opt(0, "only the first N inputs (0: all); rerun with a larger N to encode the next ones")
     preprocess: Literal["center-crop", "buckets"] = opt("center-crop", "resize and crop mode")
-    resolution: int = opt(256, "square side; aspect buckets hold about its square")
+    resolution: int = opt(256, "square side, a multiple of the VAE's downsampling factor; aspect buckets hold "
+                               "about its square")
     max_aspect: float = opt(2.0, "widest bucket aspect ratio")
     flip: bool = opt(False, "also store a horizontally flipped copy of every image")
     store: Literal["mean", "moments", "sample"] = opt("mean", "latent columns of each row")
     dtype: Literal["fp16", "bf16", "fp32"] = opt("fp16", "stored dtype of the latents")
     shard_size: int = opt(1000, "rows per parquet shard")
     batch_size: int = opt(8, "images per encoder call")
-    num_workers: int = opt(-1, "DataLoader workers decoding images; -1: auto")
+    num_workers: int = opt(-1, "DataLoader workers decoding images; -1: one fewer than the CPU cores, at most 4")
     mixed_precision: Precision = opt("auto", PRECISION_HELP)
-    channels_last: Optional[bool] = opt(None, "channels-last memory format (auto: yes for inference)")
+    channels_last: Optional[bool] = opt(None, "channels-last memory format of the encoder (auto: yes)")
     jpeg_draft: bool = opt(True, "decode JPEGs at a reduced DCT scale that still covers the target")
     max_image_pixels: int = opt(100_000_000, "larger images are recorded as failures")
     seed: int = opt(0, "noise of --store sample, rows checked by --verify")
@@ -361,7 +370,8 @@ class EvaluateOptions:
     limit: int = opt(0, "only the first N images (0: all)")
     fit: Literal["crop", "pad"] = opt("crop", "center-crop or reflect-pad each image to the downsampling factor")
     max_side: int = opt(0, "downscale images whose long side exceeds this first (0: never)")
-    lpips: Literal["alex,vgg", "alex", "vgg", "none"] = opt("alex,vgg", "LPIPS networks")
+    lpips: Literal["alex,vgg", "alex", "vgg", "none"] = opt("alex,vgg", "LPIPS networks: alex,vgg (both), alex, vgg "
+                                                                    "or none", metavar="NETS")
     lpips_dir: Optional[str] = opt(None, "folder of the LPIPS backbones (default: $LATENTVAE_LPIPS_DIR)")
     mixed_precision: Precision = opt("auto", PRECISION_HELP)
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
@@ -418,10 +428,12 @@ class InterpolateOptions:
 @dataclass(frozen=True)
 class TradeoffOptions:
     """The blur tradeoff: train (or take) a set of autoencoders, evaluate them, draw the pictures."""
-    data: str = opt(REQUIRED, "evaluation images")
+    data: str = opt(REQUIRED, "evaluation images: " + DATA_HELP)
     out: str = opt(REQUIRED, "folder: runs/, eval/, the plots and tradeoff.md")
-    runs: tuple[str, ...] = opt((), "evaluate these VAEs instead of training the sweep (" + VAE_HELP + ")")
-    variants: tuple[str, ...] = opt((), "sweep variants to train (default: all)")
+    runs: tuple[str, ...] = opt((), "evaluate these VAEs instead of training the sweep (" + VAE_HELP + ")",
+                                metavar="VAE")
+    variants: tuple[str, ...] = opt((), "sweep variant to train (default: all of them; the names are listed in "
+                                        "latentvae/tradeoff.py and docs/evaluation.md)", metavar="NAME")
     steps: int = opt(300, "training steps per sweep run")
     config: Optional[str] = opt(None, "training config the sweep starts from (default: configs/quickstart.yaml)")
     max_side: int = opt(256, "evaluation: downscale images whose long side exceeds this")
@@ -429,3 +441,7 @@ class TradeoffOptions:
 
     def check(self) -> None:
         _positive(steps=self.steps)
+        if self.max_side < 0:
+            raise OptionError(f"--max-side must be >= 0, got {self.max_side}")
+        if self.runs and self.variants:
+            raise OptionError("--variants chooses the sweep runs to train; with --runs nothing is trained")

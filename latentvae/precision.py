@@ -2,9 +2,8 @@
 
 On CUDA, bf16 autocast and channels_last pay. On a CPU they pay only where oneDNN has bf16
 kernels (AVX512-BF16 / AMX): without them PyTorch's CPU bf16 convolutions fall back to a slow
-reference path. On the 2-core AVX2 development machine a bf16 matmul ran at 0.3-0.9 GFLOP/s
-against 118-153 GFLOP/s in fp32, and the small preset's training step was 18x slower
-(benchmarks/RESULTS.md).
+reference path, many times slower than fp32 (the figures: benchmarks/RESULTS.md, "Training
+step", the bf16 lever row).
 """
 from __future__ import annotations
 
@@ -39,9 +38,8 @@ def resolve_mixed_precision(choice: str, device_type: str) -> str:
 def resolve_channels_last(choice: bool | None, device_type: str, inference: bool = False) -> bool:
     """None ('auto') -> channels_last on CUDA, or on a CPU with fast bf16 (oneDNN prefers NHWC there).
 
-    For inference only (encoding a dataset), also on other CPUs: on the 2-core AVX2 machine the fp32
-    encoding loop ran 1.13x faster in channels_last (benchmarks/encode_speed.py), while the training
-    step, backward included, did not gain (0.88x, then 1.00x; benchmarks/RESULTS.md)."""
+    For inference only (encoding a dataset), also on other CPUs: there the fp32 encoding loop gains
+    from channels_last while the training step, backward included, does not (benchmarks/RESULTS.md)."""
     if choice is not None:
         return choice
     if inference and device_type == "cpu":

@@ -23,7 +23,8 @@ from diffusers import AutoencoderKL, AutoencoderTiny
 from conftest import make_photo
 from helpers_ckpt import make_run
 from latentvae import cli
-from latentvae.encode import EncodeConfig, encode
+from latentvae.cache import encode
+from latentvae.options import EncodeOptions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,8 +60,8 @@ def ws(tmp_path_factory) -> Path:
     cwd = os.getcwd()
     os.chdir(ws)  # the cache made as a user makes it, with relative paths
     try:
-        encode(EncodeConfig(vae="vae8", data="imgs", out="cache", resolution=32, num_workers=0, progress=False,
-                            mixed_precision="no"))
+        encode(EncodeOptions(vae="vae8", data="imgs", out="cache", resolution=32, num_workers=0, progress=False,
+                             mixed_precision="no"))
     finally:
         os.chdir(cwd)
     (ws / "unfinished").mkdir()
@@ -105,17 +106,20 @@ SUBPROCESS = {
     "evaluate-no-lpips-weights": (["-m", "latentvae", "evaluate", "--vae", "vae8", "--data", "imgs", "--out", "rep"],
                                   NO_WEIGHTS, ["latentvae evaluate: error:", "--lpips-dir", "LATENTVAE_LPIPS_DIR"],
                                   "rep"),
-    "demo-size-not-a-multiple": ([str(REPO / "eval" / "demos.py"), "interpolate", "--vae", "vae8", "--a", "imgs/p0.png",
-                                  "--b", "imgs/p1.png", "--out", "interp", "--size", "36"], {},
-                                 ["latentvae demo: error:", "--size 36", "downsampling factor 8", "use 32 or 40"],
-                                 "interp"),
-    "export-inside-its-source": (["-m", "latentvae", "export", "run", "run/export"], {},
+    "demo-resolution-not-a-multiple": ([str(REPO / "eval" / "demos.py"), "interpolate", "--vae", "vae8", "--a",
+                                        "imgs/p0.png", "--b", "imgs/p1.png", "--out", "interp", "--resolution", "36"],
+                                       {}, ["latentvae demo interpolate: error:", "--resolution 36",
+                                            "downsampling factor 8", "use 32 or 40"], "interp"),
+    "tradeoff-missing-run": ([str(REPO / "eval" / "tradeoff.py"), "--runs", "vae8", "--runs", "vae9", "--data", "imgs",
+                              "--out", "sweep"], {},
+                             ["latentvae tradeoff: error:", "--runs vae9 does not exist"], "sweep"),
+    "export-inside-its-source": (["-m", "latentvae", "export", "run", "--out", "run/export"], {},
                                  ["latentvae export: error:", "run/export", "inside its source run"], "run/export"),
     # no torch import on these: they answer at once
     "no-command": (["-m", "latentvae"], {}, None, None),
     "unknown-command": (["-m", "latentvae", "encdoe"], {},
                         ["latentvae: error: unknown command 'encdoe'; valid commands: train, export, encode, decode, "
-                         "evaluate, demo"], None),
+                         "evaluate, tradeoff, demo"], None),
 }
 
 
@@ -156,7 +160,7 @@ def test_help_lists_every_command_and_exits_0():
         proc = subprocess.run([sys.executable, "-m", "latentvae", flag], env=env(), capture_output=True, text=True,
                               timeout=60)
         assert proc.returncode == 0 and proc.stderr == ""
-        for name in ("train", "export", "encode", "decode", "evaluate", "demo"):
+        for name in ("train", "export", "encode", "decode", "evaluate", "tradeoff", "demo"):
             assert any(line.split()[:1] == [name] and len(line.split()) > 2 for line in proc.stdout.splitlines()), name
 
 
@@ -189,41 +193,64 @@ MISTAKES = {  # id -> (argv of `latentvae`, words the one line must hold)
                                ["--out cache holds a cache made with other settings", "vae_weights_sha256"]),
     "encode-bad-batch-size": (["encode", "--vae", "vae8", "--data", "imgs", "--out", "new", "--batch-size", "0"],
                               ["--batch-size must be >= 1, got 0"]),
+    "encode-negative-limit": (["encode", "--vae", "vae8", "--data", "imgs", "--out", "new", "--limit", "-1"],
+                              ["--limit must be >= 0, got -1"]),
+    "encode-rerun-other-limit": (["encode", "--vae", "vae8", "--data", "imgs", "--out", "cache", "--resolution", "32",
+                                  "--limit", "2"], ["--out cache holds a cache made with other settings",
+                                                    "inputs: 3 there, 2 now", "limit: 0 there, 2 now"]),
     # decode
     "decode-missing-cache": (["decode", "latentz"], ["latentvae decode: error: cache folder latentz does not exist"]),
     "decode-not-a-cache": (["decode", "imgs"], ["imgs is not a latent cache (no manifest.json)"]),
     "decode-unfinished-cache": (["decode", "unfinished"], ["unfinished/manifest.json not found", "rerun the same"]),
     "decode-other-vae": (["decode", "cache", "--vae", "vae8b"], ["--vae vae8b is not the VAE that made cache"]),
-    "decode-num-0": (["decode", "cache", "--num", "0"], ["--num must be >= 1, got 0"]),
+    "decode-limit-0": (["decode", "cache", "--limit", "0"], ["--limit must be >= 1, got 0"]),
+    "decode-out-is-a-file": (["decode", "cache", "--out", "photo.png"], ["--out photo.png exists and is not a folder"]),
     # evaluate
     "evaluate-lpips-dir-missing": (["evaluate", "--vae", "vae8", "--data", "imgs", "--out", "new", "--lpips-dir",
                                     "weights"], ["--lpips-dir weights is not a folder", "LATENTVAE_LPIPS_DIR"]),
-    "evaluate-out-not-a-report": (["evaluate", "--vae", "vae8", "--data", "imgs", "--out", "notes", "--lpips", ""],
+    "evaluate-out-not-a-report": (["evaluate", "--vae", "vae8", "--data", "imgs", "--out", "notes", "--lpips", "none"],
                                   ["--out notes is a non-empty folder that is not an evaluation report"]),
-    "evaluate-data-is-a-file": (["evaluate", "--vae", "vae8", "--data", "photo.png", "--out", "new", "--lpips", ""],
-                                ["image folder photo.png is a file"]),
-    "evaluate-wrong-vae": (["evaluate", "--vae", "taesd:sd2", "--data", "imgs", "--out", "new", "--lpips", ""],
+    "evaluate-data-is-a-file": (["evaluate", "--vae", "vae8", "--data", "photo.png", "--out", "new", "--lpips", "none"],
+                                ["data source photo.png is a file", "expected an image folder"]),
+    "evaluate-missing-data": (["evaluate", "--vae", "vae8", "--data", "imgz", "--out", "new", "--lpips", "none"],
+                              ["latentvae evaluate: error:", "data source imgz does not exist"]),
+    "evaluate-dataset-no-image-column": (["evaluate", "--vae", "vae8", "--data", "hfds", "--out", "new", "--lpips",
+                                          "none"], ["hfds: no image column 'image'; columns: img", "--image-column"]),
+    "evaluate-wrong-vae": (["evaluate", "--vae", "taesd:sd2", "--data", "imgs", "--out", "new", "--lpips", "none"],
                            ["--vae taesd:sd2", "valid choices: taesd:sd, taesd:sdxl"]),
-    "evaluate-unknown-lpips-net": (["evaluate", "--vae", "vae8", "--data", "imgs", "--out", "new", "--lpips", "squeeze"],
-                                   ["--lpips: unknown LPIPS net 'squeeze'; valid choices: alex, vgg"]),
-    # demo: --size against every VAE's factor, before any file
-    "demo-interpolate-size": (["demo", "interpolate", "--vae", "vae8", "--a", "imgs/p0.png", "--b", "imgs/p1.png",
-                               "--out", "new", "--size", "36"], ["latentvae demo: error: --size 36", "factor 8"]),
+    "evaluate-negative-limit": (["evaluate", "--vae", "vae8", "--data", "imgs", "--out", "new", "--limit", "-1"],
+                                ["--limit and --max-side must be >= 0"]),
+    "evaluate-device-without-gpu": (["evaluate", "--vae", "vae8", "--data", "imgs", "--out", "new", "--device",
+                                     "cuda" if not torch.cuda.is_available() else "nonsense"],
+                                    ["latentvae evaluate: error: --device"]),
+    # demo: --resolution against every VAE's factor, before any file
+    "demo-interpolate-resolution": (["demo", "interpolate", "--vae", "vae8", "--a", "imgs/p0.png", "--b", "imgs/p1.png",
+                                     "--out", "new", "--resolution", "36"],
+                                    ["latentvae demo interpolate: error: --resolution 36", "factor 8"]),
     "demo-interpolate-missing-image": (["demo", "interpolate", "--vae", "vae8", "--a", "imgs/p0.png", "--b", "p9.png",
-                                        "--out", "new", "--size", "32"], ["--b p9.png does not exist"]),
-    "demo-recon-grid-size": (["demo", "recon-grid", "--vae", "tiny", "--vae", "vae8", "--data", "imgs", "--out",
-                              "new.png", "--size", "36"], ["--size 36", "factor 8", "--vae vae8"]),
-    "demo-prior-size": (["demo", "prior", "--vae", "vae8", "--data", "imgs", "--out", "new", "--size", "20"],
-                        ["--size 20", "factor 8", "use 16 or 24"]),
+                                        "--out", "new", "--resolution", "32"], ["--b p9.png does not exist"]),
+    "demo-recon-grid-resolution": (["demo", "recon-grid", "--vae", "tiny", "--vae", "vae8", "--data", "imgs", "--out",
+                                    "new.png", "--resolution", "36"], ["--resolution 36", "factor 8", "--vae vae8"]),
+    "demo-prior-resolution": (["demo", "prior", "--vae", "vae8", "--data", "imgs", "--out", "new", "--resolution",
+                               "20"], ["--resolution 20", "factor 8", "use 16 or 24"]),
+    "demo-prior-limit-0": (["demo", "prior", "--vae", "vae8", "--data", "imgs", "--out", "new", "--limit", "0"],
+                           ["latentvae demo prior: error: --limit must be >= 1, got 0"]),
+    # tradeoff: every check before anything is trained or written
+    "tradeoff-unknown-variant": (["tradeoff", "--variants", "mse", "--variants", "l1", "--data", "imgs", "--out",
+                                  "new"], ["latentvae tradeoff: error: --variants: unknown variant 'l1'", "mse+lpips"]),
+    "tradeoff-runs-and-variants": (["tradeoff", "--runs", "vae8", "--variants", "mse", "--data", "imgs", "--out",
+                                    "new"], ["--variants chooses the sweep runs to train; with --runs nothing"]),
+    "tradeoff-wrong-run": (["tradeoff", "--runs", "vae8", "--runs", "photo.png", "--data", "imgs", "--out", "new"],
+                           ["latentvae tradeoff: error: --runs photo.png", "unknown weight file type '.png'"]),
     # export
-    "export-onto-its-run": (["export", "run/checkpoints/checkpoint-00000004", "run", "--overwrite"],
+    "export-onto-its-run": (["export", "run/checkpoints/checkpoint-00000004", "--out", "run", "--overwrite"],
                             ["latentvae export: error: export target run is its source run"]),
-    "export-out-not-empty": (["export", "run", "notes"], ["notes exists and is not empty; pass --overwrite"]),
-    "export-missing-run": (["export", "runz", "new"], ["runz does not exist", "training run"]),
-    "export-bad-calibration-resolution": (["export", "run", "new", "--calibrate", "imgs", "--resolution", "33"],
+    "export-out-not-empty": (["export", "run", "--out", "notes"], ["notes exists and is not empty; pass --overwrite"]),
+    "export-missing-run": (["export", "runz", "--out", "new"], ["runz does not exist", "training run"]),
+    "export-bad-calibration-resolution": (["export", "run", "--out", "new", "--calibrate", "imgs", "--resolution", "33"],
                                           ["--resolution 33 is not a multiple", "factor 2"]),
     # train: the config is checked before anything is written
-    "train-unknown-key": (["train", "--output-dir", "new", "--set", "train.learning_rate=1e-4"],
+    "train-unknown-key": (["train", "--out", "new", "--set", "train.learning_rate=1e-4"],
                           ["latentvae train: error:", "unknown key train.learning_rate", "lr"]),
 }
 
@@ -242,11 +269,21 @@ def test_a_mistake_is_one_line_exit_2_and_changes_nothing(ws, case, capsys, monk
     assert snapshot(ws) == before  # no OUT, no staging folder, no change to an existing cache or folder
 
 
-@pytest.mark.parametrize("argv,flag", [(["decode", "cache", "--n", "2"], "--n"),
+@pytest.mark.parametrize("argv,flag", [(["decode", "cache", "--lim", "2"], "--lim"),
                                        (["encode", "--vae", "vae8", "--data", "imgs", "--out", "new", "--res", "32"],
                                         "--res"),
                                        (["demo", "interpolate", "--vae", "vae8", "--a", "x", "--b", "y", "--out", "o",
-                                         "--st", "2"], "--st")])
+                                         "--st", "2"], "--st"),
+                                       (["evaluate", "--vae", "vae8", "--data", "imgs", "--out", "o", "--mixed", "no"],
+                                        "--mixed"),
+                                       (["tradeoff", "--run", "vae8", "--data", "imgs", "--out", "o"], "--run"),
+                                       # the flags' earlier names: --size, --num, --precision
+                                       (["demo", "recon-grid", "--vae", "vae8", "--data", "imgs", "--out", "o.png",
+                                         "--size", "32"], "--size"),
+                                       (["demo", "prior", "--vae", "vae8", "--data", "imgs", "--out", "o",
+                                         "--num", "2"], "--num"),
+                                       (["evaluate", "--vae", "vae8", "--data", "imgs", "--out", "o", "--precision",
+                                         "no"], "--precision")])
 def test_abbreviated_flags_are_refused_by_name(ws, argv, flag, capsys, monkeypatch):
     monkeypatch.chdir(ws)
     with pytest.raises(SystemExit) as e:
@@ -260,18 +297,43 @@ def test_abbreviated_flags_are_refused_by_name(ws, argv, flag, capsys, monkeypat
     assert not (ws / "new").exists() and not (ws / "o").exists()
 
 
+@pytest.mark.parametrize("argv,flag,value", [
+    (["evaluate", "--vae", "vae8", "--data", "imgs", "--out", "new", "--lpips", "squeeze"], "--lpips", "squeeze"),
+    (["evaluate", "--vae", "vae8", "--data", "imgs", "--out", "new", "--mixed-precision", "fp8"], "--mixed-precision",
+     "fp8")])
+def test_an_unknown_choice_names_its_flag_and_the_choices(ws, argv, flag, value, capsys, monkeypatch):
+    """A Literal option (--lpips alex,vgg|alex|vgg|none): argparse refuses other values, before any work."""
+    monkeypatch.chdir(ws)
+    before = snapshot(ws)
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith(f"latentvae {argv[0]}: error: argument {flag}: invalid choice: '{value}'"), last
+    assert "choose from" in last
+    assert snapshot(ws) == before
+
+
 def test_module_entry_points_report_alike(ws, capsys, monkeypatch):
-    """`python -m latentvae.encode`, `python eval/evaluate.py`: their main() goes through the same helper."""
-    from latentvae import demos, encode as encode_mod, evaluate, export
+    """`python eval/evaluate.py`, `train/train.py`: their main() goes through the same helper."""
+    import runpy
+
+    def script(name):  # eval/NAME.py's main(), as `python eval/NAME.py` runs it
+        return runpy.run_path(str(REPO / "eval" / f"{name}.py"))["main"]
 
     monkeypatch.chdir(ws)
-    calls = [(encode_mod.main, ["--vae", "vae8", "--data", "empty", "--out", "new"], "latentvae encode: error:"),
-             (encode_mod.decode_main, ["latentz"], "latentvae decode: error:"),
-             (evaluate.main, ["--vae", "vae8", "--data", "empty", "--out", "new", "--lpips", ""],
+    calls = [(cli.script_main("encode"), ["--vae", "vae8", "--data", "empty", "--out", "new"],
+              "latentvae encode: error:"),
+             (cli.script_main("decode"), ["latentz"], "latentvae decode: error:"),
+             (script("evaluate"), ["--vae", "vae8", "--data", "empty", "--out", "new", "--lpips", "none"],
               "latentvae evaluate: error:"),
-             (demos.main, ["prior", "--vae", "vae8", "--data", "empty", "--out", "new"], "latentvae demo: error:"),
-             (export.main, ["runz", "new"], "latentvae export: error:"),
-             (cli.train_main, ["--output-dir", "new", "--set", "x=1"], "latentvae train: error:")]
+             (script("demos"), ["prior", "--vae", "vae8", "--data", "empty", "--out", "new"],
+              "latentvae demo prior: error:"),
+             (script("tradeoff"), ["--runs", "vae8", "--data", "empty", "--out", "new"], "latentvae tradeoff: error:"),
+             (cli.script_main("export"), ["runz", "--out", "new"], "latentvae export: error:"),
+             (runpy.run_path(str(REPO / "train" / "train.py"))["train_main"], ["--out", "new", "--set", "x=1"],
+              "latentvae train: error:")]
     for main, argv, prefix in calls:
         with pytest.raises(SystemExit) as e:
             main(argv)
@@ -299,12 +361,14 @@ def test_a_message_on_several_lines_is_printed_as_one(capsys):
 
 def test_a_failed_first_encode_leaves_no_folder(ws, tmp_path, monkeypatch):
     """A new OUT (and the parents made for it) is removed when the run fails before its first shard."""
-    import latentvae.encode as enc
+    import importlib
+
+    enc = importlib.import_module("latentvae.cache.encode")  # the module (latentvae.cache.encode is the function)
 
     def fail(*_a, **_k):
         raise RuntimeError("the encoder crashed")
     monkeypatch.setattr(enc, "encode_rows", fail)
     with pytest.raises(RuntimeError, match="crashed"):
-        encode(EncodeConfig(vae=str(ws / "vae8"), data=str(ws / "imgs"), out=str(tmp_path / "a" / "b" / "latents"),
-                            resolution=32, num_workers=0, progress=False, mixed_precision="no"))
+        encode(EncodeOptions(vae=str(ws / "vae8"), data=str(ws / "imgs"), out=str(tmp_path / "a" / "b" / "latents"),
+                             resolution=32, num_workers=0, progress=False, mixed_precision="no"))
     assert list(tmp_path.iterdir()) == []

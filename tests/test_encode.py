@@ -1,4 +1,5 @@
-"""latentvae encode/decode: exactly-once after kill -9, two processes, manifest, passthrough, buckets.
+"""latentvae encode/decode (latentvae.cache): exactly-once after kill -9, two processes, manifest, passthrough,
+buckets, --limit.
 
     python -m pytest tests/test_encode.py -q
 """
@@ -20,12 +21,13 @@ import torch
 from diffusers import AutoencoderKL
 
 from conftest import make_photo
-from latentvae.preprocess import Preprocess, make_buckets, nearest_bucket
-from latentvae.sources import open_source
-from latentvae.preprocess import load_preprocessed
-from latentvae.encode import (EncodeConfig, decode_main, encode, from_storage, verify_cache,
-                              weights_sha256)
+from latentvae import cli
+from latentvae.cache import encode, from_storage, verify_cache
+from latentvae.cache.manifest import weights_sha256
 from latentvae.model import decode, encode_moments
+from latentvae.options import EncodeOptions, OptionError, make_options
+from latentvae.preprocess import Preprocess, load_preprocessed, make_buckets, nearest_bucket
+from latentvae.sources import open_source
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,10 +60,10 @@ def bad_files(folder: Path) -> dict[str, str]:
     return {"zero.jpg": "empty", "text.jpg": "cannot identify", "truncated.jpg": "truncated"}
 
 
-def cfg(vae_dir, data, out, **kw) -> EncodeConfig:
+def cfg(vae_dir, data, out, **kw) -> EncodeOptions:
     # fp32 pinned: the latents are compared with fp32 tolerances, and `auto` means bf16 on CPUs with bf16 kernels
     base = dict(resolution=32, batch_size=3, shard_size=4, num_workers=0, progress=False, mixed_precision="no")
-    return EncodeConfig(vae=str(vae_dir), data=str(data), out=str(out), **{**base, **kw})
+    return EncodeOptions(vae=str(vae_dir), data=str(data), out=str(out), **{**base, **kw})
 
 
 def rows(out: Path) -> datasets.Dataset:
@@ -100,7 +102,7 @@ def test_unknown_preprocessing_mode_names_the_valid_ones():
     with pytest.raises(ValueError, match="center-crop, buckets"):
         Preprocess("random-crop")
     with pytest.raises(ValueError, match="valid choices: mean, moments, sample"):
-        EncodeConfig("v", "d", "o", store="latents")
+        make_options(EncodeOptions, {"vae": "v", "data": "d", "out": "o", "store": "latents"})
 
 
 # ----------------------------------------------------------------------------- one process, in-process
@@ -145,7 +147,7 @@ def test_encode_buckets_flip_manifest_failures_and_decode_round_trip(vae_dir, tm
         torch.testing.assert_close(from_storage(r["latent_logvar"], "fp32"), logvar[0], atol=1e-5, rtol=1e-4)
 
     # decode round trip: the reported PSNR is that of decoder(stored latent) vs the preprocessed source
-    report = verify_cache(out, num=5, seed=1)
+    report = verify_cache(out, limit=5, seed=1)
     assert len(report["samples"]) == 5
     for s in report["samples"]:
         i = [src.name(k) for k in range(len(src))].index(s["source_id"])
@@ -155,8 +157,11 @@ def test_encode_buckets_flip_manifest_failures_and_decode_round_trip(vae_dir, tm
             x_hat = decode(vae, encode_moments(vae, x[None].float() / 127.5 - 1)[0])[0]
         expect = 10 * np.log10(255 ** 2 / ((x.double() - ((x_hat.clamp(-1, 1) + 1) * 127.5).round().double()) ** 2).mean())
         assert abs(s["psnr"] - float(expect)) < 0.05
-    decode_main([str(out), "--num", "2", "--save-dir", str(tmp_path / "pairs")])
+    cli.main(["decode", str(out), "--limit", "2", "--out", str(tmp_path / "pairs")])
     assert "mean PSNR" in capsys.readouterr().out and len(list((tmp_path / "pairs").glob("*.png"))) == 2
+    with pytest.raises(SystemExit) as e:  # --min-psnr: exit status 1, with the reason
+        cli.main(["decode", str(out), "--limit", "1", "--min-psnr", "99"])
+    assert "is below --min-psnr 99" in str(e.value.code)
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
@@ -232,6 +237,33 @@ def test_resume_ignores_partial_files_and_refuses_other_settings(vae_dir, tmp_pa
         encode(cfg(vae_dir, data, out, resolution=16))
 
 
+def test_limit_encodes_the_first_inputs_and_a_larger_limit_encodes_more(vae_dir, tmp_path, capsys):
+    data = photos(tmp_path / "imgs", 9)
+    out = tmp_path / "cache"
+    src = open_source(str(data))
+    m = encode(cfg(vae_dir, data, out, limit=4))
+    assert m["counts"]["inputs"] == 4 and m["limit"] == 4 and m["this_run"]["rows_encoded"] == 4
+    assert_exactly_once(out, [src.name(i) for i in range(4)])
+    with pytest.raises(ValueError, match="inputs: 4 there, 3 now"):  # fewer: another cache
+        encode(cfg(vae_dir, data, out, limit=3))
+    with pytest.raises(ValueError, match="preprocessing"):  # more, but with other settings
+        encode(cfg(vae_dir, data, out, limit=6, resolution=16))
+    m = encode(cfg(vae_dir, data, out, limit=6))  # more of the same: only the new inputs are encoded
+    assert m["counts"]["inputs"] == 6 and m["this_run"]["rows_encoded"] == 2 and m["this_run"]["attempt"] == 2
+    assert json.loads((out / "encode-settings.json").read_text())["limit"] == 6
+    assert_exactly_once(out, [src.name(i) for i in range(6)])
+    # 0 = all, from the command line; --verify reports as `latentvae decode OUT` does
+    cli.main(["encode", "--vae", str(vae_dir), "--data", str(data), "--out", str(out), "--resolution", "32",
+              "--batch-size", "3", "--shard-size", "4", "--num-workers", "0", "--mixed-precision", "no",
+              "--no-progress", "--verify"])
+    printed = capsys.readouterr().out
+    assert "9 rows of 9/9 inputs" in printed and "this run 3 rows" in printed
+    assert "mean PSNR" in printed and "over 8 rows of latent_mean" in printed
+    assert_exactly_once(out, [src.name(i) for i in range(9)])
+    with pytest.raises(OptionError, match="--limit must be >= 0"):
+        make_options(EncodeOptions, {"vae": "v", "data": "d", "out": "o", "limit": -1})
+
+
 # ----------------------------------------------------------------------------- subprocesses
 def _env():
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
@@ -243,7 +275,7 @@ def test_kill9_mid_run_then_resume_holds_every_image_exactly_once(vae_dir, tmp_p
     out = tmp_path / "cache"
     args = ["--vae", str(vae_dir), "--data", str(data), "--out", str(out), "--resolution", "64",
             "--shard-size", "2", "--batch-size", "2", "--num-workers", "1", "--no-progress", "--flip"]
-    proc = subprocess.Popen([sys.executable, "-m", "latentvae.encode", *args], env=_env(), cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "latentvae", "encode", *args], env=_env(), cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while len(list((out / "data").glob("*.parquet"))) < 3 and proc.poll() is None and time.time() < deadline:
@@ -252,8 +284,7 @@ def test_kill9_mid_run_then_resume_holds_every_image_exactly_once(vae_dir, tmp_p
     proc.wait()
     n_before = len(list((out / "data").glob("*.parquet")))
     assert not (out / "manifest.json").exists() and 3 <= n_before < 80, "the kill did not land mid-run"
-    from latentvae.encode import main
-    main(args)  # the same command resumes
+    cli.main(["encode", *args])  # the same command resumes
     src = open_source(str(data))
     ids = [src.name(i) for i in range(len(src)) if not src.name(i).endswith("zero.png")]
     assert_exactly_once(out, ids, flips=(False, True))
@@ -266,7 +297,7 @@ def test_two_processes_give_the_union_of_inputs_without_duplicates(vae_dir, tmp_
     (data / "text.jpg").write_text("not an image")
     out = tmp_path / "cache"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "latentvae.encode", "--vae", str(vae_dir), "--data", str(data), "--out", str(out),
+           "-m", "latentvae", "encode", "--vae", str(vae_dir), "--data", str(data), "--out", str(out),
            "--resolution", "32", "--shard-size", "3", "--batch-size", "2", "--num-workers", "0", "--no-progress"]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,6 +1,7 @@
-"""Evaluation: metric conventions, blur measures, the report's schema, interpolation, bad inputs.
+"""Evaluation: metric conventions, blur measures, the report's schema, datasets as --data, the tradeoff
+sweep's report, interpolation, bad inputs.
 
-    pytest tests/test_eval.py            # tiny diffusers models in tmp folders, < 90 s on 2 CPU cores
+    pytest tests/test_eval.py            # tiny diffusers models in tmp folders (its time: benchmarks/RESULTS.md)
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from diffusers import AutoencoderKL
 from skimage.filters import gaussian
 
 from conftest import REPO, make_photo
-from latentvae import demos, metrics
-from latentvae.evaluate import CSV_COLUMNS, fit_pad, main as evaluate_main
+from latentvae import cli, demos, metrics
+from latentvae.evaluate import CSV_COLUMNS, fit_pad
 from latentvae.loading import NotAnAutoencoder
 from latentvae.perceptual import load_lpips, lpips_distance
 
@@ -36,6 +37,16 @@ def vae_folder(tmp_path):
     folder = tmp_path / "tiny-vae"
     tiny_vae().save_pretrained(folder)
     return folder
+
+
+def evaluate_main(argv: list[str]) -> None:
+    """`latentvae evaluate ARGV` (= python eval/evaluate.py ARGV)"""
+    cli.main(["evaluate", *argv])
+
+
+def demo_main(argv: list[str]) -> None:
+    """`latentvae demo ARGV` (= python eval/demos.py ARGV)"""
+    cli.main(["demo", *argv])
 
 
 def photo(size=(96, 80), seed=0) -> np.ndarray:
@@ -106,7 +117,8 @@ def test_pad_fit_scores_the_original_pixels():
 def test_report_schema(vae_folder, image_folder, lpips_dir, tmp_path):
     out = tmp_path / "report"
     evaluate_main(["--vae", str(vae_folder), "--vae", str(vae_folder), "--data", str(image_folder),
-                   "--out", str(out), "--lpips-dir", lpips_dir, "--fit", "crop", "--limit", "3"])
+                   "--out", str(out), "--lpips-dir", lpips_dir, "--fit", "crop", "--limit", "3",
+                   "--mixed-precision", "no"])
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["vaes"]) == {"tiny-vae", "tiny-vae#2"}
     s = summary["vaes"]["tiny-vae"]
@@ -130,7 +142,8 @@ def test_a_deterministic_encoder_has_null_kl(image_folder, lpips_dir, tmp_path):
     AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
                     num_decoder_blocks=(1, 1), latent_channels=4).save_pretrained(folder)
     out = tmp_path / "report"
-    evaluate_main(["--vae", str(folder), "--data", str(image_folder), "--out", str(out), "--lpips", "", "--limit", "2"])
+    evaluate_main(["--vae", str(folder), "--data", str(image_folder), "--out", str(out), "--lpips", "none", "--limit",
+                   "2"])
     s = json.loads((out / "summary.json").read_text())["vaes"]["tiny-taesd"]
     assert s["kl_per_element"] is None and s["lpips_alex"] is None
 
@@ -140,7 +153,7 @@ def test_refuses_a_folder_that_is_not_a_vae(image_folder, tmp_path, capsys):
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
     with pytest.raises(SystemExit) as e:
-        evaluate_main(["--vae", str(bad), "--data", str(image_folder), "--out", str(tmp_path / "r"), "--lpips", ""])
+        evaluate_main(["--vae", str(bad), "--data", str(image_folder), "--out", str(tmp_path / "r"), "--lpips", "none"])
     err = capsys.readouterr().err  # the message goes to stderr, as one line; exit status 2
     assert e.value.code == 2 and str(bad) in err and "AutoencoderKL" in err
     with pytest.raises(SystemExit) as e:
@@ -154,7 +167,7 @@ def test_an_earlier_report_is_replaced_whole_and_survives_a_failed_run(vae_folde
     import latentvae.evaluate as ev
 
     out = tmp_path / "report"
-    args = ["--vae", str(vae_folder), "--data", str(image_folder), "--out", str(out), "--lpips", ""]
+    args = ["--vae", str(vae_folder), "--data", str(image_folder), "--out", str(out), "--lpips", "none"]
     evaluate_main(args + ["--limit", "2"])
     first = {p.name: p.read_bytes() for p in out.iterdir()}
 
@@ -173,9 +186,61 @@ def test_an_earlier_report_is_replaced_whole_and_survives_a_failed_run(vae_folde
 
 def test_library_raises_not_an_autoencoder(tmp_path, image_folder):
     from latentvae.evaluate import run_evaluation
+    from latentvae.options import EvaluateOptions, make_options
 
+    opts = make_options(EvaluateOptions, {"vae": [str(tmp_path)], "data": str(image_folder),
+                                          "out": str(tmp_path / "r")})
     with pytest.raises(NotAnAutoencoder, match=str(tmp_path)):
-        run_evaluation([str(tmp_path)], image_folder, tmp_path / "r")
+        run_evaluation(opts)
+
+
+def test_a_saved_dataset_is_data_too(vae_folder, tmp_path):
+    """--data: a `datasets` dataset saved with save_to_disk; --limit takes its first rows, named DATA:SPLIT[ROW]."""
+    import datasets
+
+    ds = tmp_path / "ds"
+    datasets.Dataset.from_dict({"image": [make_photo(seed=i) for i in range(4)]}).save_to_disk(str(ds))
+    out = tmp_path / "report"
+    evaluate_main(["--vae", str(vae_folder), "--data", str(ds), "--out", str(out), "--lpips", "none",
+                   "--limit", "3", "--mixed-precision", "no"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["images"] == 3 and summary["settings"]["data"] == str(ds)
+    rows = list(csv.DictReader(open(out / "per_image.csv")))
+    assert [r["image"] for r in rows] == [f"{ds}:train[{i}]" for i in range(3)]
+    assert (int(rows[0]["width"]), int(rows[0]["height"])) == (48, 40)
+    assert summary["vaes"]["tiny-vae"]["psnr"] == pytest.approx(np.mean([float(r["psnr"]) for r in rows]))
+
+
+def test_tradeoff_on_existing_runs_writes_its_table_and_plots(vae_folder, tmp_path, lpips_dir):
+    """`latentvae tradeoff --runs A --runs B`: nothing trained; the evaluation, the table and both plots."""
+    other = tmp_path / "other-vae"
+    torch.manual_seed(1)
+    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4,
+                  layers_per_block=1).save_pretrained(other)
+    images = tmp_path / "few"
+    images.mkdir()
+    for i in range(2):
+        make_photo(seed=i).save(images / f"p{i}.png")  # 48x40: AlexNet-LPIPS cannot take 32x24
+    out = tmp_path / "tradeoff"
+    cli.main(["tradeoff", "--runs", str(vae_folder), "--runs", str(other), "--data", str(images), "--out", str(out),
+              "--lpips-dir", lpips_dir])
+    assert {"tradeoff.md", "tradeoff.json", "perception_distortion.png", "rate_distortion.png", "eval"} <= \
+        {p.name for p in out.iterdir()}
+    assert not (out / "runs").exists()  # --runs: nothing trained
+    table = (out / "tradeoff.md").read_text()
+    assert "| tiny-vae |" in table and "| other-vae |" in table and "2 autoencoders on 2 images" in table
+    report = json.loads((out / "tradeoff.json").read_text())
+    assert set(report["vaes"]) == {"tiny-vae", "other-vae"} and report["vaes"]["other-vae"]["lpips_vgg"] > 0
+    assert json.loads((out / "eval" / "summary.json").read_text())["settings"]["max_side"] == 256
+
+
+def test_tradeoff_trains_with_the_training_cli(tmp_path):
+    from latentvae import tradeoff
+
+    cmd = tradeoff.train_command(tmp_path / "run", "mse+lpips+gan", 40, "configs/quickstart.yaml")
+    assert cmd[cmd.index("--out") + 1] == str(tmp_path / "run") and "--output-dir" not in cmd
+    assert cmd[cmd.index("--config") + 1] == "configs/quickstart.yaml" and "loss.gan_start=20" in cmd
 
 
 # ----------------------------------------------------------------------------- demos
@@ -200,17 +265,17 @@ def test_slerp_keeps_the_norm_between_equal_norm_latents():
 
 def test_demo_commands_write_their_images(vae_folder, image_folder, tmp_path):
     a, b = sorted(image_folder.glob("*.png"))[:2]
-    demos.main(["interpolate", "--vae", str(vae_folder), "--a", str(a), "--b", str(b), "--out", str(tmp_path / "i"),
-                "--steps", "4", "--size", "32"])
+    demo_main(["interpolate", "--vae", str(vae_folder), "--a", str(a), "--b", str(b), "--out", str(tmp_path / "i"),
+               "--steps", "4", "--resolution", "32"])
     from PIL import Image
 
     with Image.open(tmp_path / "i" / "slerp.gif") as gif:
         assert gif.n_frames == 6  # forward 4, back 2
-    demos.main(["recon-grid", "--vae", str(vae_folder), "--data", str(image_folder), "--out", str(tmp_path / "g.png"),
-                "--num", "2", "--size", "32"])
+    demo_main(["recon-grid", "--vae", str(vae_folder), "--data", str(image_folder), "--out", str(tmp_path / "g.png"),
+               "--limit", "2", "--resolution", "32"])
     assert Image.open(tmp_path / "g.png").size[1] > 2 * 32
-    demos.main(["prior", "--vae", str(vae_folder), "--data", str(image_folder), "--out", str(tmp_path / "p"),
-                "--num", "3", "--size", "32"])
+    demo_main(["prior", "--vae", str(vae_folder), "--data", str(image_folder), "--out", str(tmp_path / "p"),
+               "--limit", "3", "--resolution", "32"])
     numbers = json.loads((tmp_path / "p" / "prior.json").read_text())["tiny-vae"]
     assert numbers["mahalanobis_ratio_real"] == pytest.approx(1.0, abs=0.05)
 
@@ -222,8 +287,8 @@ def test_taesd_references_evaluate(name, tmp_path):
     if default_taesd_dir() is None:
         pytest.skip("no TAESD weights: set LATENTVAE_TAESD_DIR or place ../shared/weights/taesd")
     out = tmp_path / "report"
-    evaluate_main(["--vae", name, "--data", str(REPO / "data" / "samples" / "val"), "--out", str(out), "--lpips", "",
-                   "--max-side", "192"])
+    evaluate_main(["--vae", name, "--data", str(REPO / "data" / "samples" / "val"), "--out", str(out), "--lpips",
+                   "none", "--max-side", "192", "--mixed-precision", "no"])
     s = json.loads((out / "summary.json").read_text())["vaes"][name]
     assert s["downsample_factor"] == 8 and s["kl_per_element"] is None
     assert s["psnr"] > 20  # a real pretrained autoencoder on a real photo, unlike the random tiny ones

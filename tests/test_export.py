@@ -7,15 +7,18 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
+from latentvae import runs as ckpt
 from helpers_ckpt import make_run, tiny_config
 from latentvae import export as ex
 from latentvae.calibrate import (CalibrationConfig, batch_moments, calibrate, factors, fp16_check,
                                  health, merge_moments)
-from latentvae.export import ExportOptions, export, main
+from latentvae.cli import main as cli_main
+from latentvae.export import export
+from latentvae.options import ExportOptions
 from latentvae.loading import load_from_checkpoint
 from latentvae.model import build_vae, decode, encode_moments
 
-FAST = dict(count=3, resolution=32, fp16_images=1)  # calibration sized for a test
+FAST = dict(limit=3, resolution=32, fp16_images=1)  # calibration sized for a test
 
 
 def quiet(*_):
@@ -27,9 +30,13 @@ def run(tmp_path):
     return make_run(tmp_path / "run")
 
 
+def meta_channel_std(out):
+    return json.loads((out / "latentvae_export.json").read_text())["latent_statistics"]["channel_std"]
+
+
 def test_export_reloads_in_diffusers_and_matches_training_model(run, tmp_path, image_folder):
     out = tmp_path / "vae"
-    result = export(run, out, ExportOptions(calibrate=str(image_folder), **FAST), log=quiet)
+    result = export(ExportOptions(src=str(run), out=str(out), calibrate=str(image_folder), **FAST), log=quiet)
     loaded, info = AutoencoderKL.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     trained = load_from_checkpoint(run, "ema")
@@ -40,8 +47,10 @@ def test_export_reloads_in_diffusers_and_matches_training_model(run, tmp_path, i
         assert (m_t - m_l).abs().max() < 1e-5 and (lv_t - lv_l).abs().max() < 1e-5
         assert (decode(trained, m_t) - decode(loaded, m_t)).abs().max() < 1e-5
     assert max(result.max_diff.values()) < 1e-5
-    assert loaded.config.scaling_factor == pytest.approx(result.stats.scaling_factor)
-    assert loaded.config.latents_std == pytest.approx(list(result.stats.latents_std))
+    assert loaded.config.scaling_factor == pytest.approx(result.stats.config["scaling_factor"])
+    # the sd convention (4 channels) writes no latents_mean/std: SDXL-family consumers would apply them
+    assert result.stats.convention == "sd" and loaded.config.latents_std is None
+    assert meta_channel_std(out) == pytest.approx(list(result.stats.channel_std))
     meta = json.loads((out / "latentvae_export.json").read_text())
     assert meta["scaling_measured"] and meta["step"] == 4 and meta["training_config"]["model"]["preset"] == "test"
     card = (out / "README.md").read_text()
@@ -52,7 +61,7 @@ def test_ema_and_raw_export_their_own_weights(run, tmp_path):
     ckpt_dir = run / "checkpoints" / "checkpoint-00000004"
     exported = {}
     for weights, file in [("ema", "ema.safetensors"), ("raw", "model.safetensors")]:
-        export(run, tmp_path / weights, ExportOptions(weights=weights), log=quiet)
+        export(ExportOptions(src=str(run), out=str(tmp_path / weights), weights=weights), log=quiet)
         exported[weights] = load_file(tmp_path / weights / "diffusion_pytorch_model.safetensors")
         source = load_file(ckpt_dir / file)
         assert all(torch.equal(exported[weights][k], source[k]) for k in source)
@@ -60,7 +69,7 @@ def test_ema_and_raw_export_their_own_weights(run, tmp_path):
 
 
 def test_without_calibration_the_factors_are_marked_unmeasured(run, tmp_path, capsys):
-    main([str(run), str(tmp_path / "vae")])
+    cli_main(["export", str(run), "--out", str(tmp_path / "vae")])
     printed = capsys.readouterr().out
     assert "NOT measured" in printed
     config = json.loads((tmp_path / "vae" / "config.json").read_text())
@@ -71,7 +80,7 @@ def test_without_calibration_the_factors_are_marked_unmeasured(run, tmp_path, ca
 
 @pytest.mark.parametrize("dtype,torch_dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
 def test_half_precision_exports_store_that_dtype(run, tmp_path, dtype, torch_dtype):
-    export(run, tmp_path / "vae", ExportOptions(dtype=dtype), log=quiet)
+    export(ExportOptions(src=str(run), out=str(tmp_path / "vae"), dtype=dtype), log=quiet)
     tensors = load_file(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
     assert {t.dtype for t in tensors.values()} == {torch_dtype}
     AutoencoderKL.from_pretrained(tmp_path / "vae", torch_dtype=torch_dtype)
@@ -80,7 +89,7 @@ def test_half_precision_exports_store_that_dtype(run, tmp_path, dtype, torch_dty
 def test_model_card_holds_the_evaluation_summary(run, tmp_path):
     (run / "eval").mkdir()
     (run / "eval" / "summary.json").write_text(json.dumps({"psnr": 27.5, "lpips": {"vgg": 0.125}}))
-    export(run, tmp_path / "vae", ExportOptions(), log=quiet)
+    export(ExportOptions(src=str(run), out=str(tmp_path / "vae")), log=quiet)
     card = (tmp_path / "vae" / "README.md").read_text()
     assert "| psnr | 27.5 |" in card and "| lpips.vgg | 0.125 |" in card
 
@@ -109,7 +118,7 @@ def test_factors_of_known_latents(means, stds):
     sd, sd3 = factors(m, "sd"), factors(m, "sd3")
     assert sd["scaling_factor"] == pytest.approx(1 / g_std) and sd["shift_factor"] is None
     assert sd3["scaling_factor"] == pytest.approx(1 / g_std) and sd3["shift_factor"] == pytest.approx(g_mean)
-    assert sd["latents_mean"] == pytest.approx(means) and sd["latents_std"] == pytest.approx(stds)
+    assert sd["channel_mean"] == pytest.approx(means) and sd["channel_std"] == pytest.approx(stds)
     # the SD convention's published example: latents of std 5.49 -> 0.18215
     if stds[0] == 5.49:
         assert sd["scaling_factor"] == pytest.approx(0.18215, abs=1e-4)
@@ -125,12 +134,12 @@ def test_factors_of_sampled_latents_and_batch_merging():
     f = factors(merged, "sd3")
     assert f["shift_factor"] == pytest.approx(float(z.mean()), abs=1e-5)
     assert f["scaling_factor"] == pytest.approx(1 / float(z.flatten().std()), rel=1e-4)
-    assert f["latents_std"] == pytest.approx(stds.tolist(), rel=0.02)
+    assert f["channel_std"] == pytest.approx(stds.tolist(), rel=0.02)
     assert health(merged).kl_per_element is None  # no logvar: KL is not defined
 
 
 def test_unknown_convention_names_the_choices():
-    with pytest.raises(ValueError, match="valid choices: sd, sd3"):
+    with pytest.raises(ValueError, match="valid choices: sd, sdxl, sd3"):
         factors(known_moments([0.0], [1.0]), "flux")
 
 
@@ -156,9 +165,9 @@ def test_calibration_end_to_end_measures_a_known_posterior(image_folder):
     stats = calibrate(vae, CalibrationConfig(str(image_folder), count=5, resolution=32))
     g_mean, g_std = expected(means, stds)
     assert stats.convention == "sd" and stats.images == 5
-    assert stats.scaling_factor == pytest.approx(1 / g_std, rel=1e-5)
-    assert list(stats.latents_mean) == pytest.approx(means, abs=1e-5)
-    assert list(stats.latents_std) == pytest.approx(stds, rel=1e-5)
+    assert stats.config["scaling_factor"] == pytest.approx(1 / g_std, rel=1e-5)
+    assert list(stats.channel_mean) == pytest.approx(means, abs=1e-5)
+    assert list(stats.channel_std) == pytest.approx(stds, rel=1e-5)
     assert stats.health.dead_channels == (2,)  # N(0, 1) whatever the image: carries nothing
 
 
@@ -168,8 +177,53 @@ def test_sixteen_channel_models_default_to_the_sd3_convention(image_folder):
     stats = calibrate(vae, CalibrationConfig(str(image_folder), count=2, resolution=32))
     g_mean, g_std = expected(means, [1.0] * 16)
     assert stats.convention == "sd3"
-    assert stats.shift_factor == pytest.approx(g_mean, abs=1e-6)
-    assert stats.scaling_factor == pytest.approx(1 / g_std, rel=1e-5)
+    assert stats.config["shift_factor"] == pytest.approx(g_mean, abs=1e-6)
+    assert stats.config["scaling_factor"] == pytest.approx(1 / g_std, rel=1e-5)
+
+
+# diffusers' own formulas, written out as the pipelines apply them (not through latentvae.conventions)
+def sd_pipeline(z, c):  # pipeline_stable_diffusion*.py
+    return z * c["scaling_factor"]
+
+
+def sdxl_pipeline(z, c):  # pipeline_stable_diffusion_xl_img2img.py prepare_latents
+    if c.get("latents_mean") is not None and c.get("latents_std") is not None:
+        mean = torch.tensor(c["latents_mean"]).view(1, 4, 1, 1)
+        std = torch.tensor(c["latents_std"]).view(1, 4, 1, 1)
+        return (z - mean) * c["scaling_factor"] / std
+    return c["scaling_factor"] * z
+
+
+def sd3_pipeline(z, c):  # pipeline_stable_diffusion_3.py / pipeline_flux.py (inverse of their decode)
+    return (z - c["shift_factor"]) * c["scaling_factor"]
+
+
+@pytest.mark.parametrize("convention, pipeline, zero_mean", [("sd", sd_pipeline, False), ("sdxl", sdxl_pipeline, True),
+                                                             ("sd3", sd3_pipeline, True)])
+def test_each_convention_gives_unit_latents_under_its_pipelines_own_formula(convention, pipeline, zero_mean,
+                                                                            image_folder):
+    from latentvae.conventions import from_diffusion, to_diffusion
+    means, stds = [0.5, -1.0, 0.0, 2.0], [2.0, 0.5, 1.0, 1.5]
+    vae = constant_posterior_vae(means, [2 * torch.tensor(s).log().item() for s in stds])
+    stats = calibrate(vae, CalibrationConfig(str(image_folder), count=5, resolution=32, convention=convention))
+    config = stats.config_entries()
+    g = torch.Generator().manual_seed(0)
+    z = torch.tensor(means).view(1, 4, 1, 1) + torch.tensor(stds).view(1, 4, 1, 1) * torch.randn(256, 4, 8, 8, generator=g)
+    x = pipeline(z, config)
+    assert float(x.std()) == pytest.approx(1.0, abs=0.02)
+    if zero_mean:
+        assert float(x.mean()) == pytest.approx(0.0, abs=0.02)
+    if convention == "sdxl":  # and per channel
+        assert x.transpose(0, 1).flatten(1).std(1).tolist() == pytest.approx([1.0] * 4, abs=0.03)
+    # latentvae's own functions agree with the pipeline's, and invert it
+    torch.testing.assert_close(to_diffusion(z, config, convention), x)
+    torch.testing.assert_close(from_diffusion(x, config, convention), z, rtol=1e-5, atol=1e-5)
+
+
+def test_the_sdxl_convention_needs_four_channels(image_folder):
+    vae = constant_posterior_vae([0.0] * 16, [0.0] * 16, use_quant_conv=True)
+    with pytest.raises(ValueError, match="sdxl needs 4 latent channels"):
+        calibrate(vae, CalibrationConfig(str(image_folder), count=2, resolution=32, convention="sdxl"))
 
 
 # ----------------------------------------------------------------------------- fp16
@@ -216,11 +270,11 @@ def test_an_interrupted_export_leaves_nothing_that_looks_complete(run, tmp_path,
     else:
         monkeypatch.setattr(ex, "verify", replacement)
     with pytest.raises((KeyboardInterrupt, RuntimeError)):
-        export(run, exports / "vae", ExportOptions(), log=quiet)
+        export(ExportOptions(src=str(run), out=str(exports / "vae")), log=quiet)
     assert not (exports / "vae").exists()
     assert list(exports.iterdir()) == []  # not even the hidden staging folder
     monkeypatch.undo()
-    export(run, exports / "vae", ExportOptions(), log=quiet)
+    export(ExportOptions(src=str(run), out=str(exports / "vae")), log=quiet)
     AutoencoderKL.from_pretrained(exports / "vae")
     assert sorted(p.name for p in exports.iterdir()) == ["vae"]
 
@@ -230,12 +284,12 @@ def test_refuses_a_non_empty_out_unless_overwrite(run, tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="--overwrite"):
-        export(run, out, ExportOptions(), log=quiet)
+        export(ExportOptions(src=str(run), out=str(out)), log=quiet)
     assert (out / "keep.txt").read_text() == "mine"
     with pytest.raises(SystemExit) as e:  # the command line: one line on stderr, exit status 2
-        main([str(run), str(out)])
+        cli_main(["export", str(run), "--out", str(out)])
     assert e.value.code == 2 and "not empty" in capsys.readouterr().err
-    export(run, out, ExportOptions(overwrite=True), log=quiet)
+    export(ExportOptions(src=str(run), out=str(out), overwrite=True), log=quiet)
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "vae"]
 
@@ -248,13 +302,54 @@ def test_refuses_a_target_inside_or_holding_its_source(run, tmp_path, source, ta
     out = tmp_path / target
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     with pytest.raises(BadInputError, match="export target .* (is|is inside|contains) its source"):
-        export(src, out, ExportOptions(overwrite=True), log=quiet)
+        export(ExportOptions(src=str(src), out=str(out), overwrite=True), log=quiet)
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written, the run intact
 
 
 def test_bad_options_name_the_valid_choices(run, tmp_path):
     with pytest.raises(ValueError, match="valid choices: fp32, fp16, bf16"):
-        export(run, tmp_path / "vae", ExportOptions(dtype="fp8"), log=quiet)
+        export(ExportOptions(src=str(run), out=str(tmp_path / "vae"), dtype="fp8"), log=quiet)
     with pytest.raises(ValueError, match="needs --calibrate"):
-        export(run, tmp_path / "vae", ExportOptions(convention="sd3"), log=quiet)
+        export(ExportOptions(src=str(run), out=str(tmp_path / "vae"), convention="sd3"), log=quiet)
     assert not (tmp_path / "vae").exists()
+
+
+def test_a_plain_autoencoder_exports_a_deterministic_posterior(tmp_path):
+    """model.mode ae never trains the log-variance: after export, sample() (img2img, diffusers' training
+    scripts) must equal mode(), not add noise larger than the signal."""
+    run = make_run(tmp_path / "ae", mode="ae")
+    with torch.no_grad():  # the raw weights as trained: an untrained log-variance head
+        raw = build_vae(tiny_config(mode="ae").model)
+        raw.load_state_dict(ckpt.load_tensors(ckpt.find_checkpoint(run) / "ema.safetensors"))
+        x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        dist = raw.encode(x).latent_dist
+        assert (dist.sample() - dist.mode()).abs().max() > 0.1  # the problem this fixes
+    export(ExportOptions(src=str(run), out=str(tmp_path / "vae")), log=quiet)
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+        torch.testing.assert_close(dist.sample(generator=torch.Generator().manual_seed(0)), dist.mode(),
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(dist.mode(), raw.encode(x).latent_dist.mode())  # the mean is untouched
+    assert "deterministic" in json.loads((tmp_path / "vae" / "latentvae_export.json").read_text())["posterior"]
+
+
+def test_exports_tile_sensibly_and_share_their_weight_file(run, tmp_path):
+    """diffusers' tiling decodes in tiles of config.sample_size pixels: diffusers' default of 32 gave
+    tiles so small that a tiled decode came out ~24 dB from the untiled one (on this tiny VAE; 19 dB
+    on the quickstart's); the export writes 512. And the weight file is as readable as the others."""
+    import os
+    export(ExportOptions(src=str(run), out=str(tmp_path / "vae")), log=quiet)
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae").eval()
+    assert vae.config.sample_size >= 512
+    z = torch.randn(1, 4, 400, 300, generator=torch.Generator().manual_seed(0))  # 800x600 px: several tiles
+    with torch.no_grad():
+        whole = vae.decode(z).sample.clamp(-1, 1)
+        vae.enable_tiling()
+        tiled = vae.decode(z).sample.clamp(-1, 1)
+    psnr = float(10 * torch.log10(4 / (whole - tiled).pow(2).mean()))
+    assert psnr > 40, psnr
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "vae").iterdir()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert set(modes.values()) == {0o666 & ~umask}, modes

@@ -65,9 +65,10 @@ def test_auto_means_bf16_exactly_where_the_cpu_has_bf16_kernels(monkeypatch, fas
     assert trainer.parts.precision == want and trainer.parts.channels_last is fast_bf16
     assert not trainer.parts.scaler.is_enabled()
 
-    from latentvae.encode import EncodeConfig, encode
+    from latentvae.cache import encode
+    from latentvae.options import EncodeOptions
     vae = _tiny_vae_folder(tmp_path / "vae")
-    m = encode(EncodeConfig(vae=str(vae), data=str(image_folder), out=str(tmp_path / "cache"), resolution=32,
+    m = encode(EncodeOptions(vae=str(vae), data=str(image_folder), out=str(tmp_path / "cache"), resolution=32,
                             num_workers=0, progress=False))
     assert m["this_run"]["mixed_precision"] == want
 
@@ -122,14 +123,15 @@ def test_fp16_with_the_gan_unscales_each_optimizer_once(image_folder, tmp_path):
 
 
 def test_bf16_encoding_matches_fp32(image_folder, tmp_path):
-    from latentvae.encode import EncodeConfig, encode, from_storage
+    from latentvae.cache import encode, from_storage
+    from latentvae.options import EncodeOptions
     import datasets
 
     vae = _tiny_vae_folder(tmp_path / "vae")
     caches = {}
     for mp in ("no", "bf16"):
         out = tmp_path / f"cache-{mp}"
-        m = encode(EncodeConfig(vae=str(vae), data=str(image_folder), out=str(out), resolution=32, dtype="fp32",
+        m = encode(EncodeOptions(vae=str(vae), data=str(image_folder), out=str(out), resolution=32, dtype="fp32",
                                 mixed_precision=mp, num_workers=0, progress=False))
         assert m["this_run"]["mixed_precision"] == mp
         ds = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / f"hf-{mp}"))

@@ -131,12 +131,12 @@ def make_optimizer(params, lr: float, cfg: Config) -> torch.optim.Optimizer:
 class Trainer:
     """Builds the parts (data, models, optimizers, precision) and `run()`s to `cfg.train.steps`."""
 
-    def __init__(self, cfg: Config, output_dir: str | Path, resume: Optional[str] = None, accelerator=None,
+    def __init__(self, cfg: Config, out: str | Path, resume: Optional[str] = None, accelerator=None,
                  show_progress: bool = True):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        self.cfg, self.out, self.show_progress = cfg, Path(output_dir), show_progress
+        self.cfg, self.out, self.show_progress = cfg, Path(out), show_progress
         t = cfg.train
         refuse_sharded_training()
         # Precision is ours, not accelerate's: we autocast and own the fp16 GradScaler, so that with the

@@ -73,18 +73,19 @@ def kl_weight_at(cfg: LossConfig, step: int) -> float:
     return cfg.kl_weight * min(1.0, step / cfg.kl_warmup_steps)
 
 
-def _lpips_inputs(x: torch.Tensor, y: torch.Tensor, crop: int, g: Optional[torch.Generator]):
+def _lpips_inputs(x: torch.Tensor, y: torch.Tensor, crop: int):
+    """The LPIPS inputs: the whole images, or one random `crop` x `crop` window (the same in both)."""
     h, w = x.shape[-2:]
     if not crop or crop >= min(h, w):
         return x, y
-    top = int(torch.randint(0, h - crop + 1, (1,), generator=g))
-    left = int(torch.randint(0, w - crop + 1, (1,), generator=g))
+    top = int(torch.randint(0, h - crop + 1, (1,)))
+    left = int(torch.randint(0, w - crop + 1, (1,)))
     return x[..., top:top + crop, left:left + crop], y[..., top:top + crop, left:left + crop]
 
 
 def generator_loss(cfg: LossConfig, x: torch.Tensor, x_hat: torch.Tensor, mean: torch.Tensor,
                    logvar: torch.Tensor, step: int, *, lpips=None, disc=None, last_layer=None,
-                   train_kl: bool = True, crop_generator: Optional[torch.Generator] = None):
+                   train_kl: bool = True):
     """The autoencoder's loss. x, x_hat in [-1, 1]; (mean, logvar) the posterior's moments.
 
     KL is summed over latent elements and divided by the pixel values per image (see LossConfig),
@@ -100,7 +101,7 @@ def generator_loss(cfg: LossConfig, x: torch.Tensor, x_hat: torch.Tensor, mean: 
     if cfg.lpips_weight > 0:
         if lpips is None:
             raise ValueError("loss.lpips_weight > 0 but no LPIPS module was given")
-        a, b = _lpips_inputs(x_hat32, x32, cfg.lpips_crop, crop_generator)
+        a, b = _lpips_inputs(x_hat32, x32, cfg.lpips_crop)
         p = lpips_distance(lpips, a, b).mean()
         nll = nll + cfg.lpips_weight * p
         logs["lpips"] = p.detach()

@@ -1,0 +1,381 @@
+"""The encoding pipeline and `latentvae encode`: images in, a resumable cache of latents out.
+
+    manifest = encode(EncodeOptions(vae=..., data=..., out=...))       # the library call; the manifest
+    latentvae encode --vae VAE --data SRC --out DST                    # = run(options): one summary line
+    accelerate launch -m latentvae encode --vae VAE --data SRC --out DST   # any number of processes
+
+Every check (the VAE, the data, --resolution against the VAE's factor, DST itself: a folder that
+is not a cache, or a cache made with other settings) runs on every process before anything is
+written, and a new DST that fails before its first shard is removed again.
+
+DataLoader workers decode and preprocess (preprocess.load_preprocessed), the main process groups
+same-shape images (BucketBatcher) and runs the encoder only (encode_rows); a ShardWriter stores
+the rows. What is done is read back from the shards and failure logs, so a rerun of the same
+command encodes only the rest, split among the processes by position; the first process then
+checks that every input is in exactly once and writes the manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import pyarrow as pa
+import torch
+
+from ..errors import BadInputError, MissingInputError
+from ..fsutil import atomic_write_bytes, atomic_write_json, fsync_dir
+from ..images import BadImage
+from ..options import EncodeOptions, validated
+from ..precision import AUTOCAST_DTYPES
+from ..preprocess import Preprocess, load_preprocessed
+from .manifest import (MANIFEST_FILE, README_FILE, SETTINGS_FILE, build_manifest, check_out_folder, check_settings,
+                       dataset_card, run_settings, vae_identity)
+from .schema import OWN_COLUMNS, arrow_schema, make_table
+from .verify import print_report, verify_cache
+from .writer import (FailureLog, ShardWriter, failure_log_path, list_shards, next_attempt, remove_stale_temporaries,
+                     scan_failures, scan_shards)
+
+
+# ----------------------------------------------------------------------------- inputs
+def open_inputs(opts: EncodeOptions):
+    """(image source, passthrough dataset or None): every non-image column of a `datasets` input."""
+    from ..sources import HFImageSource, open_source
+
+    src = open_source(opts.data, opts.data_kind, opts.split, opts.image_column, opts.max_image_pixels)
+    if not isinstance(src, HFImageSource):
+        return src, None
+    rest = src.dataset.remove_columns([opts.image_column])
+    clash = [c for c in rest.column_names if c in OWN_COLUMNS]
+    if clash:
+        raise BadInputError(f"{opts.data}: columns {clash} clash with the cache's own columns ({', '.join(OWN_COLUMNS)})")
+    return src, rest
+
+
+class PreprocessedImages(torch.utils.data.Dataset):
+    """Item k: image `indices[k]` preprocessed, or the reason it could not be (in a DataLoader worker)."""
+
+    def __init__(self, src, indices: list[int], pre: Preprocess, draft: bool):
+        self.src, self.indices, self.pre, self.draft = src, indices, pre, draft
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict:
+        i = self.indices[k]
+        try:
+            return {"index": i, **load_preprocessed(self.src, i, self.pre, self.draft)}
+        except BadImage as e:
+            return {"index": i, "error": str(e)}
+
+
+def collate_list(items: list[dict]) -> list[dict]:
+    return items
+
+
+def resolve_workers(n: int) -> int:
+    """--num-workers: -1 is one fewer than the CPU cores, at most 4."""
+    if n >= 0:
+        return n
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+# ----------------------------------------------------------------------------- batching, encoding
+class BucketBatcher:
+    """Groups rows by pixel shape; `add` returns a full batch of one shape or None; `flush` the rest."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size, self.queues = batch_size, {}
+
+    def add(self, row: dict) -> Optional[list[dict]]:
+        q = self.queues.setdefault(tuple(row["pixels"].shape), [])
+        q.append(row)
+        if len(q) == self.batch_size:
+            return self.queues.pop(tuple(row["pixels"].shape))
+        return None
+
+    def flush(self) -> Iterator[list[dict]]:
+        while self.queues:
+            yield self.queues.pop(next(iter(self.queues)))
+
+
+def sample_noise(shape, seed: int, index: int, flipped: bool) -> torch.Tensor:
+    """The posterior noise of one row: a pure function of (seed, index, flipped), not of batching."""
+    h = hashlib.blake2b(f"{seed}:{index}:{int(flipped)}".encode(), digest_size=8).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(h, "little") >> 1)
+    return torch.randn(shape, generator=g)
+
+
+def encode_rows(vae, rows: list[dict], store: str, seed: int, device, autocast_dtype, channels_last: bool) -> dict:
+    """Same-shape rows -> {column: float32 (B, C, h, w)} for the columns of `store`; encoder only."""
+    from ..model import encode_moments
+
+    x = torch.stack([r["pixels"] for r in rows]).to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                                enabled=autocast_dtype is not None):
+        mean, logvar = encode_moments(vae, x)
+    # fp32 from here: exp/sampling of the posterior is numerically delicate in 16 bits
+    mean = mean.float().cpu().contiguous()
+    logvar = None if logvar is None else logvar.float().cpu().contiguous()
+    if store != "mean" and logvar is None:
+        raise ValueError(f"--store {store} needs a log-variance, but {type(vae).__name__} is deterministic; use --store mean")
+    out = {"latent_mean": mean} if store in ("mean", "moments") else {}
+    if store == "moments":
+        out["latent_logvar"] = logvar
+    if store == "sample":
+        noise = torch.stack([sample_noise(mean.shape[1:], seed, r["index"], r["flipped"]) for r in rows])
+        out["latent_sample"] = mean + torch.exp(0.5 * logvar) * noise
+    return out
+
+
+def batch_table(rows: list[dict], latents: dict, dtype: str, passthrough) -> pa.Table:
+    """One encoded batch as the shards' rows: our columns, the latents, then the input's other columns."""
+    shape = list(next(iter(latents.values())).shape[1:])
+    values = {"source_index": [r["index"] for r in rows], "source_id": [r["source_id"] for r in rows],
+              "flipped": [r["flipped"] for r in rows], "pixel_size": [list(r["pixels"].shape[1:]) for r in rows],
+              "original_size": [list(r["original_size"]) for r in rows],
+              "crop_top_left": [list(r["crop_top_left"]) for r in rows], "latent_shape": [shape] * len(rows)}
+    extra = None if passthrough is None else passthrough.select([r["index"] for r in rows]).with_format("arrow")[:]
+    return make_table(values, latents, dtype, extra)
+
+
+# ----------------------------------------------------------------------------- checks, before writing
+def prepare_vae(path: str, device, channels_last: Optional[bool]):
+    """The VAE on `device`, eval mode, no gradients, in the memory format asked for; (vae, channels_last)."""
+    from ..loading import NotAnAutoencoder, load_autoencoder, with_flag
+    from ..precision import resolve_channels_last
+
+    try:
+        vae = load_autoencoder(path)
+    except NotAnAutoencoder as e:
+        raise with_flag("--vae", path, e) from e
+    vae = vae.to(device).eval().requires_grad_(False)
+    cl = resolve_channels_last(channels_last, device.type, inference=True)
+    if cl:
+        vae = vae.to(memory_format=torch.channels_last)
+    return vae, cl
+
+
+def check_vae_fits(opts: EncodeOptions, vae) -> None:
+    """What the VAE itself rules out: a resolution off its factor, a log-variance it does not have."""
+    from diffusers import AutoencoderTiny
+
+    from ..model import downsample_factor
+
+    f = downsample_factor(vae)
+    if opts.resolution % f:
+        lo = opts.resolution - opts.resolution % f
+        hint = f"; use {lo} or {lo + f}" if lo else f"; use {f} or a multiple of it"
+        raise BadInputError(f"--resolution {opts.resolution} is not a multiple of the downsampling factor {f} of "
+                            f"--vae {opts.vae}{hint}")
+    if opts.store != "mean" and isinstance(vae, AutoencoderTiny):
+        raise BadInputError(f"--store {opts.store} needs a log-variance, but --vae {opts.vae} is a deterministic "
+                            f"{type(vae).__name__}; use --store mean")
+
+
+@dataclass
+class Job:
+    """An encoding run whose inputs passed every check: what the writing part needs."""
+    opts: EncodeOptions
+    out: Path
+    vae: Any
+    channels_last: bool
+    precision: str  # --mixed-precision resolved: no | bf16 | fp16
+    pre: Preprocess
+    src: Any  # sources.ImageSource
+    passthrough: Any  # the other columns of a `datasets` input (a datasets.Dataset), or None
+    vae_id: dict
+    settings: dict  # encode-settings.json; settings["inputs"]: how many inputs (--limit) are encoded
+    new_settings: bool  # --limit changed over the same inputs: rewrite encode-settings.json
+
+    @property
+    def flips(self) -> tuple[bool, ...]:
+        return (False, True) if self.opts.flip else (False,)
+
+
+def prepare_job(opts: EncodeOptions, device) -> Job:
+    """Every check of the inputs, in an order that names the first mistake; nothing is written."""
+    from ..model import downsample_factor
+    from ..precision import resolve_mixed_precision
+
+    out = Path(opts.out)
+    check_out_folder(out)
+    vae, cl = prepare_vae(opts.vae, device, opts.channels_last)
+    precision = resolve_mixed_precision(opts.mixed_precision, device.type)
+    check_vae_fits(opts, vae)
+    pre = Preprocess(opts.preprocess, opts.resolution, downsample_factor(vae), opts.max_aspect, opts.flip)
+    src, passthrough = open_inputs(opts)
+    if len(src) == 0:
+        raise MissingInputError(f"--data {opts.data}: no images (split {opts.split!r} has no rows)")
+    n = min(opts.limit, len(src)) if opts.limit else len(src)
+    vae_id = vae_identity(vae, opts.vae)
+    settings = run_settings(opts, vae_id, pre, src, n)
+    new_settings = check_settings(out, settings, src)
+    return Job(opts, out, vae, cl, precision, pre, src, passthrough, vae_id, settings, new_settings)
+
+
+def first_missing(path: Path) -> Optional[Path]:
+    """The outermost folder that creating `path` would create (None if `path` exists)."""
+    if path.exists():
+        return None
+    path = path.absolute()
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def discard_if_unstarted(out: Path, created: Path) -> None:
+    """Remove what this run created (DST, and any parent folders it made) when no shard made it:
+    a failed first run leaves nothing behind."""
+    if created.exists() and not list_shards(out):
+        shutil.rmtree(created, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- the run
+def todo_copies(n: int, flips: tuple[bool, ...], shards: list[dict], failures: dict) -> dict[int, list[bool]]:
+    """index -> the copies (flipped or not) still to encode among the first `n` inputs; failed inputs
+    count as done."""
+    done = {(i, f) for s in shards for i, f in zip(s["index"], s["flipped"])}
+    todo = {}
+    for i in range(n):
+        if i in failures:
+            continue
+        missing = [f for f in flips if (i, f) not in done]
+        if missing:
+            todo[i] = missing
+    return todo
+
+
+def open_cache(job: Job) -> None:
+    """The first process's writes before anyone encodes: the settings (first: a folder with data/ is
+    always a cache), data/ without the partial shards of a killed run, the dataset card."""
+    out = job.out
+    out.mkdir(parents=True, exist_ok=True)
+    if job.new_settings:  # a raised --limit: the cache is unfinished again until every input is in
+        (out / MANIFEST_FILE).unlink(missing_ok=True)
+        fsync_dir(out)
+    if job.new_settings or not (out / SETTINGS_FILE).exists():
+        atomic_write_json(out / SETTINGS_FILE, job.settings)
+    (out / "data").mkdir(exist_ok=True)
+    remove_stale_temporaries(out)
+    atomic_write_bytes(out / README_FILE, dataset_card("manifest.json appears when every input is accounted for.").encode())
+
+
+def rows_to_encode(loader, todo: dict[int, list[bool]], src, log: FailureLog, bar) -> Iterator[dict]:
+    """One row per copy still to do (flipped or not) of each preprocessed item; unreadable inputs go
+    to the failure log instead."""
+    for items in loader:
+        for it in items:
+            i = it["index"]
+            if "error" in it:
+                log.add(i, src.name(i), it["error"])
+                bar.update(len(todo[i]))
+                bar.set_postfix(failed=log.count)
+                continue
+            for flipped in todo[i]:
+                yield {**it, "flipped": flipped, "source_id": src.name(i),
+                       "pixels": it["pixels"].flip(-1) if flipped else it["pixels"]}
+
+
+def encode_share(job: Job, state, todo: dict[int, list[bool]], attempt: int) -> dict:
+    """This process's share of `todo` (every num_processes-th input by index) into its own shards."""
+    from tqdm.auto import tqdm
+
+    opts, rank = job.opts, state.process_index
+    mine = sorted(todo)[rank::state.num_processes]
+    log = FailureLog(failure_log_path(job.out, rank))
+    extra = None if job.passthrough is None else job.passthrough.features
+    writer = ShardWriter(job.out / "data", attempt, rank, opts.shard_size, arrow_schema(opts.dtype, opts.store, extra))
+    loader = torch.utils.data.DataLoader(
+        PreprocessedImages(job.src, mine, job.pre, opts.jpeg_draft), batch_size=opts.batch_size,
+        collate_fn=collate_list, num_workers=resolve_workers(opts.num_workers), pin_memory=state.device.type == "cuda")
+    bar = tqdm(total=sum(len(todo[i]) for i in mine), unit="img", dynamic_ncols=True,
+               disable=not (opts.progress and state.is_local_main_process), desc=f"encode x{state.num_processes}")
+    batcher, encoded, t0 = BucketBatcher(opts.batch_size), 0, time.perf_counter()
+
+    def store(batch: list[dict]) -> None:
+        nonlocal encoded
+        latents = encode_rows(job.vae, batch, opts.store, opts.seed, state.device, AUTOCAST_DTYPES[job.precision],
+                              job.channels_last)
+        writer.add(batch_table(batch, latents, opts.dtype, job.passthrough))
+        bar.update(len(batch))
+        encoded += len(batch)
+
+    for row in rows_to_encode(loader, todo, job.src, log, bar):
+        batch = batcher.add(row)
+        if batch:
+            store(batch)
+    for batch in batcher.flush():
+        store(batch)
+    writer.close()
+    bar.close()
+    return {"rows_encoded": encoded, "failures": log.count, "encode_seconds": time.perf_counter() - t0}
+
+
+def write_cache(job: Job, state, t0: float) -> dict:
+    """Resume what is there, encode the rest on every process, then the manifest (first process)."""
+    # what is done: read before the barrier, while nobody writes
+    shards, failures = scan_shards(job.out), scan_failures(job.out)
+    attempt = next_attempt(shards)
+    todo = todo_copies(job.settings["inputs"], job.flips, shards, failures)
+    if state.is_main_process:
+        open_cache(job)
+    state.wait_for_everyone()
+    stats = encode_share(job, state, todo, attempt)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        atomic_write_json(job.out / MANIFEST_FILE, build_manifest(job.out, job.settings, job.vae_id, job.opts, job.pre))
+    state.wait_for_everyone()
+    manifest = json.loads((job.out / MANIFEST_FILE).read_text())
+    seconds = stats["encode_seconds"]
+    manifest["this_run"] = {"process": state.process_index, "processes": state.num_processes, "attempt": attempt,
+                            **stats, "total_seconds": time.perf_counter() - t0,
+                            "images_per_second": stats["rows_encoded"] / seconds if seconds > 0 else 0.0,
+                            "mixed_precision": job.precision, "channels_last": job.channels_last}
+    if job.opts.verify and state.is_main_process:
+        manifest["verify"] = verify_cache(job.out, seed=job.opts.seed, vae=job.vae)
+    return manifest
+
+
+def encode(opts: EncodeOptions) -> dict:
+    """Encode `opts.data` into `opts.out` (resuming what is there); returns the manifest, on every process.
+
+    The manifest carries `this_run` stats (seconds, rows encoded by this process, images/s) and,
+    with `opts.verify`, on the first process, the `verify` report of 8 decoded rows."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    opts = validated(opts)  # the command line's coercion and checks, for library callers too
+    # as Accelerator does: `accelerate launch --cpu` (ACCELERATE_USE_CPU=1) makes gloo processes on CPUs
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    out = Path(opts.out)
+    created = first_missing(out)
+    t0 = time.perf_counter()
+    job = prepare_job(opts, state.device)  # on every process, before anyone writes: all fail alike
+    try:
+        return write_cache(job, state, t0)
+    except BaseException:
+        if created is not None and state.is_main_process:
+            discard_if_unstarted(out, created)
+        raise
+
+
+def run(opts: EncodeOptions) -> dict:
+    """`latentvae encode`: encode, then one summary line (and the --verify table) from the first process."""
+    manifest = encode(opts)
+    this = manifest["this_run"]
+    if this["process"] == 0:
+        c = manifest["counts"]
+        print(f"{opts.out}: {c['rows']} rows of {c['encoded_inputs']}/{c['inputs']} inputs in {c['shards']} shards, "
+              f"{c['failures']} failures; this run {this['rows_encoded']} rows at {this['images_per_second']:.2f} img/s "
+              f"on {this['processes']} process(es)")
+        if "verify" in manifest:
+            print_report(manifest["verify"])
+    return manifest

@@ -1,0 +1,218 @@
+"""What a cache says about itself: encode-settings.json, manifest.json and the dataset card.
+
+    encode-settings.json  written first: what must not change on a resume (check_settings refuses
+                          a rerun with other settings, listing what differs)
+    manifest.json         written last, once every input is accounted for (build_manifest checks
+                          that): VAE identity, scaling factors, preprocessing, dtype, counts, failures
+    README.md             the dataset card that points `datasets.load_dataset(OUT)` at data/*.parquet
+
+Also whether a folder may become a cache (check_out_folder), and the identities recorded in both
+files: the VAE's weights hash and the inputs' fingerprint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..errors import BadInputError, MissingInputError
+from ..fsutil import sha256_file
+from ..options import EncodeOptions
+from ..preprocess import Preprocess
+from .schema import DTYPE_STORAGE, FORMAT_VERSION, STORES
+from .writer import list_shards, scan_failures, scan_shards
+
+SETTINGS_FILE = "encode-settings.json"
+MANIFEST_FILE = "manifest.json"
+README_FILE = "README.md"
+# the settings a larger --limit changes: a rerun with only these different may encode more (check_settings)
+LIMIT_KEYS = ("limit", "inputs", "inputs_sha256")
+
+
+# ----------------------------------------------------------------------------- identities
+def weights_sha256(vae) -> str:
+    """sha256 over the state dict (sorted keys; name, dtype, shape, raw bytes): same weights, same id."""
+    h = hashlib.sha256()
+    for k, t in sorted(vae.state_dict().items()):
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        # flattened in logical order, so channels_last weights hash like contiguous ones (a (C, C, 1, 1)
+        # channels_last weight counts as contiguous yet has stride(-1) != 1, which view(uint8) refuses)
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return h.hexdigest()
+
+
+def vae_identity(vae, path: str) -> dict:
+    """The manifest's `vae`: where it was, its class, weights hash, files, factors and shapes."""
+    from ..model import downsample_factor, latent_channels
+
+    cfg = vae.config
+    files = {}
+    if Path(path).is_dir():
+        files = {p.name: sha256_file(p) for p in sorted(Path(path).glob("*.safetensors"))}
+    return {"path": str(path), "class": type(vae).__name__, "weights_sha256": weights_sha256(vae),
+            "files_sha256": files, "scaling_factor": cfg.get("scaling_factor"),
+            "shift_factor": cfg.get("shift_factor"), "latent_channels": latent_channels(vae),
+            "downsample_factor": downsample_factor(vae)}
+
+
+def inputs_fingerprint(src, n: int) -> str:
+    """sha256 of the first `n` inputs of `src`: their names (and a dataset's own fingerprint)."""
+    h = hashlib.sha256()
+    fp = getattr(getattr(src, "dataset", None), "_fingerprint", None)
+    h.update(f"{fp}|{n}|".encode())
+    for i in range(n):
+        h.update(src.name(i).encode() + b"\0")
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- encode-settings.json
+def run_settings(opts: EncodeOptions, vae_id: dict, pre: Preprocess, src, n: int) -> dict:
+    """What must not change between a run and its resumption; `n`: the inputs encoded (see --limit)."""
+    return {"format_version": FORMAT_VERSION, "vae_weights_sha256": vae_id["weights_sha256"],
+            "source": {"data": opts.data, "kind": opts.data_kind, "split": opts.split,
+                       "image_column": opts.image_column},
+            "limit": opts.limit, "inputs": n, "inputs_sha256": inputs_fingerprint(src, n),
+            "preprocessing": pre.to_dict(), "jpeg_draft": opts.jpeg_draft, "max_image_pixels": opts.max_image_pixels,
+            "store": opts.store, "dtype": opts.dtype, "seed": opts.seed if opts.store == "sample" else None}
+
+
+def check_out_folder(out: Path) -> None:
+    """OUT must be new, empty, or a cache (with encode-settings.json): never someone's other folder."""
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"--out {out} exists and is not a folder; expected a new folder or a latent cache")
+    if not out.is_dir() or (out / SETTINGS_FILE).is_file():
+        return
+    entries = list(out.iterdir())
+    # an empty data/ is what a killed earlier version left before writing its settings: resumable
+    if all(p.name == "data" and p.is_dir() and not list_shards(out) for p in entries):
+        return
+    raise BadInputError(f"--out {out} is a non-empty folder that is not a latent cache (no {SETTINGS_FILE}); "
+                        "choose a new or empty folder")
+
+
+def flatten(d: Any, prefix: str = "") -> dict:
+    """Nested dicts -> {"a.b.c": value}."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def shorten(value: Any, width: int = 40) -> str:
+    """A setting's value for a message: JSON, a sha256 cut to 12 digits, anything long cut to `width`."""
+    text = json.dumps(value)
+    if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value):
+        return value[:12] + "…"
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def settings_diff(old: dict, new: dict) -> list[str]:
+    """'key: OLD there, NEW now' for each setting that differs (derived bucket lists left out when
+    the settings they derive from are listed)."""
+    a, b = flatten(old), flatten(new)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if any(k.startswith("preprocessing.") and k != "preprocessing.buckets" for k in keys):
+        keys = [k for k in keys if k != "preprocessing.buckets"]
+    return [f"{k}: {shorten(a.get(k))} there, {shorten(b.get(k))} now" for k in keys]
+
+
+def read_settings(out: Path) -> Optional[dict]:
+    """The cache's encode-settings.json (None if it has none yet); a cache from before --limit had none."""
+    path = out / SETTINGS_FILE
+    if not path.exists():
+        return None
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BadInputError(f"{path}: unreadable ({e}); use a new --out") from e
+    if not isinstance(settings, dict):
+        raise BadInputError(f"{path}: not a settings object; use a new --out")
+    return {"limit": 0, **settings}
+
+
+def limit_raised(old: dict, new: dict, src) -> bool:
+    """Only --limit changed, and the new one covers the same first inputs (and perhaps more of them,
+    if the old limit cut the source short): a run that encodes the rest, not another cache."""
+    if any(old.get(k) != new.get(k) for k in set(old) | set(new) if k not in LIMIT_KEYS):
+        return False
+    n = old["inputs"]
+    if new["inputs"] < n or inputs_fingerprint(src, n) != old["inputs_sha256"]:
+        return False
+    return new["inputs"] == n or old["limit"] == n
+
+
+def check_settings(out: Path, settings: dict, src) -> bool:
+    """Refuse a cache made with other settings, saying what differs. True when encode-settings.json
+    is to be rewritten: --limit was raised (or changed without effect) over the same inputs."""
+    old = read_settings(out)
+    diff = [] if old is None else settings_diff(old, settings)
+    if not diff:
+        return False
+    if limit_raised(old, settings, src):
+        return True
+    raise BadInputError(f"--out {out} holds a cache made with other settings ({'; '.join(diff)}); "
+                        "use a new --out, or the same settings to resume")
+
+
+def dataset_card(manifest_hint: str) -> str:
+    return ("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/*.parquet\n---\n"
+            f"# Latent cache\n\nMade by `latentvae encode`. {manifest_hint}\n"
+            "Latents are raw (unscaled): a diffusion model sees (z - shift_factor) * scaling_factor.\n")
+
+
+# ----------------------------------------------------------------------------- manifest.json
+def build_manifest(out: Path, settings: dict, vae_id: dict, opts: EncodeOptions, pre: Preprocess) -> dict:
+    """Read every shard and failure log; check that each input is in exactly once; the manifest."""
+    shards, failures = scan_shards(out), scan_failures(out)
+    flips = (False, True) if pre.flip else (False,)
+    seen = Counter((i, f) for s in shards for i, f in zip(s["index"], s["flipped"]))
+    dup = [k for k, c in seen.items() if c > 1]
+    missing = [(i, f) for i in range(settings["inputs"]) if i not in failures for f in flips if (i, f) not in seen]
+    both = sorted({i for i, _ in seen} & set(failures))
+    if dup or missing or both:
+        raise RuntimeError(f"{out}: cache inconsistent: {len(dup)} duplicated rows {dup[:5]}, {len(missing)} missing "
+                           f"{missing[:5]}, {len(both)} inputs both encoded and failed {both[:5]}")
+    buckets = Counter(f"{w}x{h}" for s in shards for h, w in s["pixel_size"])
+    return {
+        "format_version": FORMAT_VERSION,
+        "vae": vae_id,
+        "source": settings["source"],
+        "limit": settings["limit"],
+        "preprocessing": {**pre.to_dict(), "jpeg_draft": opts.jpeg_draft,
+                          "resize": "bicubic, antialiased, cover + center crop",
+                          "pixel_range": "[-1, 1] = uint8 / 127.5 - 1"},
+        "store": opts.store, "columns": list(STORES[opts.store]), "dtype": opts.dtype,
+        "dtype_storage": DTYPE_STORAGE[opts.dtype],
+        "sample_seed": settings["seed"],
+        "counts": {"inputs": settings["inputs"], "encoded_inputs": len({i for i, _ in seen}), "rows": sum(seen.values()),
+                   "failures": len(failures), "shards": len(shards), "rows_per_bucket": dict(sorted(buckets.items()))},
+        "shards": [{"file": f"data/{s['name']}", "rows": s["rows"]} for s in shards],
+        "failures": [failures[i] for i in sorted(failures)],
+        "inputs_sha256": settings["inputs_sha256"],
+    }
+
+
+def read_manifest(out: Path) -> dict:
+    """A finished cache's manifest, or a MissingInputError/BadInputError saying what `out` is instead."""
+    path = out / MANIFEST_FILE
+    if not out.is_dir():
+        raise MissingInputError(f"cache folder {out} does not exist" if not out.exists() else
+                                f"{out} is not a folder; expected a latent cache written by `latentvae encode`")
+    if not path.is_file():
+        if (out / SETTINGS_FILE).is_file():
+            raise MissingInputError(f"{path} not found: the cache is unfinished; rerun the same `latentvae encode` "
+                                    "command to complete it")
+        raise MissingInputError(f"{out} is not a latent cache (no {MANIFEST_FILE}); expected a folder written by "
+                                "`latentvae encode`")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BadInputError(f"{path}: unreadable ({e})") from e

@@ -1,0 +1,107 @@
+"""The latent cache's format, defined once: its columns, their storage dtypes and the arrow schema.
+
+This is what a reader imports (a diffusion trainer, a latent loader); it loads no model:
+
+    from latentvae.cache.schema import from_storage
+    z = from_storage(row["latent_mean"], manifest["dtype"])      # float32 tensor (C, h, w)
+
+Each row is one stored image (two per input with --flip): the ROW_COLUMNS (where the image came
+from, how it was cropped, the latent's shape), then the latent columns of the --store (STORES),
+then every other column of a `datasets` input. A latent is a nested list (C, h, w) of the arrow
+type DTYPES[dtype] names; bf16 is stored as its raw 16 bits (uint16) since parquet has no bf16.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+FORMAT_VERSION = 1  # of the shards, encode-settings.json and manifest.json together
+
+SIZE = pa.list_(pa.int32())
+# the columns every row has, in order, with their arrow types
+ROW_COLUMNS: dict[str, pa.DataType] = {
+    "source_index": pa.int64(),  # position of the input in the source (sorted file list, dataset row)
+    "source_id": pa.string(),  # its file path, or `source:split[row]`
+    "flipped": pa.bool_(),  # a horizontally flipped copy
+    "pixel_size": SIZE,  # [H, W] of the encoded image (the bucket)
+    "original_size": SIZE,  # [H, W] of the source image (SDXL's original_size)
+    "crop_top_left": SIZE,  # [top, left] of the crop in the resized image (SDXL's crops_coords_top_left)
+    "latent_shape": SIZE,  # [C, h, w]
+}
+# --store: the latent columns each row holds
+STORES: dict[str, tuple[str, ...]] = {
+    "mean": ("latent_mean",),
+    "moments": ("latent_mean", "latent_logvar"),  # trainers sample mean + exp(logvar / 2) * eps
+    "sample": ("latent_sample",),  # one posterior sample, seeded by (seed, source_index, flipped)
+}
+LATENT_COLUMNS = ("latent_mean", "latent_logvar", "latent_sample")
+OWN_COLUMNS = (*ROW_COLUMNS, *LATENT_COLUMNS)  # an input column of one of these names is refused
+# --dtype: torch dtype of the values and the arrow type they are stored as. bf16 is stored as its
+# raw 16 bits (uint16): exact and half the size of float32; parquet has no bf16 type.
+DTYPES: dict[str, tuple[torch.dtype, pa.DataType]] = {
+    "fp16": (torch.float16, pa.float16()),
+    "bf16": (torch.bfloat16, pa.uint16()),
+    "fp32": (torch.float32, pa.float32()),
+}
+DTYPE_STORAGE = {"fp16": "float16", "fp32": "float32", "bf16": "uint16 raw bfloat16 bits (float32 = bits << 16)"}
+
+
+def latent_type(dtype: str) -> pa.DataType:
+    """The arrow type of one latent: list<list<list<T>>>, (C, h, w)."""
+    return pa.list_(pa.list_(pa.list_(DTYPES[dtype][1])))
+
+
+def nested_list_array(a: np.ndarray) -> pa.Array:
+    """(B, C, h, w) -> a list<list<list<T>>> array of B rows, so `datasets` gives (C, h, w) per row."""
+    B, C, h, w = a.shape
+    arr = pa.array(a.reshape(-1))
+    for step, count in ((w, B * C * h), (h, B * C), (C, B)):
+        arr = pa.ListArray.from_arrays(pa.array(np.arange(0, (count + 1) * step, step, dtype=np.int32)), arr)
+    return arr
+
+
+def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
+    """float latents -> the numpy array stored for `dtype` (bf16: its raw bits as uint16)."""
+    torch_dtype, _ = DTYPES[dtype]
+    y = x.to(torch_dtype)
+    if dtype == "bf16":
+        return y.view(torch.int16).numpy().view(np.uint16)
+    return y.numpy()
+
+
+def from_storage(x: Any, dtype: str) -> torch.Tensor:
+    """A stored latent (nested lists, numpy or tensor) -> float32 tensor; bf16 bits are widened exactly."""
+    if dtype == "bf16":
+        bits = torch.as_tensor(np.asarray(x).astype(np.int64))
+        return bits.to(torch.int32).bitwise_left_shift(16).view(torch.float32)
+    return torch.as_tensor(np.asarray(x, dtype=np.float32))
+
+
+def arrow_schema(dtype: str, store: str, extra_features=None) -> pa.Schema:
+    """The shards' arrow schema, with `datasets` features in its metadata: the ROW_COLUMNS, the
+    latent columns of `store`, then `extra_features` (a `datasets.Features` of passthrough columns,
+    ClassLabels and all)."""
+    import datasets
+
+    fields = [*ROW_COLUMNS.items(), *((name, latent_type(dtype)) for name in STORES[store])]
+    features = datasets.Features.from_arrow_schema(pa.schema(fields))
+    if extra_features is not None:
+        features = datasets.Features({**features, **extra_features})
+    return features.arrow_schema
+
+
+def make_table(values: dict[str, list], latents: dict[str, torch.Tensor], dtype: str,
+               extra: Optional[pa.Table] = None) -> pa.Table:
+    """One batch of rows as an arrow table: `values` (a list per ROW_COLUMNS name), the latent
+    columns (float (B, C, h, w) each) stored as `dtype`, then the columns of `extra`."""
+    cols = {name: pa.array(values[name], typ) for name, typ in ROW_COLUMNS.items()}
+    for name, x in latents.items():
+        cols[name] = nested_list_array(to_storage(x, dtype))
+    table = pa.table(cols)
+    if extra is not None:
+        for name in extra.column_names:
+            table = table.append_column(name, extra.column(name))
+    return table

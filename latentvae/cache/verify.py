@@ -1,0 +1,153 @@
+"""Checking a finished cache: decode random rows and compare them with their sources; `latentvae decode`.
+
+    report = verify_cache("latents/", limit=8, seed=0)   # {"samples": [...], "mean_psnr": ..., ...}
+    latentvae decode latents/ --limit 16 --out pairs/ --min-psnr 30
+
+The VAE is the manifest's (or `--vae`, another copy of it: its weights hash must match). Each
+sampled row is checked against its source (the same name at the same index) before anything is
+decoded or written; the source is then preprocessed as the manifest says and compared with the
+decoded latent as uint8 images (metrics.psnr, what a saved PNG holds).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from ..errors import BadInputError
+from ..options import DecodeOptions
+from ..preprocess import Preprocess, load_preprocessed
+from .manifest import read_manifest, weights_sha256
+from .schema import from_storage
+from .writer import list_shards
+
+
+def load_cache_vae(cache: Path, manifest: dict, vae_path: Optional[str]):
+    """`vae_path`, or the VAE the manifest names, in eval mode on the CPU; it must be the cache's VAE."""
+    from ..loading import NotAnAutoencoder, load_autoencoder, with_flag
+
+    try:
+        vae = load_autoencoder(vae_path or manifest["vae"]["path"])
+    except NotAnAutoencoder as e:
+        if vae_path:
+            raise with_flag("--vae", vae_path, e) from e
+        raise NotAnAutoencoder(f"{e} (the VAE path in {cache}/manifest.json; pass --vae to use another copy "
+                               "of that VAE)") from e
+    return vae.eval().requires_grad_(False)
+
+
+def check_same_vae(vae, cache: Path, manifest: dict, vae_path: Optional[str]) -> None:
+    if weights_sha256(vae) != manifest["vae"]["weights_sha256"]:
+        which = f"--vae {vae_path}" if vae_path else f"the VAE at {manifest['vae']['path']} (from the manifest)"
+        raise BadInputError(f"{which} is not the VAE that made {cache}: its weights sha256 differs from the "
+                            f"manifest's {manifest['vae']['weights_sha256'][:12]}…; pass the VAE it was encoded with")
+
+
+def manifest_preprocess(manifest: dict) -> Preprocess:
+    """The preprocessing the cache was made with."""
+    p = manifest["preprocessing"]
+    return Preprocess(**{k: p[k] for k in ("mode", "resolution", "factor", "max_aspect", "flip")},
+                      buckets=tuple(tuple(b) for b in p["buckets"]))
+
+
+def sample_rows(cache: Path, limit: int, seed: int) -> list[tuple[str, int]]:
+    """`limit` random (shard file, row) pairs, the same for the same seed."""
+    pairs = [(p.name, r) for p in list_shards(cache) for r in range(pq.read_metadata(p).num_rows)]
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(pairs), generator=g)[:limit].tolist()
+    return [pairs[k] for k in sorted(pick)]
+
+
+def read_sampled_rows(cache: Path, src, source_data: str, column: str, limit: int, seed: int) -> list[tuple]:
+    """(shard, row, one-row table) for each sampled row, each checked to still match its source."""
+    records = []
+    for shard, row in sample_rows(cache, limit, seed):
+        rec = pq.read_table(cache / "data" / shard,
+                            columns=["source_index", "source_id", "flipped", column]).slice(row, 1)
+        i, sid = rec["source_index"][0].as_py(), rec["source_id"][0].as_py()
+        if i >= len(src) or src.name(i) != sid:
+            now = repr(src.name(i)) if i < len(src) else "gone"
+            raise BadInputError(f"{cache}: row {shard}:{row} is {sid!r} but input {i} of its source {source_data} is "
+                                f"now {now}: the source changed since it was encoded")
+        records.append((shard, row, rec))
+    return records
+
+
+def decode_to_uint8(vae, z: torch.Tensor) -> torch.Tensor:
+    """One float32 latent (C, h, w) -> the decoded image, uint8 (3, H, W) on the CPU."""
+    from ..images import to_uint8
+    from ..model import decode
+
+    param = next(vae.parameters())
+    with torch.inference_mode():
+        return to_uint8(decode(vae, z[None].to(param.device, param.dtype))[0].float().cpu())
+
+
+def save_pair(folder: Path, k: int, source_id: str, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+    """source | decoded, side by side, as FOLDER/NNN-NAME.png."""
+    from ..fsutil import atomic_save_image
+    from ..images import make_grid
+
+    grid = make_grid([x[None].float() / 127.5 - 1, x_hat[None].float() / 127.5 - 1])
+    atomic_save_image(grid, folder / f"{k:03d}-{Path(source_id).stem}.png")
+
+
+def verify_cache(cache: str | Path, limit: int = 8, seed: int = 0, *, vae=None, vae_path: Optional[str] = None,
+                 pairs_dir: Optional[str | Path] = None) -> dict:
+    """Decode `limit` random stored latents; PSNR against the source images preprocessed the same way.
+
+    `vae`: the loaded VAE (else `vae_path`, else the manifest's path); `pairs_dir`: also write each
+    source | decoded pair there as a PNG. Returns {"samples": [...], "column", "mean_psnr", "min_psnr"}."""
+    from ..images import BadImage
+    from ..metrics import psnr
+    from ..sources import open_source
+
+    cache = Path(cache)
+    manifest = read_manifest(cache)
+    if pairs_dir is not None and Path(pairs_dir).exists() and not Path(pairs_dir).is_dir():
+        raise BadInputError(f"--out {pairs_dir} exists and is not a folder")
+    if vae is None:
+        vae = load_cache_vae(cache, manifest, vae_path)
+    check_same_vae(vae, cache, manifest, vae_path)
+    s = manifest["source"]
+    src = open_source(s["data"], s["kind"], s["split"], s["image_column"], 10**12)
+    pre, draft = manifest_preprocess(manifest), manifest["preprocessing"]["jpeg_draft"]
+    column = "latent_mean" if "latent_mean" in manifest["columns"] else "latent_sample"
+    results = []
+    for shard, row, rec in read_sampled_rows(cache, src, s["data"], column, limit, seed):
+        i, sid, flipped = rec["source_index"][0].as_py(), rec["source_id"][0].as_py(), rec["flipped"][0].as_py()
+        x_hat = decode_to_uint8(vae, from_storage(rec[column][0].as_py(), manifest["dtype"]))
+        try:
+            x = load_preprocessed(src, i, pre, draft)["pixels"]
+        except BadImage as e:
+            raise BadInputError(f"{cache}: the source of row {shard}:{row} cannot be read any more ({e})") from e
+        x = x.flip(-1) if flipped else x
+        value = psnr(x.permute(1, 2, 0).numpy(), x_hat.permute(1, 2, 0).numpy())
+        results.append({"shard": shard, "row": row, "source_id": sid, "flipped": flipped, "psnr": value})
+        if pairs_dir is not None:
+            save_pair(Path(pairs_dir), len(results) - 1, sid, x, x_hat)
+    values = [r["psnr"] for r in results]
+    return {"samples": results, "column": column, "mean_psnr": float(np.mean(values)) if values else float("nan"),
+            "min_psnr": float(np.min(values)) if values else float("nan")}
+
+
+def print_report(report: dict) -> None:
+    """The per-row table and the mean/min line."""
+    print(f"{'shard:row':<28} {'flip':<5} {'PSNR dB':>8}  source")
+    for r in report["samples"]:
+        print(f"{r['shard'] + ':' + str(r['row']):<28} {str(r['flipped']):<5} {r['psnr']:8.2f}  {r['source_id']}")
+    print(f"mean PSNR {report['mean_psnr']:.2f} dB, min {report['min_psnr']:.2f} dB over {len(report['samples'])} "
+          f"rows of {report['column']}")
+
+
+def run(opts: DecodeOptions) -> dict:
+    """`latentvae decode CACHE`: the report as a table; exit status 1 if the mean PSNR is below --min-psnr."""
+    report = verify_cache(opts.cache, limit=opts.limit, seed=opts.seed, vae_path=opts.vae, pairs_dir=opts.out)
+    print_report(report)
+    if opts.min_psnr is not None and report["mean_psnr"] < opts.min_psnr:
+        sys.exit(f"mean PSNR {report['mean_psnr']:.2f} dB is below --min-psnr {opts.min_psnr:g}")
+    return report

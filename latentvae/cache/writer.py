@@ -1,0 +1,129 @@
+"""Writing a cache's rows so that each is stored exactly once: parquet shards and failure logs.
+
+    data/part-AAAA-RRR-SSSSS.parquet   attempt AAAA, process rank RRR, shard SSSSS of that process
+    failures-rankN.jsonl               one fsynced line per input process N could not use
+
+A shard holds exactly `shard_size` rows (a process's last one may be short) and is written under
+a hidden temporary name, fsynced and renamed (fsutil.atomic_write), so a shard name is only ever
+seen complete and never rewritten. Its `source_index`/`flipped` columns are the record of what
+it holds: `scan_shards` and `scan_failures` read back what is done, for a resume and the manifest.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..fsutil import atomic_write
+
+SHARD_RE = re.compile(r"part-(\d{4})-(\d{3})-(\d{5})\.parquet$")
+
+
+def shard_name(attempt: int, rank: int, seq: int) -> str:
+    return f"part-{attempt:04d}-{rank:03d}-{seq:05d}.parquet"
+
+
+def list_shards(out: Path) -> list[Path]:
+    """The finished shards of the cache `out`, sorted by name."""
+    folder = out / "data"
+    return sorted(p for p in folder.glob("part-*.parquet") if SHARD_RE.match(p.name)) if folder.is_dir() else []
+
+
+def scan_shards(out: Path) -> list[dict]:
+    """Per finished shard: its name, rows, and the (source_index, flipped, pixel_size) of each row."""
+    result = []
+    for p in list_shards(out):
+        t = pq.read_table(p, columns=["source_index", "flipped", "pixel_size"])
+        result.append({"name": p.name, "rows": t.num_rows, "index": t.column("source_index").to_pylist(),
+                       "flipped": t.column("flipped").to_pylist(), "pixel_size": t.column("pixel_size").to_pylist()})
+    return result
+
+
+def next_attempt(shards: list[dict]) -> int:
+    """The attempt number of a new run's shards: one past the highest written, so names never collide."""
+    return 1 + max((int(SHARD_RE.match(s["name"]).group(1)) for s in shards), default=0)
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Delete the partial shards a killed run left (hidden temporaries, never renamed into place)."""
+    for stale in (out / "data").glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- failures
+def failure_log_path(out: Path, rank: int) -> Path:
+    return out / f"failures-rank{rank}.jsonl"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Complete records of a JSON-lines file; a line cut short by a crash is skipped."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def scan_failures(out: Path) -> dict[int, dict]:
+    """source_index -> its failure record, from every process's log."""
+    failures = {}
+    for p in sorted(out.glob("failures-rank*.jsonl")):
+        for rec in read_jsonl(p):
+            failures[int(rec["source_index"])] = rec
+    return failures
+
+
+class FailureLog:
+    """failures-rankN.jsonl: one fsynced line per input that could not be used."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if path.exists() and path.stat().st_size:
+            with open(path, "rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a crash cut the last line: start a fresh one
+                    f.write(b"\n")
+        self.count = 0
+
+    def add(self, index: int, source_id: str, reason: str) -> None:
+        with open(self.path, "ab") as f:
+            f.write((json.dumps({"source_index": index, "source_id": source_id, "reason": reason}) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+        self.count += 1
+
+
+# ----------------------------------------------------------------------------- shards
+class ShardWriter:
+    """Collects encoded batches; writes exactly `shard_size` rows per shard (the last may be short)."""
+
+    def __init__(self, folder: Path, attempt: int, rank: int, shard_size: int, schema: pa.Schema):
+        self.folder, self.attempt, self.rank, self.shard_size, self.schema = folder, attempt, rank, shard_size, schema
+        self.pending: list[pa.Table] = []
+        self.n_pending, self.seq, self.written = 0, 0, []
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table.cast(self.schema))
+        self.n_pending += table.num_rows
+        while self.n_pending >= self.shard_size:
+            self.write(self.shard_size)
+
+    def close(self) -> None:
+        if self.n_pending:
+            self.write(self.n_pending)
+
+    def write(self, n: int) -> None:
+        """The first `n` pending rows as the next shard."""
+        table = pa.concat_tables(self.pending)
+        head, rest = table.slice(0, n), table.slice(n)
+        path = self.folder / shard_name(self.attempt, self.rank, self.seq)
+        atomic_write(path, lambda f: pq.write_table(head, f))
+        self.pending, self.n_pending = ([rest] if rest.num_rows else []), rest.num_rows
+        self.seq += 1
+        self.written.append(path.name)
