@@ -34,11 +34,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderTiny
-from PIL import Image
 
 from . import metrics
 from .errors import BadInputError
-from .fsutil import fsync_dir, write_durable
+from .fsutil import fsync_dir, publish_folder, write_durable
 from .images import BadImage, center_crop_to_multiple, downscale_long_side, load_rgb, to_tensor, to_uint8
 from .loading import NotAnAutoencoder, load_autoencoder, with_flag
 from .model import decode, downsample_factor, encode_moments, latent_channels
@@ -323,21 +322,6 @@ def check_report_folder(out: Path) -> None:
                             "choose a new or empty folder")
 
 
-def publish_report(tmp: Path, out: Path) -> None:
-    """Rename the finished staging folder to REPORT, replacing an earlier report only after that succeeds."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old.exists():
-            os.replace(old, out)
-        raise
-    fsync_dir(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_report(out: Path, results: list[VaeResult], summary: dict, settings: dict) -> None:
     """The report's files, into a hidden staging folder beside `out` that then replaces it whole."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -348,7 +332,7 @@ def write_report(out: Path, results: list[VaeResult], summary: dict, settings: d
     try:
         write_report_files(tmp, results, summary, settings)
         fsync_dir(tmp)
-        publish_report(tmp, out)
+        publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

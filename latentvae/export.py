@@ -31,6 +31,7 @@ from .calibrate import (CalibrationConfig, Fp16Report, LatentStats, calibrate, f
 from .config import config_from_dict
 from .conventions import FAMILIES
 from .errors import BadInputError, MissingInputError, UserError
+from .fsutil import atomic_write_bytes, atomic_write_json, flatten, publish_folder
 from .loading import load_from_checkpoint
 from .model import DETERMINISTIC_LOGVAR, decode, downsample_factor, encode_moments
 from .options import ExportOptions, validated
@@ -172,20 +173,6 @@ def umask_modes(folder: Path) -> None:
             os.chmod(f, 0o666 & ~umask)
 
 
-def publish(tmp: Path, out: Path) -> None:
-    """Rename the verified staging folder to OUT, replacing an old OUT only after that succeeds."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old.exists():
-            os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 # ----------------------------------------------------------------------------- the model card
 def data_seen(cfg, state: dict) -> dict[str, Any]:
     d, t = cfg.data, cfg.train
@@ -204,19 +191,10 @@ def data_seen(cfg, state: dict) -> dict[str, Any]:
     return seen
 
 
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def model_card(meta: dict[str, Any]) -> str:
     lc, stats, fp16 = meta["latent_config"], meta["latent_statistics"], meta["fp16"]
     lines = ["---", "library_name: diffusers", "tags: [autoencoder, vae, latentvae]", "---", "",
-             f"# AutoencoderKL exported by latentvae", "",
+             "# AutoencoderKL exported by latentvae", "",
              f"From `{meta['checkpoint']}` (step {meta['step']}), {meta['weights']} weights, stored as {meta['dtype']}.",
              "", "```python", "from diffusers import AutoencoderKL",
              "vae = AutoencoderKL.from_pretrained(\"path/to/this/folder\")", "```", "", "## Latent scaling", ""]
@@ -272,6 +250,22 @@ def measure(vae: AutoencoderKL, options: ExportOptions, use_mean: bool = False,
     return stats, fp16
 
 
+def export_record(options: ExportOptions, found: Path, state: dict, cfg, lc: dict, stats: Optional[LatentStats],
+                  fp16: Optional[Fp16Report], summary_file: Optional[Path], diff: dict) -> dict[str, Any]:
+    """latentvae_export.json: every fact of the export, machine-readable (the model card is made from it)."""
+    return {"format": "latentvae-export-1", "checkpoint": str(found), "step": int(state["step"]),
+            "weights": options.weights, "dtype": options.dtype, "latent_config": lc,
+            "scaling_measured": stats is not None,
+            "latent_statistics": stats.to_dict() if stats else None, "fp16": fp16.to_dict() if fp16 else None,
+            "data": data_seen(cfg, state), "training_config": cfg.to_dict(),
+            "evaluation_file": str(summary_file) if summary_file else None,
+            "evaluation": json.loads(summary_file.read_text()) if summary_file else None,
+            "max_abs_diff": diff,
+            "posterior": ("deterministic: model.mode ae never trained the log-variance, so it is pinned to "
+                          f"{DETERMINISTIC_LOGVAR} (std ~3e-7) and latent_dist.sample() equals mode()"
+                          if cfg.model.mode == "ae" else "Gaussian: latent_dist.sample() = mean + std * noise")}
+
+
 def export(options: ExportOptions, log=print) -> ExportResult:
     """`options.src` (a training run or one checkpoint) -> verified diffusers folder `options.out`."""
     options = validated(options)  # the command line's checks for library callers too
@@ -306,20 +300,10 @@ def export(options: ExportOptions, log=print) -> ExportResult:
         stored.save_pretrained(str(tmp), safe_serialization=True)
         umask_modes(tmp)  # safetensors writes its file 0600; the export is meant to be shared
         diff = verify(tmp, vae, options.dtype)
-        meta = {"format": "latentvae-export-1", "checkpoint": str(found), "step": int(state["step"]),
-                "weights": options.weights, "dtype": options.dtype, "latent_config": lc,
-                "scaling_measured": stats is not None,
-                "latent_statistics": stats.to_dict() if stats else None, "fp16": fp16.to_dict() if fp16 else None,
-                "data": data_seen(cfg, state), "training_config": cfg.to_dict(),
-                "evaluation_file": str(summary_file) if summary_file else None,
-                "evaluation": json.loads(summary_file.read_text()) if summary_file else None,
-                "max_abs_diff": diff,
-                "posterior": ("deterministic: model.mode ae never trained the log-variance, so it is pinned to "
-                              f"{DETERMINISTIC_LOGVAR} (std ~3e-7) and latent_dist.sample() equals mode()"
-                              if cfg.model.mode == "ae" else "Gaussian: latent_dist.sample() = mean + std * noise")}
-        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        (tmp / "README.md").write_text(model_card(meta))
-        publish(tmp, out)
+        meta = export_record(options, found, state, cfg, lc, stats, fp16, summary_file, diff)
+        atomic_write_json(tmp / METADATA_FILE, meta)
+        atomic_write_bytes(tmp / "README.md", model_card(meta).encode())
+        publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

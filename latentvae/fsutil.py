@@ -4,7 +4,9 @@
     atomic_write_json(path, obj)            # JSON, indented, sorted keys
     atomic_write(path, lambda f: ...)       # anything written to a binary file object
     atomic_save_image(pil_image, path)      # a PIL image, format from the suffix
+    publish_folder(staging, target)         # a finished staging folder replaces `target` in one rename
     sha256_file(path)                       # hex digest, streamed
+    flatten(record)                         # {"a": {"b": 1}} -> {"a.b": 1}, for JSON records in messages
 
 After `os.replace` returns and the folder is fsynced, a crash (SIGKILL, power loss) leaves either
 the old file or the new one under `path`, never a prefix of the new one.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -75,3 +78,30 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def publish_folder(staging: str | Path, target: str | Path) -> None:
+    """Rename a finished staging folder to `target`, replacing an old `target` only once that worked
+    (a failure puts the old one back); then fsync the parent and remove the old one."""
+    staging, target = Path(staging), Path(target)
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        os.replace(target, old)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        if old.exists():
+            os.replace(old, target)
+        raise
+    fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def flatten(record: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {"a.b.c": value} (JSON records shown as tables or compared key by key)."""
+    if not isinstance(record, dict):
+        return {prefix: record}
+    out = {}
+    for k, v in record.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out

@@ -14,7 +14,6 @@ measures come from the same pixels the cache stores.
 from __future__ import annotations
 
 import os
-import uuid
 import warnings
 from pathlib import Path
 from typing import Sequence

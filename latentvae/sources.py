@@ -13,6 +13,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from .errors import BadInputError, MissingInputError
 from .images import BadImage, list_images, load_rgb
 

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import LPIPS_DIR, make_photo, tiny_overrides
+from conftest import make_photo, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 

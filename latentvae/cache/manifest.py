@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import BadInputError, MissingInputError
-from ..fsutil import sha256_file
+from ..fsutil import flatten, sha256_file
 from ..options import EncodeOptions
 from ..preprocess import Preprocess
 from .schema import DTYPE_STORAGE, FORMAT_VERSION, STORES
@@ -94,16 +94,6 @@ def check_out_folder(out: Path) -> None:
         return
     raise BadInputError(f"--out {out} is a non-empty folder that is not a latent cache (no {SETTINGS_FILE}); "
                         "choose a new or empty folder")
-
-
-def flatten(d: Any, prefix: str = "") -> dict:
-    """Nested dicts -> {"a.b.c": value}."""
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
 
 
 def shorten(value: Any, width: int = 40) -> str:

@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import DataConfig
+from ..errors import MissingInputError
 from ..images import BadImage, crop_center, resize_short_side, to_tensor
 from ..sources import ImageSource, open_source, split_holdout
 

@@ -127,6 +127,37 @@ def make_optimizer(params, lr: float, cfg: Config) -> torch.optim.Optimizer:
                              fused=fused, foreach=None if fused else True)
 
 
+def build_parts(cfg: Config, acc) -> Parts:
+    """The networks, optimizers, schedule, scaler and EMA of a run, prepared by accelerate."""
+    t = cfg.train
+    precision = resolve_mixed_precision(t.mixed_precision, acc.device.type)
+    channels_last = resolve_channels_last(t.channels_last, acc.device.type)
+    vae = configure_for_training(initial_vae(cfg.model), cfg.model)
+    ae = Autoencoder(vae, stochastic=cfg.model.mode == "vae", frozen_encoder=cfg.model.train_decoder_only)
+    lpips = load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_dir).to(acc.device) if cfg.loss.lpips_weight > 0 else None
+    opt_g = make_optimizer(ae.parameters(), t.lr, cfg)
+    disc = opt_d = None
+    if cfg.loss.gan:
+        disc = PatchDiscriminator(cfg.loss.disc_layers, cfg.loss.disc_channels)
+        opt_d = make_optimizer(disc.parameters(), cfg.loss.disc_lr or t.lr, cfg)
+    if channels_last:
+        for m in (ae, disc):
+            if m is not None:
+                m.to(memory_format=torch.channels_last)
+    # the schedule is stepped by us once per update (accelerate's wrapper steps it per process)
+    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda(cfg))
+    if disc is not None:
+        ae, disc, opt_g, opt_d = acc.prepare(ae, disc, opt_g, opt_d)
+    else:
+        ae, opt_g = acc.prepare(ae, opt_g)
+    if t.compile:
+        ae = torch.compile(ae)
+    scaler = torch.amp.GradScaler(acc.device.type, init_scale=t.fp16_init_scale, enabled=precision == "fp16")
+    ema = EMA(acc.unwrap_model(ae).vae, t.ema_decay) if t.ema_decay > 0 else None
+    return Parts(cfg=cfg, acc=acc, ae=ae, opt_g=opt_g, sched_g=sched_g, scaler=scaler, precision=precision,
+                 channels_last=channels_last, lpips=lpips, disc=disc, opt_d=opt_d, ema=ema)
+
+
 # ----------------------------------------------------------------------------- the run
 class Trainer:
     """Builds the parts (data, models, optimizers, precision) and `run()`s to `cfg.train.steps`."""
@@ -145,8 +176,6 @@ class Trainer:
         acc = accelerator or Accelerator(mixed_precision="no", gradient_accumulation_steps=t.grad_accum,
                                          log_with="tensorboard", project_dir=str(self.out), cpu=env_cpu())
         refuse_sharded_training(acc.distributed_type)
-        precision = resolve_mixed_precision(t.mixed_precision, acc.device.type)
-        channels_last = resolve_channels_last(t.channels_last, acc.device.type)
         if acc.device.type == "cpu":
             torch.set_num_threads(t.cpu_threads or cpu_threads_per_process(acc.num_processes))
         set_seed(t.seed)  # identical initial weights on every process
@@ -155,34 +184,7 @@ class Trainer:
         self.stream = CropStream(train_src, cfg.data, t.seed)
         self.val, bad_val = load_val_batch(val_src, cfg.data.val_resolution)
         self.state.bad_images.extend(bad_val)
-
-        vae = configure_for_training(initial_vae(cfg.model), cfg.model)
-        ae = Autoencoder(vae, stochastic=cfg.model.mode == "vae", frozen_encoder=cfg.model.train_decoder_only)
-        lpips = None
-        if cfg.loss.lpips_weight > 0:
-            lpips = load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_dir).to(acc.device)
-        opt_g = make_optimizer(ae.parameters(), t.lr, cfg)
-        disc = opt_d = None
-        if cfg.loss.gan:
-            disc = PatchDiscriminator(cfg.loss.disc_layers, cfg.loss.disc_channels)
-            opt_d = make_optimizer(disc.parameters(), cfg.loss.disc_lr or t.lr, cfg)
-        if channels_last:
-            for m in (ae, disc):
-                if m is not None:
-                    m.to(memory_format=torch.channels_last)
-        # the schedule is stepped by us once per update (accelerate's wrapper steps it per process)
-        sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda(cfg))
-        if disc is not None:
-            ae, disc, opt_g, opt_d = acc.prepare(ae, disc, opt_g, opt_d)
-        else:
-            ae, opt_g = acc.prepare(ae, opt_g)
-        if t.compile:
-            ae = torch.compile(ae)
-        self.parts = Parts(cfg=cfg, acc=acc, ae=ae, opt_g=opt_g, sched_g=sched_g, precision=precision,
-                           scaler=torch.amp.GradScaler(acc.device.type, init_scale=t.fp16_init_scale,
-                                                       enabled=precision == "fp16"),
-                           channels_last=channels_last, lpips=lpips, disc=disc, opt_d=opt_d,
-                           ema=EMA(acc.unwrap_model(ae).vae, t.ema_decay) if t.ema_decay > 0 else None)
+        self.parts = build_parts(cfg, acc)
         # each process draws its own reparameterization noise
         torch.manual_seed(mix_seed(t.seed, 1_000_000 + acc.process_index))
 

@@ -11,7 +11,7 @@ detached reconstructions. Both return `(loss, logs)` with `logs` a flat dict of 
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
