@@ -308,3 +308,64 @@ def test_two_processes_give_the_union_of_inputs_without_duplicates(vae_dir, tmp_
     assert_exactly_once(out, [src.name(i) for i in range(len(src)) if not src.name(i).endswith("text.jpg")])
     m = json.loads((out / "manifest.json").read_text())
     assert m["counts"]["failures"] == 1 and m["failures"][0]["source_id"].endswith("text.jpg")
+
+
+# ----------------------------------------------------------------------------- measured latent statistics
+@pytest.mark.parametrize("store", ["mean", "moments", "sample"])
+def test_the_manifest_measures_the_latents_a_trainer_draws(vae_dir, tmp_path, store):
+    """Per-channel and global mean/std of what a trainer draws from the cache (the mean, posterior
+    samples from the moments, or the stored sample), summed from per-shard moments across several
+    shards and buckets, equal those computed from the stored rows; and each family's factors follow."""
+    from latentvae.conventions import to_diffusion
+    data = photos(tmp_path / "imgs", 7)
+    m = encode(cfg(vae_dir, data, tmp_path / "cache", dtype="fp32", store=store, preprocess="buckets", flip=True))
+    assert m["counts"]["shards"] > 2
+    stats = m["latent_statistics"]
+    per_channel = [[] for _ in range(4)]
+    sums = np.zeros(4)
+    sumsq = np.zeros(4)
+    count = 0
+    for r in rows(tmp_path / "cache"):
+        if store == "sample":
+            z = from_storage(r["latent_sample"], "fp32").double()
+            sums += z.sum((1, 2)).numpy()
+            sumsq += z.square().sum((1, 2)).numpy()
+        else:
+            mu = from_storage(r["latent_mean"], "fp32").double()
+            var = from_storage(r["latent_logvar"], "fp32").double().exp() if store == "moments" else 0 * mu
+            sums += mu.sum((1, 2)).numpy()
+            sumsq += (mu.square() + var).sum((1, 2)).numpy()
+        count += r["latent_shape"][1] * r["latent_shape"][2]
+        if store != "moments":
+            for c in range(4):
+                per_channel[c].append(z[c].flatten() if store == "sample" else mu[c].flatten())
+    mean = sums / count
+    std = np.sqrt(sumsq / count - mean ** 2)
+    np.testing.assert_allclose(stats["channel_mean"], mean, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(stats["channel_std"], std, rtol=1e-6)
+    if store != "moments":  # the plain population statistics of the stored values
+        np.testing.assert_allclose(stats["channel_std"], [float(torch.cat(v).std(unbiased=False)) for v in per_channel],
+                                   rtol=1e-5)
+    # the sdxl factors give unit latents per channel, the sd3 ones unit latents overall
+    z = torch.tensor(mean).view(1, 4, 1, 1) + torch.tensor(std).view(1, 4, 1, 1) * torch.randn(64, 4, 8, 8)
+    x = to_diffusion(z, stats["factors"]["sdxl"], "sdxl")
+    assert x.transpose(0, 1).flatten(1).std(1).tolist() == pytest.approx([1.0] * 4, abs=0.05)
+    assert stats["factors"]["sd3"]["shift_factor"] == pytest.approx(stats["mean"])
+
+
+def test_factors_never_measured_are_said_so_and_measured_ones_reported(vae_dir, tmp_path, capsys):
+    """A latentvae run's config holds diffusers' default scaling_factor (0.18215), never measured:
+    the manifest says so and `latentvae encode` warns with the command that measures them."""
+    from helpers_ckpt import make_run
+    data = photos(tmp_path / "imgs", 3)
+    run = make_run(tmp_path / "run")
+    cli.main(["encode", "--vae", str(run), "--data", str(data), "--out", str(tmp_path / "c1"), "--resolution", "32",
+              "--no-progress", "--mixed-precision", "no", "--num-workers", "0"])
+    out = capsys.readouterr().out
+    m = json.loads((tmp_path / "c1" / "manifest.json").read_text())
+    assert m["vae"]["factors"].startswith("NOT measured") and m["vae"]["scaling_factor"] == 0.18215
+    assert "never measured" in out and f"latentvae export {run} --out VAE --calibrate DATA" in out
+    assert m["latent_statistics"]["factors"]["sd"]["scaling_factor"] == pytest.approx(1 / m["latent_statistics"]["std"])
+    # a pretrained diffusers folder's factors are its authors'
+    m2 = encode(cfg(vae_dir, data, tmp_path / "c2"))
+    assert m2["vae"]["factors"].startswith("as published")

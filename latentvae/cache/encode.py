@@ -34,7 +34,7 @@ from ..images import BadImage
 from ..options import EncodeOptions, validated
 from ..precision import AUTOCAST_DTYPES
 from ..preprocess import Preprocess, load_preprocessed
-from .manifest import (MANIFEST_FILE, README_FILE, SETTINGS_FILE, build_manifest, check_out_folder, check_settings,
+from .manifest import (MANIFEST_FILE, factor_provenance, README_FILE, SETTINGS_FILE, build_manifest, check_out_folder, check_settings,
                        dataset_card, run_settings, vae_identity)
 from .schema import OWN_COLUMNS, arrow_schema, make_table
 from .verify import print_report, verify_cache
@@ -133,6 +133,20 @@ def encode_rows(vae, rows: list[dict], store: str, seed: int, device, autocast_d
         noise = torch.stack([sample_noise(mean.shape[1:], seed, r["index"], r["flipped"]) for r in rows])
         out["latent_sample"] = mean + torch.exp(0.5 * logvar) * noise
     return out
+
+
+def row_moments(latents: dict[str, torch.Tensor]) -> "np.ndarray":
+    """Per row and channel, the sums [sum z, sum z^2] over positions of the latents a diffusion trainer
+    draws from these columns: the sample, the mean, or (with the log-variance) posterior samples
+    (E[z^2] = mean^2 + var, exactly, without drawing noise). (B, 2, C) float64."""
+    if "latent_sample" in latents:
+        z = latents["latent_sample"].double()
+        first, second = z, z.square()
+    else:
+        mu = latents["latent_mean"].double()
+        var = latents["latent_logvar"].double().exp() if "latent_logvar" in latents else torch.zeros_like(mu)
+        first, second = mu, mu.square() + var
+    return torch.stack([first.sum((2, 3)), second.sum((2, 3))], 1).numpy()
 
 
 def batch_table(rows: list[dict], latents: dict, dtype: str, passthrough) -> pa.Table:
@@ -304,7 +318,7 @@ def encode_share(job: Job, state, todo: dict[int, list[bool]], attempt: int) -> 
         nonlocal encoded
         latents = encode_rows(job.vae, batch, opts.store, opts.seed, state.device, AUTOCAST_DTYPES[job.precision],
                               job.channels_last)
-        writer.add(batch_table(batch, latents, opts.dtype, job.passthrough))
+        writer.add(batch_table(batch, latents, opts.dtype, job.passthrough), row_moments(latents))
         bar.update(len(batch))
         encoded += len(batch)
 
@@ -331,7 +345,9 @@ def write_cache(job: Job, state, t0: float) -> dict:
     stats = encode_share(job, state, todo, attempt)
     state.wait_for_everyone()
     if state.is_main_process:
-        atomic_write_json(job.out / MANIFEST_FILE, build_manifest(job.out, job.settings, job.vae_id, job.opts, job.pre))
+        manifest = build_manifest(job.out, job.settings, job.vae_id, job.opts, job.pre)
+        manifest["vae"]["factors"] = factor_provenance(job.vae, job.opts.vae)
+        atomic_write_json(job.out / MANIFEST_FILE, manifest)
     state.wait_for_everyone()
     manifest = json.loads((job.out / MANIFEST_FILE).read_text())
     seconds = stats["encode_seconds"]
@@ -378,4 +394,11 @@ def run(opts: EncodeOptions) -> dict:
               f"on {this['processes']} process(es)")
         if "verify" in manifest:
             print_report(manifest["verify"])
+        if manifest["vae"]["factors"].startswith("NOT measured"):
+            stats = manifest.get("latent_statistics") or {}
+            sd = stats.get("factors", {}).get("sd", {}).get("scaling_factor")
+            print(f"warning: the VAE's scaling factors were never measured ({manifest['vae']['factors']}); do not "
+                  "use its config's scaling_factor. This cache's manifest holds factors measured on its rows "
+                  "(latent_statistics.factors" + (f"; sd convention: scaling_factor {sd:.4g})" if sd else ")")
+                  + f", or measure them on your images: latentvae export {opts.vae} --out VAE --calibrate DATA")
     return manifest

@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from ..errors import BadInputError, MissingInputError
@@ -155,7 +156,49 @@ def check_settings(out: Path, settings: dict, src) -> bool:
 def dataset_card(manifest_hint: str) -> str:
     return ("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/*.parquet\n---\n"
             f"# Latent cache\n\nMade by `latentvae encode`. {manifest_hint}\n"
-            "Latents are raw (unscaled): a diffusion model sees (z - shift_factor) * scaling_factor.\n")
+            "Latents are raw (unscaled); manifest.json's latent_statistics.factors give, per pipeline family, "
+            "the factors under which the latents a trainer draws are unit-scale.\n")
+
+
+# ----------------------------------------------------------------------------- latent statistics
+def factor_provenance(vae, path: str) -> str:
+    """Whether the VAE's config factors were measured: by a latentvae export (latentvae_export.json says
+    so), published with a pretrained VAE, or never (a latentvae run's config holds diffusers' default)."""
+    from ..runs import list_checkpoints
+
+    p = Path(path)
+    if type(vae).__name__ == "AutoencoderTiny":
+        return "none: TAESD latents are the SD/SDXL/SD3/FLUX latents and use that family's published factors"
+    record = p / "latentvae_export.json" if p.is_dir() else None
+    if record is not None and record.is_file():
+        measured = json.loads(record.read_text()).get("scaling_measured")
+        return ("measured by `latentvae export --calibrate`" if measured else
+                "NOT measured: exported without --calibrate (scaling_factor 1.0 is a placeholder)")
+    if p.is_dir() and ((p / "state.json").is_file() or list_checkpoints(p)):
+        return "NOT measured: a latentvae training run's config holds diffusers' default scaling_factor"
+    return "as published with this VAE (not measured by latentvae)"
+
+
+def measured_statistics(shards: list[dict], channels: int) -> Optional[dict]:
+    """Per-channel and global mean/std of the latents a trainer draws from this cache, summed from the
+    shards' moments, and the factors each pipeline family would need for unit-scale latents."""
+    from ..conventions import FAMILIES, diffusers_config
+
+    parts = [s["moments"] for s in shards if s.get("moments")]
+    if not parts or len(parts) < len(shards):
+        return None  # a cache written before shards carried their moments
+    count = sum(m["count"] for m in parts)
+    s1 = np.sum([m["sum"] for m in parts], axis=0)
+    s2 = np.sum([m["sumsq"] for m in parts], axis=0)
+    mean, std = s1 / count, np.sqrt(np.maximum(s2 / count - (s1 / count) ** 2, 0))
+    g_mean = float(s1.sum() / (count * channels))
+    g_std = float(np.sqrt(max(s2.sum() / (count * channels) - g_mean ** 2, 0)))
+    factors = {f: diffusers_config(f, channel_mean=mean.tolist(), channel_std=std.tolist(), mean=g_mean, std=g_std)
+               for f in FAMILIES if not (f == "sdxl" and channels != 4)}
+    rows = sum(s["rows"] for s in shards)
+    return {"measured_on": f"all {rows} rows of this cache ({count} latent positions per channel)",
+            "channel_mean": mean.tolist(), "channel_std": std.tolist(), "mean": g_mean, "std": g_std,
+            "factors": factors}
 
 
 # ----------------------------------------------------------------------------- manifest.json
@@ -187,6 +230,7 @@ def build_manifest(out: Path, settings: dict, vae_id: dict, opts: EncodeOptions,
         "shards": [{"file": f"data/{s['name']}", "rows": s["rows"]} for s in shards],
         "failures": [failures[i] for i in sorted(failures)],
         "inputs_sha256": settings["inputs_sha256"],
+        "latent_statistics": measured_statistics(shards, vae_id["latent_channels"]),
     }
 
 

@@ -7,6 +7,8 @@ A shard holds exactly `shard_size` rows (a process's last one may be short) and 
 a hidden temporary name, fsynced and renamed (fsutil.atomic_write), so a shard name is only ever
 seen complete and never rewritten. Its `source_index`/`flipped` columns are the record of what
 it holds: `scan_shards` and `scan_failures` read back what is done, for a resume and the manifest.
+Each shard also carries, in its parquet metadata (`latentvae.moments`), the per-channel sums of the
+latents a trainer draws from it, so the manifest's measured statistics cost no second pass.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -33,13 +36,20 @@ def list_shards(out: Path) -> list[Path]:
     return sorted(p for p in folder.glob("part-*.parquet") if SHARD_RE.match(p.name)) if folder.is_dir() else []
 
 
+MOMENTS_KEY = b"latentvae.moments"
+
+
 def scan_shards(out: Path) -> list[dict]:
-    """Per finished shard: its name, rows, and the (source_index, flipped, pixel_size) of each row."""
+    """Per finished shard: its name, rows, the (source_index, flipped, pixel_size) of each row, and its
+    latent moments ({"count": positions per channel, "sum": [C], "sumsq": [C]}; None in older caches)."""
     result = []
     for p in list_shards(out):
         t = pq.read_table(p, columns=["source_index", "flipped", "pixel_size"])
+        meta = pq.read_schema(p).metadata or {}
+        moments = json.loads(meta[MOMENTS_KEY]) if MOMENTS_KEY in meta else None
         result.append({"name": p.name, "rows": t.num_rows, "index": t.column("source_index").to_pylist(),
-                       "flipped": t.column("flipped").to_pylist(), "pixel_size": t.column("pixel_size").to_pylist()})
+                       "flipped": t.column("flipped").to_pylist(), "pixel_size": t.column("pixel_size").to_pylist(),
+                       "moments": moments})
     return result
 
 
@@ -106,10 +116,13 @@ class ShardWriter:
     def __init__(self, folder: Path, attempt: int, rank: int, shard_size: int, schema: pa.Schema):
         self.folder, self.attempt, self.rank, self.shard_size, self.schema = folder, attempt, rank, shard_size, schema
         self.pending: list[pa.Table] = []
+        self.pending_moments: list[np.ndarray] = []  # (rows, 2, C) per-row channel sums, beside the rows
         self.n_pending, self.seq, self.written = 0, 0, []
 
-    def add(self, table: pa.Table) -> None:
+    def add(self, table: pa.Table, row_moments: np.ndarray) -> None:
+        """Rows, and per row the channel sums [sum z, sum z^2] of its latent (encode.row_moments)."""
         self.pending.append(table.cast(self.schema))
+        self.pending_moments.append(np.asarray(row_moments, dtype=np.float64))
         self.n_pending += table.num_rows
         while self.n_pending >= self.shard_size:
             self.write(self.shard_size)
@@ -121,9 +134,15 @@ class ShardWriter:
     def write(self, n: int) -> None:
         """The first `n` pending rows as the next shard."""
         table = pa.concat_tables(self.pending)
+        moments = np.concatenate(self.pending_moments)
         head, rest = table.slice(0, n), table.slice(n)
+        shapes = head.column("latent_shape").to_pylist()
+        record = {"count": int(sum(h * w for _, h, w in shapes)), "sum": moments[:n, 0].sum(0).tolist(),
+                  "sumsq": moments[:n, 1].sum(0).tolist()}
+        head = head.replace_schema_metadata({**(head.schema.metadata or {}), MOMENTS_KEY: json.dumps(record)})
         path = self.folder / shard_name(self.attempt, self.rank, self.seq)
         atomic_write(path, lambda f: pq.write_table(head, f))
         self.pending, self.n_pending = ([rest] if rest.num_rows else []), rest.num_rows
+        self.pending_moments = [moments[n:]] if rest.num_rows else []
         self.seq += 1
         self.written.append(path.name)
