@@ -39,8 +39,8 @@ def _config_keys() -> str:
 COMMANDS: dict[str, Command] = {
     "train": Command(o.TrainOptions, "latentvae.train:run", "train a VAE or autoencoder (= accelerate launch "
                      "train/train.py)", _config_keys),
-    "export": Command(o.ExportOptions, "latentvae.export:run", "export a VAE to a diffusers folder, with measured "
-                      "latent scaling"),
+    "export": Command(o.ExportOptions, "latentvae.export:run", "export any VAE to a diffusers folder or one "
+                      "single file, with measured latent scaling"),
     "encode": Command(o.EncodeOptions, "latentvae.cache.encode:run", "encode images or a dataset to a resumable "
                       "parquet cache of latents"),
     "decode": Command(o.DecodeOptions, "latentvae.cache.verify:run", "decode random rows of a latent cache; PSNR "

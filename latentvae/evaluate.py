@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderTiny
 
-from . import metrics
+from . import metrics, runs
 from .errors import BadInputError
 from .fsutil import fsync_dir, publish_folder, write_durable
 from .images import BadImage, center_crop_to_multiple, downscale_long_side, load_rgb, to_tensor, to_uint8
@@ -222,10 +222,9 @@ def trained_stochastic(spec: str, vae) -> bool:
     would be meaningless); True for other AutoencoderKLs."""
     if isinstance(vae, AutoencoderTiny):
         return False
-    path = Path(spec)
-    run = next((p for p in (path, *path.parents) if (p / "checkpoints").is_dir()), None) if path.is_dir() else None
-    if run is not None and (run / "config.json").is_file():
-        return json.loads((run / "config.json").read_text()).get("model", {}).get("mode", "vae") != "ae"
+    source = getattr(vae, "latentvae_source", None) or {}
+    if source.get("kind") == "run":  # the checkpoint folder loading.py read (whatever the spec's form)
+        return runs.read_state(Path(source["path"]))["config"]["model"].get("mode", "vae") != "ae"
     return True
 
 

@@ -251,8 +251,9 @@ def parse_options(cls: type, argv: Optional[Sequence[str]], prog: str, descripti
 Precision = Literal["auto", "no", "bf16", "fp16"]
 DataKind = Literal["auto", "folder", "hf"]
 
-VAE_HELP = ("a VAE: diffusers folder, latentvae run or checkpoint, LDM/SD .safetensors file, "
-            "or taesd:sd|sdxl|sd3|flux")
+VAE_HELP = ("a VAE: diffusers or pipeline folder, hub id (org/name), latentvae run or checkpoint, LDM/SD "
+            ".safetensors file, or taesd:sd|sdxl|sd3|flux; options as SPEC[subfolder=vae,variant=fp16,revision=REV,"
+            "weights=raw,allow_pickle=yes] (docs/export.md, Naming a VAE)")
 DATA_HELP = "image folder (recursive), saved `datasets` folder, or hub dataset name"
 PRECISION_HELP = "autocast dtype; auto: bf16 on CUDA and on CPUs with bf16 kernels, else fp32 (no)"
 
@@ -278,11 +279,16 @@ class TrainOptions:
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """Export any VAE to a diffusers folder, with latent statistics measured on your images."""
-    src: str = opt(REQUIRED, "training run (its newest checkpoint) or checkpoint folder", positional=True,
-                   metavar="SRC")
-    out: str = opt(REQUIRED, "diffusers folder to write (outside SRC)")
-    weights: Literal["ema", "raw"] = opt("ema", "a training run's EMA or raw weights")
+    """Export any VAE to a diffusers folder, or to one .safetensors file in the original LDM layout
+    (ComfyUI / A1111 / kohya), with latent statistics measured on your images."""
+    src: str = opt(REQUIRED, VAE_HELP + " (a training run: its newest checkpoint)", positional=True, metavar="SRC")
+    out: str = opt(REQUIRED, "diffusers folder (--format diffusers) or .safetensors file (--format single-file) to "
+                             "write, outside SRC")
+    format: Literal["diffusers", "single-file"] = opt(
+        "diffusers", "diffusers: a folder for AutoencoderKL.from_pretrained; single-file: one .safetensors in the "
+                     "original LDM key layout (encoder.down.0.block.0...), latent statistics in its metadata")
+    weights: Literal["ema", "raw"] = opt("ema", "a training run's EMA or raw weights (other VAEs: the weights they "
+                                                "hold; raw is refused)")
     dtype: Literal["fp32", "fp16", "bf16"] = opt("fp32", "stored dtype of the weights")
     calibrate: Optional[str] = opt(None, "images to measure the latent statistics on (" + DATA_HELP + ")",
                                    metavar="DATA")
@@ -294,9 +300,10 @@ class ExportOptions:
     resolution: int = opt(256, "calibration crop size")
     fp16_images: int = opt(2, "calibration images decoded in fp16 to check for overflow (0: skip the check, "
                               "keep force_upcast)")
-    eval_summary: Optional[str] = opt(None, "evaluation summary JSON for the model card "
-                                            "(default: SRC/eval/summary.json)")
-    overwrite: bool = opt(False, "replace a non-empty --out")
+    eval_summary: Optional[str] = opt(None, "summary.json of `latentvae evaluate`: its entry for SRC (these weights) "
+                                            "goes into the model card; none matching is an error (default: "
+                                            "RUN/eval/summary.json of a training run, skipped if none matches)")
+    overwrite: bool = opt(False, "replace an existing --out")
 
     def check(self) -> None:
         _positive(limit=self.limit, resolution=self.resolution)
@@ -304,6 +311,11 @@ class ExportOptions:
             raise OptionError(f"--fp16-images must be >= 0, got {self.fp16_images}")
         if self.convention is not None and self.calibrate is None:
             raise OptionError("--convention chooses how measured factors are written; it needs --calibrate DATA")
+        if self.format == "single-file" and not self.out.endswith(".safetensors"):
+            raise OptionError(f"--out {self.out}: --format single-file writes one file; name it *.safetensors")
+        if self.format == "diffusers" and self.out.endswith(".safetensors"):
+            raise OptionError(f"--out {self.out} names a .safetensors file, but --format diffusers writes a folder; "
+                              "add --format single-file for one LDM-layout file")
 
 
 @dataclass(frozen=True)

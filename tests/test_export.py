@@ -1,5 +1,7 @@
-"""Export to diffusers: reload and compare, measured latent factors, safe writes, fp16 check."""
+"""Export: reload and compare, measured latent factors, safe writes, fp16 check; any VAE as SRC, the LDM
+single file read back by diffusers' own from_single_file, and only the exported weights' evaluation figures."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -7,15 +9,17 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
+from latentvae import convert
 from latentvae import runs as ckpt
-from helpers_ckpt import make_run, tiny_config
+from helpers_ckpt import make_run, tiny_config, to_ldm_state_dict
 from latentvae import export as ex
 from latentvae.calibrate import (CalibrationConfig, batch_moments, calibrate, factors, fp16_check,
                                  health, merge_moments)
 from latentvae.cli import main as cli_main
 from latentvae.export import export
 from latentvae.options import ExportOptions
-from latentvae.loading import load_from_checkpoint
+from latentvae.errors import BadInputError
+from latentvae.loading import load_autoencoder, load_from_checkpoint
 from latentvae.model import build_vae, decode, encode_moments
 
 FAST = dict(limit=3, resolution=32, fp16_images=1)  # calibration sized for a test
@@ -353,3 +357,252 @@ def test_exports_tile_sensibly_and_share_their_weight_file(run, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+# ----------------------------------------------------------------------------- any VAE as SRC
+TAESD_DIR = Path(__file__).resolve().parents[2] / "shared" / "weights" / "taesd"
+
+
+def diffusers_folder(folder, scaling_factor=0.5, **model):
+    """A tiny diffusers AutoencoderKL folder (with mid-block attention, so the 1x1-conv shapes are exercised)."""
+    vae = build_vae(tiny_config(**{"mid_block_add_attention": True, **model}).model).eval()
+    vae.register_to_config(scaling_factor=scaling_factor)
+    vae.save_pretrained(folder)
+    return vae
+
+
+def ldm_file(path, **model):
+    """An original-LDM-layout VAE file; 32 GroupNorm groups (not stored in the file), as every SD-family VAE."""
+    from safetensors.torch import save_file
+    vae = build_vae(tiny_config(block_out_channels=(64, 64), norm_num_groups=32, mid_block_add_attention=True,
+                                **model).model).eval()
+    save_file(to_ldm_state_dict(vae), path)
+    return vae
+
+
+def probe(vae, x):
+    with torch.no_grad():
+        mean, _ = encode_moments(vae, x)
+        return mean, decode(vae, mean)
+
+
+def assert_same_model(a, b, tol=1e-6):
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    (mean_a, dec_a), (mean_b, dec_b) = probe(a, x), probe(b, x)
+    assert (mean_a - mean_b).abs().max() <= tol and (dec_a - dec_b).abs().max() <= tol
+
+
+@pytest.mark.parametrize("kind", ["diffusers-folder", "ldm-file"])
+def test_any_vae_exports_with_calibration(tmp_path, image_folder, kind):
+    src = tmp_path / ("src" if kind == "diffusers-folder" else "sd-vae.safetensors")
+    source = diffusers_folder(src) if kind == "diffusers-folder" else ldm_file(src)
+    out = tmp_path / "vae"
+    fast = FAST if kind == "diffusers-folder" else {**FAST, "fp16_images": 0}  # fp16 convs are slow on a CPU
+    result = export(ExportOptions(src=str(src), out=str(out), calibrate=str(image_folder), **fast), log=quiet)
+    loaded = AutoencoderKL.from_pretrained(out)
+    assert_same_model(source, loaded)
+    assert result.checkpoint is None and result.step is None
+    assert loaded.config.scaling_factor == pytest.approx(result.stats.config["scaling_factor"])
+    meta = json.loads((out / "latentvae_export.json").read_text())
+    assert meta["scaling_measured"] and meta["source"] == str(src) and meta["checkpoint"] is None
+    assert meta["training_config"] is None and meta["data"] is None and meta["weights"] is None
+    card = (out / "README.md").read_text()
+    assert f"Exported from `{src}`" in card and "Measured on 3 images" in card
+    assert "## Training config" not in card and "Data seen in training" not in card and "## Source" in card
+
+
+def test_without_calibration_a_folder_keeps_its_factors_and_a_bare_ldm_file_gets_the_placeholder(tmp_path):
+    diffusers_folder(tmp_path / "src", scaling_factor=0.3)
+    export(ExportOptions(src=str(tmp_path / "src"), out=str(tmp_path / "a")), log=quiet)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["scaling_factor"] == 0.3 and config["force_upcast"] is True  # the source's, unchanged
+    meta = json.loads((tmp_path / "a" / "latentvae_export.json").read_text())
+    assert meta["scaling_measured"] is False and meta["scaling_origin"] == "the source's config.json"
+    assert "Not measured by this export" in (tmp_path / "a" / "README.md").read_text()
+    ldm_file(tmp_path / "vae.safetensors")  # LDM weights hold no factors: not passed off as the SD VAE's 0.18215
+    export(ExportOptions(src=str(tmp_path / "vae.safetensors"), out=str(tmp_path / "b")), log=quiet)
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["scaling_factor"] == 1.0
+    assert "NOT measured" in (tmp_path / "b" / "README.md").read_text()
+
+
+@pytest.mark.skipif(not (TAESD_DIR / "taesd_encoder.safetensors").is_file(), reason="no TAESD weights in ../shared")
+def test_taesd_exports_as_a_diffusers_folder_and_is_refused_as_a_single_file(tmp_path, image_folder):
+    from diffusers import AutoencoderTiny
+    export(ExportOptions(src="taesd:sd", out=str(tmp_path / "tiny")), log=quiet)
+    loaded = AutoencoderTiny.from_pretrained(tmp_path / "tiny")
+    assert_same_model(load_autoencoder("taesd:sd"), loaded)
+    assert loaded.config.scaling_factor == 1.0  # TAESD's own: its latents are already normalized (docs/export.md)
+    assert "AutoencoderTiny exported" in (tmp_path / "tiny" / "README.md").read_text()
+    with pytest.raises(BadInputError, match="single-file.*AutoencoderTiny.*--format diffusers"):
+        export(ExportOptions(src="taesd:sd", out=str(tmp_path / "tiny.safetensors"), format="single-file"), log=quiet)
+    with pytest.raises(BadInputError, match="sdxl .*AutoencoderTiny"):
+        export(ExportOptions(src="taesd:sd", out=str(tmp_path / "t2"), calibrate=str(image_folder),
+                             convention="sdxl", **FAST), log=quiet)
+    assert not (tmp_path / "tiny.safetensors").exists() and not (tmp_path / "t2").exists()
+
+
+def test_refusals_for_a_vae_that_is_not_a_run(tmp_path, capsys):
+    diffusers_folder(tmp_path / "src")
+    with pytest.raises(BadInputError, match="--weights raw: .* not a latentvae training run"):
+        export(ExportOptions(src=str(tmp_path / "src"), out=str(tmp_path / "vae"), weights="raw"), log=quiet)
+    with pytest.raises(BadInputError, match="inside its source"):
+        export(ExportOptions(src=str(tmp_path / "src"), out=str(tmp_path / "src" / "export")), log=quiet)
+    with pytest.raises(BadInputError, match="contains its source"):
+        export(ExportOptions(src=str(tmp_path / "src"), out=str(tmp_path), overwrite=True), log=quiet)
+    with pytest.raises(ValueError, match="name it \\*.safetensors"):
+        export(ExportOptions(src=str(tmp_path / "src"), out=str(tmp_path / "vae"), format="single-file"), log=quiet)
+    with pytest.raises(ValueError, match="--format single-file"):
+        export(ExportOptions(src=str(tmp_path / "src"), out=str(tmp_path / "vae.safetensors")), log=quiet)
+    (tmp_path / "taken.safetensors").write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export(ExportOptions(src=str(tmp_path / "src"), out=str(tmp_path / "taken.safetensors"),
+                             format="single-file"), log=quiet)
+    with pytest.raises(SystemExit) as e:  # the command line: one line, exit status 2
+        cli_main(["export", str(tmp_path / "src"), "--out", str(tmp_path / "vae"), "--weights", "raw"])
+    assert e.value.code == 2 and "not a latentvae training run" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "taken.safetensors"]
+    assert (tmp_path / "taken.safetensors").read_bytes() == b"mine"
+
+
+# ----------------------------------------------------------------------------- the LDM single file
+def test_the_inverse_conversion_is_diffusers_converter_read_backwards():
+    """Three levels, two ResNets per level, shortcut convs and attention: diffusers' own converter maps
+    the LDM tensors back onto every weight, and an independently written inverse gives the same file."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    vae = AutoencoderKL(block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=2, norm_num_groups=4)
+    ldm = convert.diffusers_to_ldm_vae(vae.state_dict())
+    assert {"encoder.down.0.block.0.norm1.weight", "encoder.down.1.block.0.nin_shortcut.weight",
+            "decoder.up.0.block.0.nin_shortcut.weight", "decoder.up.2.block.2.conv2.weight",
+            "decoder.up.1.upsample.conv.weight", "encoder.mid.block_2.norm1.weight"} <= ldm.keys()
+    assert ldm["decoder.mid.attn_1.proj_out.weight"].shape == (16, 16, 1, 1)
+    back = convert_ldm_vae_checkpoint(dict(ldm), dict(vae.config))
+    assert back.keys() == vae.state_dict().keys() and len(back) == len(ldm)
+    assert all(torch.equal(back[k], v) for k, v in vae.state_dict().items())
+    independent = to_ldm_state_dict(vae)
+    assert independent.keys() == ldm.keys() and all(torch.equal(independent[k], ldm[k]) for k in ldm)
+
+
+def folder_source(tmp):
+    diffusers_folder(tmp / "src")
+    return tmp / "src", True
+
+
+SINGLE_FILE_SOURCES = {  # name -> make the source in tmp_path: (SRC, calibrate?)
+    "run-vae": lambda tmp: (make_run(tmp / "run", mid_block_add_attention=True), True),
+    "run-ae": lambda tmp: (make_run(tmp / "run", mode="ae"), False),
+    "run-16-channels-no-quant-conv": lambda tmp: (make_run(tmp / "run", latent_channels=16, use_quant_conv=False,
+                                                           use_post_quant_conv=False), True),
+    "diffusers-folder": folder_source,
+}
+
+
+@pytest.mark.parametrize("name", list(SINGLE_FILE_SOURCES))
+def test_single_file_round_trips_through_diffusers_from_single_file(name, tmp_path, image_folder, monkeypatch):
+    src, calibrated = SINGLE_FILE_SOURCES[name](tmp_path)
+    source = load_autoencoder(src)
+    out = tmp_path / "exports" / "vae.safetensors"
+    argv = ["export", str(src), "--out", str(out), "--format", "single-file", "--limit", "3", "--resolution", "32",
+            "--fp16-images", "1"] + (["--calibrate", str(image_folder)] if calibrated else [])
+    cli_main(argv)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["vae.safetensors"]  # one file, no leftovers
+    from safetensors import safe_open
+    tensors = load_file(out)
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    # the original LDM layout, without a first_stage_model. prefix, attention as 1x1 convs
+    assert "encoder.down.0.block.0.norm1.weight" in tensors and not any(k.startswith("first_stage_model.")
+                                                                        for k in tensors)
+    assert tensors.keys() == to_ldm_state_dict(source).keys()
+    assert all(t.ndim == 4 for k, t in tensors.items() if k.endswith(("attn_1.q.weight", "attn_1.proj_out.weight")))
+    assert ("quant_conv.weight" in tensors) == (name != "run-16-channels-no-quant-conv")
+    # diffusers' own single-file loading, offline: a local folder with the diffusers config.json
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config_dir = tmp_path / "config"
+    source.save_config(config_dir)
+    loaded = AutoencoderKL.from_single_file(str(out), config=str(config_dir)).eval()
+    assert loaded.state_dict().keys() == source.state_dict().keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in source.state_dict().items())
+    assert_same_model(source, loaded, tol=1e-6)
+    # latentvae's own loader reads it back identically, with the recorded config (4 GroupNorm groups)
+    again = load_autoencoder(out)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in source.state_dict().items())
+    assert again.config.norm_num_groups == 4 and again.config.use_quant_conv == source.config.use_quant_conv
+    # the latent statistics and provenance, as strings
+    assert all(isinstance(v, str) for v in meta.values())
+    assert meta["source"] == str(src) and json.loads(meta["scaling_measured"]) is calibrated
+    assert json.loads(meta["scaling_factor"]) == again.config.scaling_factor
+    record = json.loads(meta[convert.EXPORT_RECORD_KEY])
+    assert record["output_format"] == "single-file" and record["max_abs_diff"] == {"encode": 0.0, "decode": 0.0}
+    if calibrated:
+        stats = record["latent_statistics"]
+        assert json.loads(meta["latent_channel_std"]) == stats["channel_std"]
+        assert meta["latent_convention"] == ("sd3" if "16" in name else "sd")
+        if "16" in name:
+            assert again.config.shift_factor == pytest.approx(stats["shift_factor"])
+    if name.startswith("run"):
+        assert meta["step"] == "4" and meta["weights"] == "ema"
+    if name == "run-ae":  # the pinned log-variance travels: sample() equals mode() after from_single_file
+        x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        with torch.no_grad():
+            dist = loaded.encode(x).latent_dist
+        torch.testing.assert_close(dist.sample(generator=torch.Generator().manual_seed(0)), dist.mode(),
+                                   atol=1e-5, rtol=0)
+
+
+def test_single_file_in_half_precision_and_overwrite(run, tmp_path):
+    out = tmp_path / "vae.safetensors"
+    export(ExportOptions(src=str(run), out=str(out), format="single-file"), log=quiet)
+    export(ExportOptions(src=str(run), out=str(out), format="single-file", dtype="fp16", overwrite=True), log=quiet)
+    assert {t.dtype for t in load_file(out).values()} == {torch.float16}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "vae.safetensors"]
+
+
+# ----------------------------------------------------------------------------- evaluation figures
+@pytest.fixture
+def evaluated(run, tmp_path, image_folder):
+    """`latentvae evaluate` on the run, a diffusers folder and another folder: summary.json with three entries."""
+    from latentvae.evaluate import run_evaluation
+    from latentvae.options import EvaluateOptions
+    diffusers_folder(tmp_path / "folder")
+    diffusers_folder(tmp_path / "other", block_out_channels=(8, 8))
+    summary = run_evaluation(EvaluateOptions(vae=(str(run), str(tmp_path / "folder"), str(tmp_path / "other")),
+                                             data=str(image_folder), out=str(tmp_path / "report"), limit=1,
+                                             lpips="none", device="cpu", mixed_precision="no"), log=quiet)
+    return tmp_path / "report" / "summary.json", summary["vaes"]
+
+
+def card_psnrs(out):
+    return [line for line in (out / "README.md").read_text().splitlines() if line.startswith("| psnr |")]
+
+
+def test_the_model_card_holds_only_the_exported_vaes_own_figures(run, tmp_path, evaluated):
+    summary, vaes = evaluated
+    export(ExportOptions(src=str(tmp_path / "folder"), out=str(tmp_path / "a"), eval_summary=str(summary)), log=quiet)
+    assert card_psnrs(tmp_path / "a") == [f"| psnr | {vaes['folder']['psnr']} |"]
+    assert json.loads((tmp_path / "a" / "latentvae_export.json").read_text())["evaluation_entry"] == "folder"
+    result = export(ExportOptions(src=str(run), out=str(tmp_path / "b"), eval_summary=str(summary)), log=quiet)
+    assert result.evaluation == "run" and card_psnrs(tmp_path / "b") == [f"| psnr | {vaes['run']['psnr']} |"]
+    # `evaluate` measured the EMA weights: the raw ones have no figures there
+    with pytest.raises(BadInputError, match="no evaluation of the exported weights.*ema weights evaluated, raw"):
+        export(ExportOptions(src=str(run), out=str(tmp_path / "c"), weights="raw", eval_summary=str(summary)),
+               log=quiet)
+    diffusers_folder(tmp_path / "unevaluated")
+    with pytest.raises(BadInputError, match="--eval-summary .* holds no evaluation"):
+        export(ExportOptions(src=str(tmp_path / "unevaluated"), out=str(tmp_path / "d"), eval_summary=str(summary)),
+               log=quiet)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_a_runs_own_summary_without_its_weights_is_skipped_with_a_line(run, tmp_path, evaluated):
+    summary, _ = evaluated
+    (run / "eval").mkdir()
+    (run / "eval" / "summary.json").write_text(summary.read_text())
+    export(ExportOptions(src=str(run), out=str(tmp_path / "raw"), weights="raw"), log=quiet)
+    card = (tmp_path / "raw" / "README.md").read_text()
+    assert card_psnrs(tmp_path / "raw") == [] and "holds no evaluation of the exported weights" in card
+    # a checkpoint written after the evaluation is not what `evaluate RUN` measured
+    newer = make_run(tmp_path / "elsewhere", step=8)  # the same layout, copied in as the run's newest checkpoint
+    shutil.copytree(newer / "checkpoints" / "checkpoint-00000008", run / "checkpoints" / "checkpoint-00000008")
+    export(ExportOptions(src=str(run), out=str(tmp_path / "newest")), log=quiet)
+    assert "evaluated before checkpoint-00000008 was written" in (tmp_path / "newest" / "README.md").read_text()

@@ -60,11 +60,14 @@ def test_training_can_start_from_an_ldm_checkpoint(tmp_path):
     assert torch.allclose(outputs(vae, images())[2], outputs(started, images())[2], atol=1e-6)
 
 
-def test_torch_files_are_read_only_with_weights_only(tmp_path):
+def test_torch_files_are_refused_by_default_and_read_only_with_weights_only(tmp_path):
     vae = build_vae(tiny_config().model).eval()
     torch.save(to_ldm_state_dict(vae), tmp_path / "vae.ckpt")  # plain tensors: weights_only accepts them
+    with pytest.raises(NotAnAutoencoder, match=r"vae.ckpt: a pickle-based torch file.*allow_pickle=yes"):
+        load_autoencoder(tmp_path / "vae.ckpt", norm_num_groups=4)
     assert torch.allclose(outputs(vae, images())[2],
-                          outputs(load_autoencoder(tmp_path / "vae.ckpt", norm_num_groups=4), images())[2])
+                          outputs(load_autoencoder(f"{tmp_path}/vae.ckpt[allow_pickle=yes]", norm_num_groups=4),
+                                  images())[2])
     marker = tmp_path / "code-ran"
 
     class Evil:
@@ -72,8 +75,10 @@ def test_torch_files_are_read_only_with_weights_only(tmp_path):
             return (os.system, (f"touch {marker}",))
     with open(tmp_path / "evil.ckpt", "wb") as f:
         pickle.dump({"state_dict": Evil()}, f, protocol=2)
-    with pytest.raises(NotAnAutoencoder, match="evil.ckpt.*weights_only"):
+    with pytest.raises(NotAnAutoencoder, match="evil.ckpt: a pickle-based torch file"):
         load_autoencoder(tmp_path / "evil.ckpt")
+    with pytest.raises(NotAnAutoencoder, match=r"evil.ckpt: torch.load\(weights_only=True\) refused it"):
+        load_autoencoder(f"{tmp_path}/evil.ckpt[allow_pickle=yes]")
     assert not marker.exists()
 
 

@@ -135,7 +135,7 @@ def encode_rows(vae, rows: list[dict], store: str, seed: int, device, autocast_d
     return out
 
 
-def row_moments(latents: dict[str, torch.Tensor]) -> "np.ndarray":
+def row_moments(latents: dict[str, torch.Tensor]):
     """Per row and channel, the sums [sum z, sum z^2] over positions of the latents a diffusion trainer
     draws from these columns: the sample, the mean, or (with the log-variance) posterior samples
     (E[z^2] = mean^2 + var, exactly, without drawing noise). (B, 2, C) float64."""

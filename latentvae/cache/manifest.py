@@ -53,13 +53,13 @@ def vae_identity(vae, path: str) -> dict:
     from ..model import downsample_factor, latent_channels
 
     cfg = vae.config
-    files = {}
-    if Path(path).is_dir():
-        files = {p.name: sha256_file(p) for p in sorted(Path(path).glob("*.safetensors"))}
+    source = getattr(vae, "latentvae_source", None) or {}
+    where = Path(source.get("path") or path)  # the folder loading.py read (a pipeline's vae/, a hub snapshot)
+    files = {p.name: sha256_file(p) for p in sorted(where.glob("*.safetensors"))} if where.is_dir() else {}
     return {"path": str(path), "class": type(vae).__name__, "weights_sha256": weights_sha256(vae),
             "files_sha256": files, "scaling_factor": cfg.get("scaling_factor"),
             "shift_factor": cfg.get("shift_factor"), "latent_channels": latent_channels(vae),
-            "downsample_factor": downsample_factor(vae)}
+            "downsample_factor": downsample_factor(vae), "source": source or None}
 
 
 def inputs_fingerprint(src, n: int) -> str:
@@ -164,18 +164,21 @@ def dataset_card(manifest_hint: str) -> str:
 def factor_provenance(vae, path: str) -> str:
     """Whether the VAE's config factors were measured: by a latentvae export (latentvae_export.json says
     so), published with a pretrained VAE, or never (a latentvae run's config holds diffusers' default)."""
-    from ..runs import list_checkpoints
-
-    p = Path(path)
+    source = getattr(vae, "latentvae_source", None) or {}
     if type(vae).__name__ == "AutoencoderTiny":
         return "none: TAESD latents are the SD/SDXL/SD3/FLUX latents and use that family's published factors"
-    record = p / "latentvae_export.json" if p.is_dir() else None
-    if record is not None and record.is_file():
-        measured = json.loads(record.read_text()).get("scaling_measured")
-        return ("measured by `latentvae export --calibrate`" if measured else
-                "NOT measured: exported without --calibrate (scaling_factor 1.0 is a placeholder)")
-    if p.is_dir() and ((p / "state.json").is_file() or list_checkpoints(p)):
+    if source.get("kind") == "run":
         return "NOT measured: a latentvae training run's config holds diffusers' default scaling_factor"
+    where = Path(source.get("path") or path)
+    record = where / "latentvae_export.json" if where.is_dir() else None
+    if record is not None and record.is_file():
+        meta = json.loads(record.read_text())
+        origin = meta.get("scaling_origin", "measured" if meta.get("scaling_measured") else "placeholder")
+        if origin == "measured":
+            return "measured by `latentvae export --calibrate`"
+        if origin == "placeholder":
+            return "NOT measured: exported without --calibrate (scaling_factor 1.0 is a placeholder)"
+        return f"as published: kept by `latentvae export` from {origin}"
     return "as published with this VAE (not measured by latentvae)"
 
 
