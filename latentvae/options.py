@@ -361,6 +361,8 @@ class DecodeOptions:
     cache: str = opt(REQUIRED, "folder written by `latentvae encode` (with manifest.json)", positional=True,
                      metavar="CACHE")
     vae: Optional[str] = opt(None, "the VAE (default: the one in the manifest; its weights must match)")
+    data: Optional[str] = opt(None, "the images the cache was encoded from, where they are now (default: where the "
+                                    "manifest says, or beside the cache as they were)")
     limit: int = opt(8, "rows to decode")
     seed: int = opt(0, "which rows")
     out: Optional[str] = opt(None, "write source | decoded PNG pairs into this folder")

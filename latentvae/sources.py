@@ -4,14 +4,20 @@
     len(src); src.name(i); src.load(i) -> PIL RGB; src.raw(i) -> what images.load_rgb takes
 
 Every job reads images through this (training, encoding, calibration, evaluation), so `--data`
-means the same everywhere. A file that cannot be decoded raises images.BadImage naming it; the
+means the same everywhere. A folder's captions and metadata (FolderImageSource.columns: metadata.jsonl /
+metadata.csv files as `datasets`' ImageFolder reads them, .txt / .caption sidecars as diffusion trainers
+do) are read only when asked for: encoding passes them through into the cache rows, training never
+reads them. A file that cannot be decoded raises images.BadImage naming it; the
 jobs skip and report such files, they never crash on one.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from PIL import Image
 
@@ -41,6 +47,167 @@ class ImageSource:
 
     def subset(self, indices: list[int]) -> "ImageSource":
         return type(self)([self.items[i] for i in indices], [self.names[i] for i in indices], self.max_pixels)
+
+    def relative_name(self, i: int) -> str:
+        """Image i's name without the part that depends on how the source was spelled (a folder's path)."""
+        return self.name(i)
+
+
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # as `datasets`' ImageFolder reads them
+SIDECARS = (".txt", ".caption")  # a caption next to an image, as diffusion trainers read them
+
+
+class FolderImageSource(ImageSource):
+    """The images below `root`; `columns()` reads their captions and metadata (read only when asked:
+    training never asks, so a folder's metadata files cannot stop it)."""
+
+    def __init__(self, items: list[Any], names: list[str], max_pixels: int, root: Optional[str] = None):
+        super().__init__(items, names, max_pixels)
+        self.root = root
+        self._columns = None
+        self._parent, self._picked = None, None  # a subset's columns are its parent's, picked
+
+    def subset(self, indices: list[int]) -> "FolderImageSource":
+        sub = FolderImageSource([self.items[i] for i in indices], [self.names[i] for i in indices], self.max_pixels,
+                                self.root)
+        sub._parent, sub._picked = self, list(indices)
+        return sub
+
+    def relative_name(self, i: int) -> str:
+        if self.root is None:
+            return self.name(i)
+        return Path(self.items[i]).relative_to(self.root).as_posix()
+
+    def columns(self) -> dict[str, list]:
+        """{column: one value per image}: every column of the folder's metadata.jsonl / metadata.csv files
+        (file_name aside) and `text` from .txt/.caption sidecars; None where an image has no value.
+        {} when the folder has neither. BadInputError naming the file and line for a conflict or a
+        malformed line."""
+        if self._columns is None:
+            if self._parent is not None:
+                full = self._parent.columns()
+                self._columns = {k: [v[i] for i in self._picked] for k, v in full.items()}
+            elif self.root is None:
+                self._columns = {}
+            else:
+                self._columns = folder_columns(Path(self.root), [Path(p) for p in self.items])
+        return self._columns
+
+    def passthrough(self):
+        """The columns as a `datasets.Dataset` (one row per image), or None when there are none."""
+        cols = self.columns()
+        if not cols:
+            return None
+        import datasets
+        import pyarrow as pa
+
+        arrays = {}
+        for name, values in cols.items():
+            try:
+                arrays[name] = pa.array(values)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
+                raise BadInputError(f"{self.root}: metadata column {name!r} mixes values of different types "
+                                    f"({' '.join(str(e).split())}); give it one type in every metadata file") from e
+        return datasets.Dataset(pa.table(arrays))
+
+
+def _metadata_rows_jsonl(path: Path) -> list[tuple[int, dict]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadInputError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno})") from e
+            if not isinstance(row, dict):
+                raise BadInputError(f"{path}, line {n}: expected a JSON object with a file_name, got "
+                                    f"{type(row).__name__}")
+            rows.append((n, row))
+    return rows
+
+
+def _infer(values: list[str]) -> list:
+    """A CSV column's strings as ints or floats when they all are (empty cells: None), else as they are
+    (file_name and text always stay strings)."""
+    for kind in (int, float):
+        try:
+            return [None if v == "" else kind(v) for v in values]
+        except ValueError:
+            continue
+    return values
+
+
+def _metadata_rows_csv(path: Path) -> list[tuple[int, dict]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header:
+            raise BadInputError(f"{path}, line 1: no header row; expected a header with a file_name column")
+        if len(set(header)) != len(header):
+            dup = sorted({h for h in header if header.count(h) > 1})
+            raise BadInputError(f"{path}, line 1: column {dup[0]!r} appears twice in the header")
+        if "file_name" not in header:
+            raise BadInputError(f"{path}, line 1: no file_name column in the header (the image's path relative to "
+                                f"{path.parent})")
+        lines, cells = [], []
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise BadInputError(f"{path}, line {reader.line_num}: {len(row)} fields, but the header has "
+                                    f"{len(header)}")
+            lines.append(reader.line_num)
+            cells.append(row)
+    typed = {h: (_infer([r[k] for r in cells]) if h not in ("file_name", "text") else [r[k] for r in cells])
+             for k, h in enumerate(header)}
+    return [(n, {h: typed[h][j] for h in header}) for j, n in enumerate(lines)]
+
+
+def folder_columns(root: Path, images: list[Path]) -> dict[str, list]:
+    """See FolderImageSource.columns."""
+    index = {os.path.normpath(os.path.abspath(p)): k for k, p in enumerate(images)}
+    values: dict[str, dict[int, Any]] = {}  # column -> {image position: value}
+    where: dict[int, str] = {}  # image position -> "FILE, line N" of its metadata row
+    metadata = sorted(p for name in METADATA_FILES for p in root.rglob(name) if p.is_file())
+    for path in metadata:
+        rows = _metadata_rows_jsonl(path) if path.suffix == ".jsonl" else _metadata_rows_csv(path)
+        for n, row in rows:
+            name = row.get("file_name")
+            if name is None or name == "":
+                raise BadInputError(f"{path}, line {n}: no file_name (the image's path relative to {path.parent})")
+            if not isinstance(name, str):
+                raise BadInputError(f"{path}, line {n}: file_name {name!r} is not a string")
+            target = os.path.normpath(os.path.abspath(path.parent / name))
+            if target not in index:
+                what = "does not exist" if not os.path.exists(target) else f"is not an image file below {root}"
+                raise BadInputError(f"{path}, line {n}: file_name {name!r} ({target}) {what}")
+            k = index[target]
+            if k in where:
+                raise BadInputError(f"{path}, line {n}: {name!r} ({target}) is listed twice: also at {where[k]}")
+            where[k] = f"{path}, line {n}"
+            for col, v in row.items():
+                if col != "file_name":
+                    values.setdefault(col, {})[k] = v
+    # sidecars: IMAGE_STEM.txt / .caption in the image's folder
+    texts: dict[int, tuple[str, str]] = {}
+    for k, p in enumerate(images):
+        found = [p.with_suffix(ext) for ext in SIDECARS if p.with_suffix(ext).is_file()]
+        if len(found) > 1:
+            raise BadInputError(f"{found[0]} and {found[1]}, line 1: two captions for {p}; keep one")
+        if found:
+            texts[k] = (str(found[0]), found[0].read_text(encoding="utf-8").strip())
+    if texts:
+        column = values.setdefault("text", {})
+        for k, (file, text) in texts.items():
+            given = column.get(k)
+            if given is not None and not (isinstance(given, str) and given.strip() == text):
+                raise BadInputError(f"{where[k]}: text {given!r} for {images[k]} disagrees with its caption file "
+                                    f"{file} ({text!r})")
+            if given is None:
+                column[k] = text
+    return {col: [vals.get(k) for k in range(len(images))] for col, vals in values.items()}
 
 
 class HFImageSource(ImageSource):
@@ -73,6 +240,9 @@ class HFImageSource(ImageSource):
 
     def subset(self, indices: list[int]) -> "HFImageSource":
         return HFImageSource(self.dataset, self.column, [self.indices[i] for i in indices], self.max_pixels, self.label)
+
+    def relative_name(self, i: int) -> str:
+        return f"[{self.indices[i]}]"
 
 
 DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
@@ -128,7 +298,7 @@ def open_source(source: str, kind: str = "auto", split: str = "train", column: s
         raise BadInputError(f"data source {source} is a file; {EXPECTED}")
     if kind == "folder" or (kind == "auto" and path.is_dir() and not _is_saved_dataset(path)):
         files = list_images(path)
-        return ImageSource([str(f) for f in files], [str(f) for f in files], max_pixels)
+        return FolderImageSource([str(f) for f in files], [str(f) for f in files], max_pixels, root=str(path))
     if kind == "auto" and not path.exists() and _looks_local(source):
         raise MissingInputError(f"data source {source} does not exist ({EXPECTED})")
     ds = _load_hf(source, split, column)

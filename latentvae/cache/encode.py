@@ -44,13 +44,19 @@ from .writer import (FailureLog, ShardWriter, failure_log_path, list_shards, nex
 
 # ----------------------------------------------------------------------------- inputs
 def open_inputs(opts: EncodeOptions):
-    """(image source, passthrough dataset or None): every non-image column of a `datasets` input."""
-    from ..sources import HFImageSource, open_source
+    """(image source, passthrough dataset or None): every non-image column of a `datasets` input, or the
+    captions and metadata of an image folder (metadata.jsonl / metadata.csv, .txt / .caption sidecars)."""
+    from ..sources import FolderImageSource, HFImageSource, open_source
 
     src = open_source(opts.data, opts.data_kind, opts.split, opts.image_column, opts.max_image_pixels)
-    if not isinstance(src, HFImageSource):
+    if isinstance(src, HFImageSource):
+        rest = src.dataset.remove_columns([opts.image_column])
+    elif isinstance(src, FolderImageSource):
+        rest = src.passthrough()
+        if rest is None:
+            return src, None
+    else:
         return src, None
-    rest = src.dataset.remove_columns([opts.image_column])
     clash = [c for c in rest.column_names if c in OWN_COLUMNS]
     if clash:
         raise BadInputError(f"{opts.data}: columns {clash} clash with the cache's own columns ({', '.join(OWN_COLUMNS)})")
@@ -345,7 +351,7 @@ def write_cache(job: Job, state, t0: float) -> dict:
     stats = encode_share(job, state, todo, attempt)
     state.wait_for_everyone()
     if state.is_main_process:
-        manifest = build_manifest(job.out, job.settings, job.vae_id, job.opts, job.pre)
+        manifest = build_manifest(job.out, job.settings, job.vae_id, job.opts, job.pre, job.src)
         manifest["vae"]["factors"] = factor_provenance(job.vae, job.opts.vae)
         atomic_write_json(job.out / MANIFEST_FILE, manifest)
     state.wait_for_everyone()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -70,6 +71,51 @@ def inputs_fingerprint(src, n: int) -> str:
     for i in range(n):
         h.update(src.name(i).encode() + b"\0")
     return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- locations
+def vae_location(given: str, source: Optional[dict], out: Path) -> dict:
+    """Where the VAE was, for a `latentvae decode` from anywhere: as given, as an absolute path and
+    relative to the cache folder (`options`: the spec's `[key=value,...]` part, kept apart), or a hub
+    repo id and the commit it resolved to."""
+    from ..loading import parse_spec
+
+    source = source or {}
+    rec: dict[str, Any] = {"given": given, "kind": source.get("kind")}
+    if source.get("kind") == "hub":
+        return {**rec, "repo_id": source.get("repo_id"), "revision": source.get("revision")}
+    if source.get("kind") == "taesd":
+        return rec
+    target = parse_spec(given).target
+    absolute = os.path.abspath(target)
+    return {**rec, "absolute": absolute, "relative_to_cache": os.path.relpath(absolute, os.path.abspath(out)),
+            "options": given[len(target):]}
+
+
+def hub_dataset_revision(src) -> Optional[str]:
+    """The commit a hub dataset was read at, where `datasets` recorded it (its download URLs); else None."""
+    ds = getattr(src, "dataset", None)
+    if ds is None:
+        return None
+    try:
+        texts = list((ds.info.download_checksums or {}).keys()) + [c.get("filename", "") for c in ds.cache_files]
+    except (AttributeError, TypeError):
+        return None
+    for text in texts:
+        m = re.search(r"@([0-9a-f]{40})", str(text))
+        if m:
+            return m.group(1)
+    return None
+
+
+def data_location(given: str, src, out: Path) -> dict:
+    """Where the data was: as given, as an absolute path and relative to the cache folder; or a hub
+    dataset's name (and revision, when known)."""
+    if Path(given).exists():
+        absolute = os.path.abspath(given)
+        return {"given": given, "absolute": absolute,
+                "relative_to_cache": os.path.relpath(absolute, os.path.abspath(out))}
+    return {"given": given, "hub": given, "revision": hub_dataset_revision(src)}
 
 
 # ----------------------------------------------------------------------------- encode-settings.json
@@ -205,8 +251,11 @@ def measured_statistics(shards: list[dict], channels: int) -> Optional[dict]:
 
 
 # ----------------------------------------------------------------------------- manifest.json
-def build_manifest(out: Path, settings: dict, vae_id: dict, opts: EncodeOptions, pre: Preprocess) -> dict:
-    """Read every shard and failure log; check that each input is in exactly once; the manifest."""
+def build_manifest(out: Path, settings: dict, vae_id: dict, opts: EncodeOptions, pre: Preprocess, src=None) -> dict:
+    """Read every shard and failure log; check that each input is in exactly once; the manifest.
+
+    The VAE's and the source's `location` (vae_location, data_location) are the manifest's only: the
+    settings a resume compares (encode-settings.json) stay what they were."""
     shards, failures = scan_shards(out), scan_failures(out)
     flips = (False, True) if pre.flip else (False,)
     seen = Counter((i, f) for s in shards for i, f in zip(s["index"], s["flipped"]))
@@ -219,8 +268,9 @@ def build_manifest(out: Path, settings: dict, vae_id: dict, opts: EncodeOptions,
     buckets = Counter(f"{w}x{h}" for s in shards for h, w in s["pixel_size"])
     return {
         "format_version": FORMAT_VERSION,
-        "vae": vae_id,
-        "source": settings["source"],
+        "vae": {**vae_id, "location": vae_location(opts.vae, vae_id.get("source"), out)},
+        "source": {**settings["source"], "location": data_location(opts.data, src, out)},
+        "cache": os.path.abspath(out),
         "limit": settings["limit"],
         "preprocessing": {**pre.to_dict(), "jpeg_draft": opts.jpeg_draft,
                           "resize": "bicubic, antialiased, cover + center crop",

@@ -3,13 +3,17 @@
     report = verify_cache("latents/", limit=8, seed=0)   # {"samples": [...], "mean_psnr": ..., ...}
     latentvae decode latents/ --limit 16 --out pairs/ --min-psnr 30
 
-The VAE is the manifest's (or `--vae`, another copy of it: its weights hash must match). Each
+The VAE is the manifest's (or `--vae`, another copy of it: its weights hash must match), the images
+the manifest's source (or `--data`, where they are now). The manifest's locations make a cache decode
+from any working folder: each absolute path where it still exists, else the path relative to the
+cache folder (the cache moved together with its VAE and images), a hub VAE at its recorded commit. Each
 sampled row is checked against its source (the same name at the same index) before anything is
 decoded or written; the source is then preprocessed as the manifest says and compared with the
 decoded latent as uint8 images (metrics.psnr, what a saved PNG holds).
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -18,7 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from ..errors import BadInputError
+from ..errors import BadInputError, MissingInputError
 from ..options import DecodeOptions
 from ..preprocess import Preprocess, load_preprocessed
 from .manifest import read_manifest, weights_sha256
@@ -26,12 +30,62 @@ from .schema import from_storage
 from .writer import list_shards
 
 
+def _located(cache: Path, loc: dict) -> Optional[str]:
+    """The recorded absolute path if it is still there, else the recorded relative one resolved against
+    the cache folder (the cache and its inputs moved together), else None."""
+    if loc.get("absolute") and os.path.exists(loc["absolute"]):
+        return loc["absolute"]
+    if loc.get("relative_to_cache"):
+        moved = os.path.normpath(os.path.join(os.path.abspath(cache), loc["relative_to_cache"]))
+        if os.path.exists(moved):
+            return moved
+    return None
+
+
+def cache_vae_spec(cache: Path, manifest: dict) -> str:
+    """The VAE the manifest names, found from any working folder: a hub VAE at its recorded commit, a
+    local one where it was or beside the moved cache; a manifest without locations: its path as given."""
+    from ..loading import parse_spec
+
+    loc = manifest["vae"].get("location")
+    if not loc:
+        return manifest["vae"]["path"]
+    if loc.get("repo_id"):
+        options = dict(parse_spec(loc["given"]).options)
+        if loc.get("revision"):
+            options["revision"] = loc["revision"]
+        return loc["repo_id"] + (f"[{','.join(f'{k}={v}' for k, v in options.items())}]" if options else "")
+    if "absolute" not in loc:  # taesd:NAME
+        return loc["given"]
+    found = _located(cache, loc)
+    if found is None:
+        moved = os.path.normpath(os.path.join(os.path.abspath(cache), loc["relative_to_cache"]))
+        raise MissingInputError(f"{cache}: the VAE it was encoded with ({loc['given']!r}) is neither at {loc['absolute']} "
+                                f"nor at {moved} (beside the cache); pass --vae with a copy of that VAE")
+    return found + loc.get("options", "")
+
+
+def cache_data(cache: Path, manifest: dict) -> str:
+    """The source the manifest names, found from any working folder (see cache_vae_spec)."""
+    s = manifest["source"]
+    loc = s.get("location")
+    if not loc or "absolute" not in loc:  # an older manifest, or a hub dataset
+        return s["data"]
+    found = _located(cache, loc)
+    if found is None:
+        moved = os.path.normpath(os.path.join(os.path.abspath(cache), loc["relative_to_cache"]))
+        raise MissingInputError(f"{cache}: the data it was encoded from ({loc['given']!r}) is neither at "
+                                f"{loc['absolute']} nor at {moved} (beside the cache); pass --data with where the "
+                                "images are now")
+    return found
+
+
 def load_cache_vae(cache: Path, manifest: dict, vae_path: Optional[str]):
     """`vae_path`, or the VAE the manifest names, in eval mode on the CPU; it must be the cache's VAE."""
     from ..loading import NotAnAutoencoder, load_autoencoder, with_flag
 
     try:
-        vae = load_autoencoder(vae_path or manifest["vae"]["path"])
+        vae = load_autoencoder(vae_path or cache_vae_spec(cache, manifest))
     except NotAnAutoencoder as e:
         if vae_path:
             raise with_flag("--vae", vae_path, e) from e
@@ -62,14 +116,32 @@ def sample_rows(cache: Path, limit: int, seed: int) -> list[tuple[str, int]]:
     return [pairs[k] for k in sorted(pick)]
 
 
-def read_sampled_rows(cache: Path, src, source_data: str, column: str, limit: int, seed: int) -> list[tuple]:
-    """(shard, row, one-row table) for each sampled row, each checked to still match its source."""
+def recorded_relative(source_id: str, source: dict, src) -> str:
+    """A row's source_id without the part that depends on how the source was spelled when it was encoded
+    (the folder's path; a dataset's `path:split` label), to compare with `src.relative_name(i)`."""
+    from ..sources import HFImageSource
+
+    if isinstance(src, HFImageSource):
+        label = f"{source['data']}:{source['split']}"
+        return source_id[len(label):] if source_id.startswith(label) else source_id
+    try:
+        return Path(source_id).relative_to(Path(source["data"])).as_posix()
+    except ValueError:
+        return source_id
+
+
+def read_sampled_rows(cache: Path, src, source_data: str, column: str, limit: int, seed: int,
+                      source: Optional[dict] = None) -> list[tuple]:
+    """(shard, row, one-row table) for each sampled row, each checked to still match its source
+    (`source`: the manifest's, to compare names wherever the source is now)."""
     records = []
     for shard, row in sample_rows(cache, limit, seed):
         rec = pq.read_table(cache / "data" / shard,
                             columns=["source_index", "source_id", "flipped", column]).slice(row, 1)
         i, sid = rec["source_index"][0].as_py(), rec["source_id"][0].as_py()
-        if i >= len(src) or src.name(i) != sid:
+        same = (i < len(src) and (src.name(i) == sid or (source is not None and
+                                                          src.relative_name(i) == recorded_relative(sid, source, src))))
+        if not same:
             now = repr(src.name(i)) if i < len(src) else "gone"
             raise BadInputError(f"{cache}: row {shard}:{row} is {sid!r} but input {i} of its source {source_data} is "
                                 f"now {now}: the source changed since it was encoded")
@@ -97,10 +169,11 @@ def save_pair(folder: Path, k: int, source_id: str, x: torch.Tensor, x_hat: torc
 
 
 def verify_cache(cache: str | Path, limit: int = 8, seed: int = 0, *, vae=None, vae_path: Optional[str] = None,
-                 pairs_dir: Optional[str | Path] = None) -> dict:
+                 pairs_dir: Optional[str | Path] = None, data_path: Optional[str] = None) -> dict:
     """Decode `limit` random stored latents; PSNR against the source images preprocessed the same way.
 
-    `vae`: the loaded VAE (else `vae_path`, else the manifest's path); `pairs_dir`: also write each
+    `vae`: the loaded VAE (else `vae_path`, else the manifest's: cache_vae_spec); `data_path`: where the
+    source is now (else the manifest's: cache_data); `pairs_dir`: also write each
     source | decoded pair there as a PNG. Returns {"samples": [...], "column", "mean_psnr", "min_psnr"}."""
     from ..images import BadImage
     from ..metrics import psnr
@@ -114,11 +187,12 @@ def verify_cache(cache: str | Path, limit: int = 8, seed: int = 0, *, vae=None, 
         vae = load_cache_vae(cache, manifest, vae_path)
     check_same_vae(vae, cache, manifest, vae_path)
     s = manifest["source"]
-    src = open_source(s["data"], s["kind"], s["split"], s["image_column"], 10**12)
+    data = data_path or cache_data(cache, manifest)
+    src = open_source(data, s["kind"], s["split"], s["image_column"], 10**12)
     pre, draft = manifest_preprocess(manifest), manifest["preprocessing"]["jpeg_draft"]
     column = "latent_mean" if "latent_mean" in manifest["columns"] else "latent_sample"
     results = []
-    for shard, row, rec in read_sampled_rows(cache, src, s["data"], column, limit, seed):
+    for shard, row, rec in read_sampled_rows(cache, src, data, column, limit, seed, s):
         i, sid, flipped = rec["source_index"][0].as_py(), rec["source_id"][0].as_py(), rec["flipped"][0].as_py()
         x_hat = decode_to_uint8(vae, from_storage(rec[column][0].as_py(), manifest["dtype"]))
         try:
@@ -146,7 +220,8 @@ def print_report(report: dict) -> None:
 
 def run(opts: DecodeOptions) -> dict:
     """`latentvae decode CACHE`: the report as a table; exit status 1 if the mean PSNR is below --min-psnr."""
-    report = verify_cache(opts.cache, limit=opts.limit, seed=opts.seed, vae_path=opts.vae, pairs_dir=opts.out)
+    report = verify_cache(opts.cache, limit=opts.limit, seed=opts.seed, vae_path=opts.vae, pairs_dir=opts.out,
+                          data_path=opts.data)
     print_report(report)
     if opts.min_psnr is not None and report["mean_psnr"] < opts.min_psnr:
         sys.exit(f"mean PSNR {report['mean_psnr']:.2f} dB is below --min-psnr {opts.min_psnr:g}")
