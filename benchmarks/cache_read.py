@@ -1,0 +1,236 @@
+"""Reading a latent cache for training: LatentDataset + BucketBatchSampler against plain `datasets` indexing.
+
+    python benchmarks/cache_read.py                      # caches of 10,000 and 20,000 rows, 4x64x64 fp16
+    python benchmarks/cache_read.py --rows 10000 --rows 40000 --work /tmp/cache-read
+
+Synthesizes each cache directly (parquet shards written with latentvae.cache.schema/writer helpers and
+a manifest; no VAE), lets `datasets` convert it to its arrow files once, then, each in a fresh process
+(so peak memory is that run's own):
+
+  latentvae   LatentDataset(family="sd") read in batches of 64 by BucketBatchSampler through
+              DataLoader(batch_sampler=..., collate_fn=collate, num_workers=1), one whole epoch,
+              worker start included
+  (0 workers) the same, read in the main process
+  transport   DataLoader(num_workers=1) passing ready-made float32 batches of the same size: what the
+              worker -> main process transfer (shared memory) alone costs
+  datasets    the same arrow files, `ds[i]` per row (python lists, then a float32 tensor), and
+              `ds.with_format("numpy")[i]` per row; timed over the first --baseline-rows rows
+
+Memory: peak RSS (VmHWM) of the process and of its DataLoader worker (the worker's sampled every 8
+batches, near its end), and the worker's peak anonymous (private) RSS, from /proc/self/status: memory-mapped arrow pages that were read
+count in RSS as file pages the kernel can drop, while the anonymous part is what the reader holds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SHAPE = (4, 64, 64)
+
+
+def synthesize(out: Path, rows: int, shard_size: int = 1000, chunk: int = 250) -> None:
+    """A cache of `rows` rows of SHAPE fp16 latents ~ N(0.3, 2), a caption each, written as `encode` would."""
+    import datasets
+
+    from latentvae.cache.encode import row_moments
+    from latentvae.cache.manifest import MANIFEST_FILE, SETTINGS_FILE, measured_statistics
+    from latentvae.cache.schema import arrow_schema, make_table
+    from latentvae.cache.writer import ShardWriter, scan_shards
+
+    (out / "data").mkdir(parents=True)
+    features = datasets.Features({"caption": datasets.Value("string")})
+    writer = ShardWriter(out / "data", 1, 0, shard_size, arrow_schema("fp16", "mean", features))
+    g = torch.Generator().manual_seed(0)
+    C, h, w = SHAPE
+    for start in range(0, rows, chunk):
+        n = min(chunk, rows - start)
+        z = 0.3 + 2 * torch.randn(n, C, h, w, generator=g)
+        idx = list(range(start, start + n))
+        values = {"source_index": idx, "source_id": [f"img{i}.png" for i in idx], "flipped": [False] * n,
+                  "pixel_size": [[8 * h, 8 * w]] * n, "original_size": [[8 * h, 8 * w]] * n,
+                  "crop_top_left": [[0, 0]] * n, "latent_shape": [list(SHAPE)] * n}
+        extra = datasets.Dataset.from_dict({"caption": [f"a photo number {i}" for i in idx]}).data.table
+        writer.add(make_table(values, {"latent_mean": z}, "fp16", extra), row_moments({"latent_mean": z}))
+    writer.close()
+    (out / SETTINGS_FILE).write_text("{}")
+    shards = scan_shards(out)
+    manifest = {"format_version": 1, "store": "mean", "dtype": "fp16",
+                "vae": {"latent_channels": C, "scaling_factor": 0.18215, "shift_factor": None,
+                        "factors": "synthetic benchmark cache"},
+                "shards": [{"file": f"data/{s['name']}", "rows": s["rows"]} for s in shards],
+                "latent_statistics": measured_statistics(shards, C)}
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def status_kib(key: str) -> int:
+    """A field of /proc/self/status in KiB: VmHWM (peak RSS of this process image; unlike ru_maxrss it
+    starts afresh at exec), RssAnon (private memory now)."""
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def run_transport(batch_size: int, batches: int = 100) -> dict:
+    """The DataLoader's own cost: ready-made float32 batches of the same size through one worker."""
+    from torch.utils.data import DataLoader, Dataset
+
+    class Zeros(Dataset):
+        def __len__(self):
+            return batches
+
+        def __getitem__(self, i):
+            return torch.zeros(batch_size, *SHAPE)
+
+    t0 = time.perf_counter()
+    rows, first = 0, None
+    for batch in DataLoader(Zeros(), batch_size=None, num_workers=1):
+        if first is None:
+            first = (time.perf_counter(), batch.shape[0])
+        rows += batch.shape[0]
+    seconds = time.perf_counter() - t0
+    return {"rows": rows, "seconds": seconds, "steady_rows_s": (rows - first[1]) / (t0 + seconds - first[0]),
+            "rss_mib": status_kib("VmHWM") / 1024, "worker_rss_mib": None, "worker_anon_mib": None}
+
+
+def run_latentvae(cache: Path, hf_cache: str, batch_size: int, workers: int = 1) -> dict:
+    from torch.utils.data import DataLoader
+
+    from latentvae import BucketBatchSampler, LatentDataset, collate
+
+    class Sampled(LatentDataset):
+        """Records the worker's peak anonymous RSS every 8 batches (the benchmark's probe, not the reader)."""
+        calls, peak = 0, 0
+
+        def __getitems__(self, indices):
+            out = super().__getitems__(indices)
+            Sampled.calls += 1
+            if Sampled.calls % 8 == 1:
+                Sampled.peak = max(Sampled.peak, status_kib("RssAnon"))
+                Path(os.environ["PROBE"]).write_text(f"{Sampled.peak} {status_kib('VmHWM')}")
+            return out
+
+    ds = Sampled(cache, family="sd", cache_dir=hf_cache)
+    sampler = BucketBatchSampler(ds, batch_size=batch_size, seed=0)
+    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
+    t0 = time.perf_counter()
+    rows, first = 0, None
+    for batch in loader:
+        if first is None:
+            first = (time.perf_counter(), batch["latents"].shape[0])
+        rows += batch["latents"].shape[0]
+        assert batch["latents"].shape[1:] == SHAPE and batch["latents"].dtype == torch.float32
+    seconds = time.perf_counter() - t0
+    del loader
+    anon, hwm = (int(v) / 1024 for v in Path(os.environ["PROBE"]).read_text().split())
+    if not workers:
+        anon, hwm = None, None
+    steady = (rows - first[1]) / (t0 + seconds - first[0])
+    return {"rows": rows, "seconds": seconds, "steady_rows_s": steady, "rss_mib": status_kib("VmHWM") / 1024,
+            "worker_rss_mib": hwm,
+            "worker_anon_mib": anon}
+
+
+def run_datasets(cache: Path, hf_cache: str, limit: int, fmt: str) -> dict:
+    import datasets
+
+    files = sorted(str(p) for p in (cache / "data").glob("*.parquet"))
+    ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=hf_cache)
+    if fmt == "numpy":
+        ds = ds.with_format("numpy")
+    n = min(limit, len(ds))
+    t0 = time.perf_counter()
+    for i in range(n):
+        row = ds[i]
+        z = torch.as_tensor(np.asarray(row["latent_mean"], dtype=np.float32))
+        assert z.shape == SHAPE
+    seconds = time.perf_counter() - t0
+    return {"rows": n, "seconds": seconds, "steady_rows_s": None, "rss_mib": status_kib("VmHWM") / 1024, "worker_rss_mib": None,
+            "worker_anon_mib": None}
+
+
+def child(args) -> None:
+    torch.set_num_threads(1)
+    cache, hf_cache = Path(args.cache), args.hf_cache
+    if args.child == "prepare":
+        import datasets
+        files = sorted(str(p) for p in (cache / "data").glob("*.parquet"))
+        datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=hf_cache)
+        result = {}
+    elif args.child == "latentvae":
+        result = run_latentvae(cache, hf_cache, args.batch_size)
+    elif args.child == "latentvae:0":
+        result = run_latentvae(cache, hf_cache, args.batch_size, workers=0)
+    elif args.child == "transport":
+        result = run_transport(args.batch_size)
+    else:
+        result = run_datasets(cache, hf_cache, args.baseline_rows, args.child.split(":")[1])
+    print("RESULT " + json.dumps(result))
+
+
+def in_child(kind: str, cache: Path, hf_cache: Path, args, probe: Path) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--cache", str(cache), "--hf-cache", str(hf_cache),
+           "--batch-size", str(args.batch_size), "--baseline-rows", str(args.baseline_rows)]
+    env = {**os.environ, "PROBE": str(probe), "OMP_NUM_THREADS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])
+    return json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, action="append", help="cache sizes (repeatable; default 10000 and 20000)")
+    p.add_argument("--work", default="/tmp/latentvae-cache-read", help="where the synthetic caches go")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--baseline-rows", type=int, default=2000, help="rows the per-row datasets baselines read")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--cache", help=argparse.SUPPRESS)
+    p.add_argument("--hf-cache", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+    work = Path(args.work)
+    sizes = args.rows or [10000, 20000]
+    table = []
+    for n in sizes:
+        cache, hf_cache = work / f"cache-{n}", work / f"hf-{n}"
+        if not (cache / "manifest.json").is_file():
+            t0 = time.perf_counter()
+            synthesize(cache, n)
+            print(f"synthesized {n} rows in {time.perf_counter() - t0:.1f} s", flush=True)
+        in_child("prepare", cache, hf_cache, args, work / "probe")
+        for kind in ("latentvae", "latentvae:0", "transport", "datasets:python", "datasets:numpy"):
+            r = in_child(kind, cache, hf_cache, args, work / "probe")
+            table.append((n, kind, r))
+            print(n, kind, json.dumps(r), flush=True)
+    mib = lambda v: "-" if v is None else f"{v:.0f}"
+    rate = lambda v: "-" if v is None else f"{v:,.0f}"
+    print(f"\ncpu capability: {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+          f"{'x'.join(map(str, SHAPE))} fp16 latents, batches of {args.batch_size}")
+    print("\n| cache rows | reader | rows read | rows/s | rows/s after the first batch | peak RSS MiB (main) | "
+          "peak RSS MiB (worker) | worker peak anon MiB |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    names = {"latentvae": "LatentDataset + BucketBatchSampler, DataLoader 1 worker",
+             "latentvae:0": "LatentDataset + BucketBatchSampler, DataLoader in-process (0 workers)",
+             "transport": "DataLoader 1 worker passing ready-made zero float32 batches (its own ceiling)",
+             "datasets:python": "datasets `ds[i]` per row (python lists)",
+             "datasets:numpy": "datasets `ds.with_format(\"numpy\")[i]` per row"}
+    for n, kind, r in table:
+        print(f"| {n} | {names[kind]} | {r['rows']} | {r['rows'] / r['seconds']:,.0f} | {rate(r['steady_rows_s'])} | {mib(r['rss_mib'])} | "
+              f"{mib(r['worker_rss_mib'])} | {mib(r['worker_anon_mib'])} |")
+
+
+if __name__ == "__main__":
+    main()
