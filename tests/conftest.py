@@ -46,6 +46,24 @@ def image_folder(tmp_path) -> Path:
     return folder
 
 
+def save_tiny_vae(path: Path, seed: int = 0) -> Path:
+    """A seeded two-level AutoencoderKL (8, 16 channels, /2, 4 latent channels) saved with save_pretrained."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4,
+                  layers_per_block=1).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    """A tiny diffusers VAE folder, shared by a test module's tests."""
+    return save_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny")
+
+
 @pytest.fixture
 def lpips_dir() -> str:
     if LPIPS_DIR is None:

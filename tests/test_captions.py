@@ -10,8 +10,6 @@ from pathlib import Path
 
 import datasets
 import pytest
-import torch
-from diffusers import AutoencoderKL
 
 from conftest import make_photo
 from latentvae import cli
@@ -19,16 +17,6 @@ from latentvae.cache import encode, verify_cache
 from latentvae.errors import BadInputError, MissingInputError
 from latentvae.options import EncodeOptions
 from latentvae.sources import FolderImageSource, open_source, split_holdout
-
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("vae") / "tiny"
-    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4,
-                  layers_per_block=1).save_pretrained(path)
-    return path
 
 
 def cfg(vae, data, out, **kw) -> EncodeOptions:

@@ -32,16 +32,6 @@ from latentvae.sources import open_source
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("vae") / "tiny"
-    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4,
-                  layers_per_block=1).save_pretrained(path)
-    return path
-
-
 def photos(folder: Path, n: int, sizes=((48, 40), (40, 64), (80, 40))) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from conftest import fresh_trainer, make_photo, tiny_overrides
+from conftest import fresh_trainer, make_photo, save_tiny_vae, tiny_overrides
 from latentvae import precision
 from latentvae.config import load_config
 from latentvae.images import to_tensor
@@ -36,14 +36,6 @@ def _cfg(image_folder, mp, **extra):
 
 def _batch(n=2, size=32):
     return torch.stack([to_tensor(make_photo((size, size), seed=10 + i)) for i in range(n)])
-
-
-def _tiny_vae_folder(path):
-    torch.manual_seed(0)
-    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4,
-                  layers_per_block=1).save_pretrained(path)
-    return path
 
 
 def test_the_cpu_capability_is_reported():
@@ -67,7 +59,7 @@ def test_auto_means_bf16_exactly_where_the_cpu_has_bf16_kernels(monkeypatch, fas
 
     from latentvae.cache import encode
     from latentvae.options import EncodeOptions
-    vae = _tiny_vae_folder(tmp_path / "vae")
+    vae = save_tiny_vae(tmp_path / "vae")
     m = encode(EncodeOptions(vae=str(vae), data=str(image_folder), out=str(tmp_path / "cache"), resolution=32,
                             num_workers=0, progress=False))
     assert m["this_run"]["mixed_precision"] == want
@@ -127,7 +119,7 @@ def test_bf16_encoding_matches_fp32(image_folder, tmp_path):
     from latentvae.options import EncodeOptions
     import datasets
 
-    vae = _tiny_vae_folder(tmp_path / "vae")
+    vae = save_tiny_vae(tmp_path / "vae")
     caches = {}
     for mp in ("no", "bf16"):
         out = tmp_path / f"cache-{mp}"
