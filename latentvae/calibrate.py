@@ -8,8 +8,8 @@ never copied from another model (SD's 0.18215 is 1 / std of *its* latents; docs/
     print(format_stats(stats))
     report = fp16_check(vae, stats.sample_latents)   # decoder in fp16: overflow? -> force_upcast
 
-Latents are posterior samples z = mu + sigma * eps, as in latent diffusion. Their moments are
-accumulated exactly (E[z] = mu, E[z^2] = mu^2 + sigma^2), in float64, without drawing noise.
+Latents are posterior samples z = mu + sigma * eps, as in latent diffusion; their moments are
+accumulated exactly, without drawing noise (moments.py, shared with the cache's manifest).
 """
 from __future__ import annotations
 
@@ -18,74 +18,18 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from .conventions import FAMILIES, check_family, default_family, diffusers_config
+
+from .conventions import FAMILIES, check_family, default_family
 from .errors import BadInputError
 from .images import BadImage
 from .preprocess import Preprocess, load_preprocessed
 from .sources import open_source
 from .model import decode, downsample_factor, encode_moments
+from .moments import LatentMoments, batch_moments, channel_mean_std, factors, merge_moments
 
 FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
 FP16_HEADROOM = 0.5  # fp32 peaks above half the fp16 range: other images may overflow -> upcast
 DEAD_KL = 0.01  # nats per latent element: below this a channel's posterior is the prior (no information)
-
-
-# ----------------------------------------------------------------------------- moments (pure)
-@dataclass(frozen=True)
-class LatentMoments:
-    """Per-channel sums over posterior samples: count (elements per channel), sum z, sum z^2, sum KL."""
-    count: int
-    sum: torch.Tensor  # (C,) float64
-    sumsq: torch.Tensor  # (C,)
-    kl_sum: Optional[torch.Tensor]  # (C,), None for deterministic encoders (mode "ae", TAESD)
-
-    @property
-    def channels(self) -> int:
-        return self.sum.numel()
-
-
-def batch_moments(mean: torch.Tensor, logvar: Optional[torch.Tensor]) -> LatentMoments:
-    """(B, C, h, w) posterior mean/logvar -> the moments of samples z ~ N(mean, exp(logvar)).
-
-    In float64 on purpose: sums of ~1e6 squares lose digits in fp32.
-    """
-    mu = mean.detach().double()
-    var = torch.zeros_like(mu) if logvar is None else logvar.detach().double().exp()
-    dims = (0, 2, 3)
-    kl = None
-    if logvar is not None:  # KL(N(mu, var) || N(0, 1)) per element, LDM's DiagonalGaussian.kl
-        kl = (0.5 * (mu.pow(2) + var - 1.0 - logvar.detach().double())).sum(dims)
-    count = mu.numel() // mu.shape[1]
-    return LatentMoments(count, mu.sum(dims), (mu.pow(2) + var).sum(dims), kl)
-
-
-def merge_moments(a: Optional[LatentMoments], b: LatentMoments) -> LatentMoments:
-    if a is None:
-        return b
-    kl = None if a.kl_sum is None or b.kl_sum is None else a.kl_sum + b.kl_sum
-    return LatentMoments(a.count + b.count, a.sum + b.sum, a.sumsq + b.sumsq, kl)
-
-
-def channel_mean_std(m: LatentMoments) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = m.sum / m.count
-    return mean, (m.sumsq / m.count - mean.pow(2)).clamp_min(0).sqrt()
-
-
-def global_mean_std(m: LatentMoments) -> tuple[float, float]:
-    """Over all channels and positions, as LDM's `1 / z.flatten().std()`."""
-    n = m.count * m.channels
-    mean = m.sum.sum() / n
-    return float(mean), float((m.sumsq.sum() / n - mean.pow(2)).clamp_min(0).sqrt())
-
-
-def factors(m: LatentMoments, convention: str) -> dict:
-    """Moments -> the convention's diffusers config entries (conventions.diffusers_config), plus the
-    measured per-channel statistics as `channel_mean` / `channel_std`."""
-    channel_mean, channel_std = channel_mean_std(m)
-    mean, std = global_mean_std(m)
-    out = diffusers_config(convention, channel_mean=channel_mean.tolist(), channel_std=channel_std.tolist(),
-                           mean=mean, std=std)
-    return {**out, "channel_mean": [float(v) for v in channel_mean], "channel_std": [float(v) for v in channel_std]}
 
 
 # ----------------------------------------------------------------------------- health (pure)

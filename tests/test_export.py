@@ -13,8 +13,8 @@ from latentvae import convert
 from latentvae import runs as ckpt
 from helpers_ckpt import make_run, tiny_config, to_ldm_state_dict
 from latentvae import export as ex
-from latentvae.calibrate import (CalibrationConfig, batch_moments, calibrate, factors, fp16_check,
-                                 health, merge_moments)
+from latentvae.calibrate import CalibrationConfig, calibrate, fp16_check, health
+from latentvae.moments import batch_moments, factors, merge_moments
 from latentvae.cli import main as cli_main
 from latentvae.export import export
 from latentvae.options import ExportOptions

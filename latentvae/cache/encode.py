@@ -143,16 +143,14 @@ def encode_rows(vae, rows: list[dict], store: str, seed: int, device, autocast_d
 
 def row_moments(latents: dict[str, torch.Tensor]):
     """Per row and channel, the sums [sum z, sum z^2] over positions of the latents a diffusion trainer
-    draws from these columns: the sample, the mean, or (with the log-variance) posterior samples
-    (E[z^2] = mean^2 + var, exactly, without drawing noise). (B, 2, C) float64."""
-    if "latent_sample" in latents:
-        z = latents["latent_sample"].double()
-        first, second = z, z.square()
-    else:
-        mu = latents["latent_mean"].double()
-        var = latents["latent_logvar"].double().exp() if "latent_logvar" in latents else torch.zeros_like(mu)
-        first, second = mu, mu.square() + var
-    return torch.stack([first.sum((2, 3)), second.sum((2, 3))], 1).numpy()
+    draws from these columns: the sample, the mean, or (with the log-variance) posterior samples,
+    exactly as moments.batch_moments counts them. (B, 2, C) float64."""
+    from ..moments import batch_moments
+
+    z = latents.get("latent_sample", latents.get("latent_mean"))
+    logvar = None if "latent_sample" in latents else latents.get("latent_logvar")
+    rows = [batch_moments(z[i:i + 1], None if logvar is None else logvar[i:i + 1]) for i in range(len(z))]
+    return torch.stack([torch.stack([m.sum, m.sumsq]) for m in rows]).numpy()
 
 
 def batch_table(rows: list[dict], latents: dict, dtype: str, passthrough) -> pa.Table:

@@ -231,23 +231,23 @@ def factor_provenance(vae, path: str) -> str:
 def measured_statistics(shards: list[dict], channels: int) -> Optional[dict]:
     """Per-channel and global mean/std of the latents a trainer draws from this cache, summed from the
     shards' moments, and the factors each pipeline family would need for unit-scale latents."""
-    from ..conventions import FAMILIES, diffusers_config
+    from ..conventions import FAMILIES
+    from ..moments import LatentMoments, channel_mean_std, factors, global_mean_std
 
     parts = [s["moments"] for s in shards if s.get("moments")]
     if not parts or len(parts) < len(shards):
         return None  # a cache written before shards carried their moments
-    count = sum(m["count"] for m in parts)
-    s1 = np.sum([m["sum"] for m in parts], axis=0)
-    s2 = np.sum([m["sumsq"] for m in parts], axis=0)
-    mean, std = s1 / count, np.sqrt(np.maximum(s2 / count - (s1 / count) ** 2, 0))
-    g_mean = float(s1.sum() / (count * channels))
-    g_std = float(np.sqrt(max(s2.sum() / (count * channels) - g_mean ** 2, 0)))
-    factors = {f: diffusers_config(f, channel_mean=mean.tolist(), channel_std=std.tolist(), mean=g_mean, std=g_std)
-               for f in FAMILIES if not (f == "sdxl" and channels != 4)}
+    m = LatentMoments(sum(p["count"] for p in parts), torch.tensor(np.sum([p["sum"] for p in parts], axis=0)),
+                      torch.tensor(np.sum([p["sumsq"] for p in parts], axis=0)), None)
+    mean, std = channel_mean_std(m)
+    g_mean, g_std = global_mean_std(m)
+    keys = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
+    per_family = {f: {k: v for k, v in factors(m, f).items() if k in keys}
+                  for f in FAMILIES if not (f == "sdxl" and channels != 4)}
     rows = sum(s["rows"] for s in shards)
-    return {"measured_on": f"all {rows} rows of this cache ({count} latent positions per channel)",
+    return {"measured_on": f"all {rows} rows of this cache ({m.count} latent positions per channel)",
             "channel_mean": mean.tolist(), "channel_std": std.tolist(), "mean": g_mean, "std": g_std,
-            "factors": factors}
+            "factors": per_family}
 
 
 # ----------------------------------------------------------------------------- manifest.json
