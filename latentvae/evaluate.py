@@ -42,7 +42,7 @@ from .images import BadImage, center_crop_to_multiple, downscale_long_side, load
 from .loading import NotAnAutoencoder, load_autoencoder, with_flag
 from .model import decode, downsample_factor, encode_moments, latent_channels
 from .options import EvaluateOptions
-from .perceptual import load_lpips, lpips_distance
+from .perceptual import load_lpips
 from .precision import AUTOCAST_DTYPES, resolve_mixed_precision
 from .preprocess import peek_size
 from .sources import ImageSource, open_source
@@ -139,21 +139,6 @@ def hwc_float(x: torch.Tensor) -> np.ndarray:
     return ((x[0].double().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
 
 
-def image_metrics(ref: np.ndarray, out: np.ndarray, out_float: np.ndarray, lpips_models: dict) -> dict[str, float]:
-    """Every per-image number: PSNR, SSIM and LPIPS on the uint8 output (LPIPS sees it mapped back to
-    [-1, 1]); sharpness on the unquantized output, so 8-bit rounding noise sets no floor."""
-    row = {"psnr": metrics.psnr(ref, out), "ssim": metrics.ssim(ref, out),
-           "hf_energy_ratio": metrics.hf_energy_ratio(ref, out_float),
-           "laplacian_var_ratio": metrics.laplacian_var_ratio(ref, out_float)}
-    if lpips_models:
-        a = torch.from_numpy(ref).permute(2, 0, 1)[None].float() / 127.5 - 1
-        b = torch.from_numpy(out).permute(2, 0, 1)[None].float() / 127.5 - 1
-        with torch.no_grad():
-            for net, model in lpips_models.items():
-                row[f"lpips_{net}"] = float(lpips_distance(model, a, b)[0])
-    return row
-
-
 def warm_up(vae, factor: int, dtype=None) -> None:
     """One small forward first, so one-time kernel setup is not timed."""
     reconstruct(vae, torch.zeros(1, 3, 8 * factor, 8 * factor), (8 * factor, 8 * factor), dtype)
@@ -187,7 +172,7 @@ def score_image(result: VaeResult, name: str, size: tuple[int, int], ref: torch.
     row = {"vae": result.label, "image": name, "width": size[0], "height": size[1],
            "eval_width": ref.shape[-1], "eval_height": ref.shape[-2],
            "latent_shape": "x".join(map(str, rec.mean.shape[1:])),
-           **image_metrics(ref_u8, out_u8, out_float, lpips_models),
+           **metrics.image_metrics(ref_u8, out_u8, out_float, lpips_models),
            "kl_per_element": kl, "encode_s": rec.encode_s, "decode_s": rec.decode_s}
     result.add(row, ref_u8, out_u8, out_float)
     return row

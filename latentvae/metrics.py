@@ -16,6 +16,7 @@ LPIPS lives in perceptual.py. docs/evaluation.md states every convention and why
 from __future__ import annotations
 
 import numpy as np
+import torch
 from skimage.color import rgb2gray
 from skimage.filters import laplace, window
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
@@ -131,3 +132,20 @@ def gaussian_fit_distances(real: np.ndarray, draws: np.ndarray) -> dict[str, flo
     return {"mahalanobis_ratio": mean_mahalanobis_sq(draws, mu_r, cov_r) / c,
             "mahalanobis_ratio_real": mean_mahalanobis_sq(real, mu_r, cov_r) / c,
             "frechet": frechet_distance(mu_r, cov_r, mu_d, cov_d)}
+
+
+def image_metrics(ref: np.ndarray, out: np.ndarray, out_float: np.ndarray, lpips_models: dict) -> dict[str, float]:
+    """Every per-image number: PSNR, SSIM and LPIPS on the uint8 output (LPIPS sees it mapped back to
+    [-1, 1]); sharpness on the unquantized output, so 8-bit rounding noise sets no floor."""
+    row = {"psnr": psnr(ref, out), "ssim": ssim(ref, out),
+           "hf_energy_ratio": hf_energy_ratio(ref, out_float),
+           "laplacian_var_ratio": laplacian_var_ratio(ref, out_float)}
+    if lpips_models:
+        from .perceptual import lpips_distance
+
+        a = torch.from_numpy(ref).permute(2, 0, 1)[None].float() / 127.5 - 1
+        b = torch.from_numpy(out).permute(2, 0, 1)[None].float() / 127.5 - 1
+        with torch.no_grad():
+            for net, model in lpips_models.items():
+                row[f"lpips_{net}"] = float(lpips_distance(model, a, b)[0])
+    return row
