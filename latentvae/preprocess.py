@@ -103,19 +103,31 @@ def peek_size(item) -> Optional[tuple[int, int]]:
         return None
 
 
-def load_preprocessed(src, i: int, pre: Preprocess, draft: bool = True) -> dict:
-    """Image i -> uint8 pixels (3, H, W) as stored, with SDXL-style size/crop metadata; raises BadImage."""
-    item = src.raw(i)
+def load_preprocessed(src, i: int, pre: Preprocess, draft: bool = True, identify: bool = False) -> dict:
+    """Image i -> uint8 pixels (3, H, W) as stored, with SDXL-style size/crop metadata; raises BadImage.
+    `identify`: also `identity`, what identifies the bytes that were decoded (ImageSource.fetch: size,
+    modification time, sha256), read once for both."""
+    identity = None
+    if identify:
+        item, identity = src.fetch(i)
+        if isinstance(item, (bytes, bytearray)) and not item:
+            raise BadImage(f"{src.name(i)}: empty file (0 bytes)")
+    else:
+        item = src.raw(i)
     size = peek_size(item)
     target = pre.target_size(size) if size else (pre.resolution, pre.resolution)
     try:
         img = load_rgb(item, src.max_pixels, draft_size=target if draft else None)
     except BadImage as e:
-        raise BadImage(f"{src.name(i)}: {e}" if str(e).startswith("<") else str(e)) from e
+        msg = str(e)  # "<bytes>: why" (decoded from memory) -> "NAME: why"
+        raise BadImage(f"{src.name(i)}{msg[msg.index('>') + 1:]}" if msg.startswith("<") else msg) from e
     if size is None:  # header unreadable but the decoder coped: the target from the decoded shape
         size = img.size
         target = pre.target_size(size)
     original = (size[1], size[0])  # (h, w) of the file, even when JPEG draft decoded it smaller
     img, crop = cover_crop(img, target)
     pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return {"pixels": pixels, "original_size": original, "crop_top_left": crop}
+    out = {"pixels": pixels, "original_size": original, "crop_top_left": crop}
+    if identify:
+        out["identity"] = identity
+    return out

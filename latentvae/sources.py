@@ -52,6 +52,23 @@ class ImageSource:
         """Image i's name without the part that depends on how the source was spelled (a folder's path)."""
         return self.name(i)
 
+    def stat_identity(self, i: int) -> dict:
+        """What identifies image i without reading it: its file's size and modification time (ns).
+        OSError if the file is gone."""
+        st = os.stat(self.items[i])
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+    def fetch(self, i: int) -> tuple[Any, dict]:
+        """(image i's bytes, as `load_rgb` takes them; their identity: size, mtime_ns and the sha256 of
+        exactly the bytes returned, size and time from the same open file). BadImage if unreadable."""
+        try:
+            with open(self.items[i], "rb") as f:
+                st = os.fstat(f.fileno())
+                data = f.read()
+        except OSError as e:
+            raise BadImage(f"{self.name(i)}: cannot read ({e.strerror or e})") from e
+        return data, {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": hashlib.sha256(data).hexdigest()}
+
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # as `datasets`' ImageFolder reads them
 SIDECARS = (".txt", ".caption")  # a caption next to an image, as diffusion trainers read them
@@ -237,6 +254,29 @@ class HFImageSource(ImageSource):
             return load_rgb(value, self.max_pixels)
         except BadImage as e:
             raise BadImage(f"{self.name(i)}: {e}") from e
+
+    @property
+    def fingerprint(self) -> Optional[str]:
+        """The dataset's `datasets` fingerprint: the same data and transforms, the same fingerprint."""
+        return getattr(self.dataset, "_fingerprint", None)
+
+    def stat_identity(self, i: int) -> dict:
+        return {"fingerprint": self.fingerprint}
+
+    def fetch(self, i: int) -> tuple[Any, dict]:
+        """(row i's image as `load_rgb` takes it, its identity: the dataset fingerprint and the sha256 of the
+        encoded bytes, of the file a path names, or of a decoded image's mode, size and pixels)."""
+        value = self.raw(i)
+        if isinstance(value, Image.Image):
+            h = hashlib.sha256(f"{value.mode}|{value.size}|".encode())
+            h.update(value.tobytes())
+            return value, {"size": None, "fingerprint": self.fingerprint, "sha256": h.hexdigest()}
+        if isinstance(value, (str, os.PathLike)):
+            try:
+                value = Path(value).read_bytes()
+            except OSError as e:
+                raise BadImage(f"{self.name(i)}: cannot read {value} ({e.strerror or e})") from e
+        return value, {"size": len(value), "fingerprint": self.fingerprint, "sha256": hashlib.sha256(value).hexdigest()}
 
     def subset(self, indices: list[int]) -> "HFImageSource":
         return HFImageSource(self.dataset, self.column, [self.indices[i] for i in indices], self.max_pixels, self.label)

@@ -234,13 +234,15 @@ def test_limit_encodes_the_first_inputs_and_a_larger_limit_encodes_more(vae_dir,
     m = encode(cfg(vae_dir, data, out, limit=4))
     assert m["counts"]["inputs"] == 4 and m["limit"] == 4 and m["this_run"]["rows_encoded"] == 4
     assert_exactly_once(out, [src.name(i) for i in range(4)])
-    with pytest.raises(ValueError, match="inputs: 4 there, 3 now"):  # fewer: another cache
-        encode(cfg(vae_dir, data, out, limit=3))
+    m = encode(cfg(vae_dir, data, out, limit=3))  # fewer: the fourth input leaves the cache, nothing is encoded
+    assert m["counts"]["inputs"] == 3 and m["this_run"]["rows_encoded"] == 0 and m["limit"] == 3
+    assert m["this_run"]["changes"]["removed"] == 1 and m["this_run"]["rows_carried"] == 3
+    assert_exactly_once(out, [src.name(i) for i in range(3)])
     with pytest.raises(ValueError, match="preprocessing"):  # more, but with other settings
         encode(cfg(vae_dir, data, out, limit=6, resolution=16))
     m = encode(cfg(vae_dir, data, out, limit=6))  # more of the same: only the new inputs are encoded
-    assert m["counts"]["inputs"] == 6 and m["this_run"]["rows_encoded"] == 2 and m["this_run"]["attempt"] == 2
-    assert json.loads((out / "encode-settings.json").read_text())["limit"] == 6
+    assert m["counts"]["inputs"] == 6 and m["this_run"]["rows_encoded"] == 3 and m["this_run"]["attempt"] == 3
+    assert m["limit"] == 6 and m["generation"] == 3
     assert_exactly_once(out, [src.name(i) for i in range(6)])
     # 0 = all, from the command line; --verify reports as `latentvae decode OUT` does
     cli.main(["encode", "--vae", str(vae_dir), "--data", str(data), "--out", str(out), "--resolution", "32",

@@ -13,6 +13,10 @@ same-shape images (BucketBatcher) and runs the encoder only (encode_rows); a Sha
 the rows. What is done is read back from the shards and failure logs, so a rerun of the same
 command encodes only the rest, split among the processes by position; the first process then
 checks that every input is in exactly once and writes the manifest.
+
+A rerun into a finished cache is an update: rows record their sources (size, mtime, sha256 of the
+decoded bytes, metadata hash), and update.py works out what is new, changed or gone; new shards and
+a new manifest generation replace the old ones atomically (see update.py).
 """
 from __future__ import annotations
 
@@ -26,20 +30,21 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from ..errors import BadInputError, MissingInputError
-from ..fsutil import atomic_write_bytes, atomic_write_json, fsync_dir
+from ..fsutil import atomic_write_bytes, atomic_write_json
 from ..images import BadImage
 from ..options import EncodeOptions, validated
 from ..precision import AUTOCAST_DTYPES
 from ..preprocess import Preprocess, load_preprocessed
 from .manifest import (MANIFEST_FILE, factor_provenance, README_FILE, SETTINGS_FILE, build_manifest, check_out_folder, check_settings,
                        dataset_card, run_settings, vae_identity)
-from .schema import OWN_COLUMNS, arrow_schema, make_table
+from .schema import OWN_COLUMNS, STORES, arrow_schema, make_table
 from .verify import print_report, verify_cache
-from .writer import (FailureLog, ShardWriter, failure_log_path, list_shards, next_attempt, remove_stale_temporaries,
-                     scan_failures, scan_shards)
+from .writer import (COPY_RANK, FailureLog, ShardWriter, failure_log_path, list_shards, next_attempt,
+                     remove_stale_temporaries, row_moments, scan_failures, scan_shards)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -75,9 +80,13 @@ class PreprocessedImages(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> dict:
         i = self.indices[k]
         try:
-            return {"index": i, **load_preprocessed(self.src, i, self.pre, self.draft)}
+            return {"index": i, **load_preprocessed(self.src, i, self.pre, self.draft, identify=True)}
         except BadImage as e:
-            return {"index": i, "error": str(e)}
+            try:
+                identity = self.src.stat_identity(i)  # a rerun retries it once this changes
+            except OSError:
+                identity = None
+            return {"index": i, "error": str(e), "identity": identity}
 
 
 def collate_list(items: list[dict]) -> list[dict]:
@@ -110,9 +119,10 @@ class BucketBatcher:
             yield self.queues.pop(next(iter(self.queues)))
 
 
-def sample_noise(shape, seed: int, index: int, flipped: bool) -> torch.Tensor:
-    """The posterior noise of one row: a pure function of (seed, index, flipped), not of batching."""
-    h = hashlib.blake2b(f"{seed}:{index}:{int(flipped)}".encode(), digest_size=8).digest()
+def sample_noise(shape, seed: int, key: str, flipped: bool) -> torch.Tensor:
+    """The posterior noise of one row: a pure function of (seed, source key, flipped), not of batching
+    or of the input's position (which files added before it change)."""
+    h = hashlib.blake2b(f"{seed}:{key}:{int(flipped)}".encode(), digest_size=8).digest()
     g = torch.Generator().manual_seed(int.from_bytes(h, "little") >> 1)
     return torch.randn(shape, generator=g)
 
@@ -136,31 +146,26 @@ def encode_rows(vae, rows: list[dict], store: str, seed: int, device, autocast_d
     if store == "moments":
         out["latent_logvar"] = logvar
     if store == "sample":
-        noise = torch.stack([sample_noise(mean.shape[1:], seed, r["index"], r["flipped"]) for r in rows])
+        noise = torch.stack([sample_noise(mean.shape[1:], seed, r["source_key"], r["flipped"]) for r in rows])
         out["latent_sample"] = mean + torch.exp(0.5 * logvar) * noise
     return out
 
 
-def row_moments(latents: dict[str, torch.Tensor]):
-    """Per row and channel, the sums [sum z, sum z^2] over positions of the latents a diffusion trainer
-    draws from these columns: the sample, the mean, or (with the log-variance) posterior samples,
-    exactly as moments.batch_moments counts them. (B, 2, C) float64."""
-    from ..moments import batch_moments
-
-    z = latents.get("latent_sample", latents.get("latent_mean"))
-    logvar = None if "latent_sample" in latents else latents.get("latent_logvar")
-    rows = [batch_moments(z[i:i + 1], None if logvar is None else logvar[i:i + 1]) for i in range(len(z))]
-    return torch.stack([torch.stack([m.sum, m.sumsq]) for m in rows]).numpy()
-
-
 def batch_table(rows: list[dict], latents: dict, dtype: str, passthrough) -> pa.Table:
     """One encoded batch as the shards' rows: our columns, the latents, then the input's other columns."""
+    from .update import table_metadata_hashes
+
     shape = list(next(iter(latents.values())).shape[1:])
+    extra = None if passthrough is None else passthrough.select([r["index"] for r in rows]).with_format("arrow")[:]
+    ids = [r["identity"] for r in rows]
     values = {"source_index": [r["index"] for r in rows], "source_id": [r["source_id"] for r in rows],
+              "source_key": [r["source_key"] for r in rows], "source_size": [d.get("size") for d in ids],
+              "source_mtime_ns": [d.get("mtime_ns") for d in ids], "source_sha256": [d["sha256"] for d in ids],
+              "source_fingerprint": [d.get("fingerprint") for d in ids],
+              "metadata_sha256": table_metadata_hashes(extra) or [None] * len(rows),
               "flipped": [r["flipped"] for r in rows], "pixel_size": [list(r["pixels"].shape[1:]) for r in rows],
               "original_size": [list(r["original_size"]) for r in rows],
               "crop_top_left": [list(r["crop_top_left"]) for r in rows], "latent_shape": [shape] * len(rows)}
-    extra = None if passthrough is None else passthrough.select([r["index"] for r in rows]).with_format("arrow")[:]
     return make_table(values, latents, dtype, extra)
 
 
@@ -210,8 +215,8 @@ class Job:
     src: Any  # sources.ImageSource
     passthrough: Any  # the other columns of a `datasets` input (a datasets.Dataset), or None
     vae_id: dict
-    settings: dict  # encode-settings.json; settings["inputs"]: how many inputs (--limit) are encoded
-    new_settings: bool  # --limit changed over the same inputs: rewrite encode-settings.json
+    settings: dict  # encode-settings.json: what every row of the cache shares
+    n: int  # the inputs encoded: the first n of the source (--limit)
 
     @property
     def flips(self) -> tuple[bool, ...]:
@@ -234,9 +239,9 @@ def prepare_job(opts: EncodeOptions, device) -> Job:
         raise MissingInputError(f"--data {opts.data}: no images (split {opts.split!r} has no rows)")
     n = min(opts.limit, len(src)) if opts.limit else len(src)
     vae_id = vae_identity(vae, opts.vae)
-    settings = run_settings(opts, vae_id, pre, src, n)
-    new_settings = check_settings(out, settings, src)
-    return Job(opts, out, vae, cl, precision, pre, src, passthrough, vae_id, settings, new_settings)
+    settings = run_settings(opts, vae_id, pre)
+    check_settings(out, settings)
+    return Job(opts, out, vae, cl, precision, pre, src, passthrough, vae_id, settings, n)
 
 
 def first_missing(path: Path) -> Optional[Path]:
@@ -257,33 +262,18 @@ def discard_if_unstarted(out: Path, created: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- the run
-def todo_copies(n: int, flips: tuple[bool, ...], shards: list[dict], failures: dict) -> dict[int, list[bool]]:
-    """index -> the copies (flipped or not) still to encode among the first `n` inputs; failed inputs
-    count as done."""
-    done = {(i, f) for s in shards for i, f in zip(s["index"], s["flipped"])}
-    todo = {}
-    for i in range(n):
-        if i in failures:
-            continue
-        missing = [f for f in flips if (i, f) not in done]
-        if missing:
-            todo[i] = missing
-    return todo
-
-
 def open_cache(job: Job) -> None:
     """The first process's writes before anyone encodes: the settings (first: a folder with data/ is
     always a cache), data/ without the partial shards of a killed run, the dataset card."""
     out = job.out
     out.mkdir(parents=True, exist_ok=True)
-    if job.new_settings:  # a raised --limit: the cache is unfinished again until every input is in
-        (out / MANIFEST_FILE).unlink(missing_ok=True)
-        fsync_dir(out)
-    if job.new_settings or not (out / SETTINGS_FILE).exists():
+    if not (out / SETTINGS_FILE).exists():
         atomic_write_json(out / SETTINGS_FILE, job.settings)
     (out / "data").mkdir(exist_ok=True)
     remove_stale_temporaries(out)
-    atomic_write_bytes(out / README_FILE, dataset_card("manifest.json appears when every input is accounted for.").encode())
+    card = dataset_card("manifest.json appears when every input is accounted for.").encode()
+    if not (out / README_FILE).is_file() or (out / README_FILE).read_bytes() != card:
+        atomic_write_bytes(out / README_FILE, card)
 
 
 def rows_to_encode(loader, todo: dict[int, list[bool]], src, log: FailureLog, bar) -> Iterator[dict]:
@@ -293,12 +283,12 @@ def rows_to_encode(loader, todo: dict[int, list[bool]], src, log: FailureLog, ba
         for it in items:
             i = it["index"]
             if "error" in it:
-                log.add(i, src.name(i), it["error"])
+                log.add(i, src.name(i), it["error"], src.relative_name(i), it["identity"])
                 bar.update(len(todo[i]))
                 bar.set_postfix(failed=log.count)
                 continue
             for flipped in todo[i]:
-                yield {**it, "flipped": flipped, "source_id": src.name(i),
+                yield {**it, "flipped": flipped, "source_id": src.name(i), "source_key": src.relative_name(i),
                        "pixels": it["pixels"].flip(-1) if flipped else it["pixels"]}
 
 
@@ -338,30 +328,61 @@ def encode_share(job: Job, state, todo: dict[int, list[bool]], attempt: int) -> 
 
 
 def write_cache(job: Job, state, t0: float) -> dict:
-    """Resume what is there, encode the rest on every process, then the manifest (first process)."""
-    # what is done: read before the barrier, while nobody writes
-    shards, failures = scan_shards(job.out), scan_failures(job.out)
+    """Finish an interrupted update, compare what is there with the inputs now (update.make_plan), carry
+    over and encode what is needed on every process, then the next manifest generation (first process)."""
+    from . import update
+
+    if state.is_main_process and job.out.is_dir():
+        update.recover(job.out)
+    state.wait_for_everyone()
+    # what is there, and what the inputs are now: read on every process while nobody writes
+    shards, records = scan_shards(job.out), scan_failures(job.out)
     attempt = next_attempt(shards)
-    todo = todo_copies(job.settings["inputs"], job.flips, shards, failures)
+    inputs = update.Inputs(job.src, job.n, job.passthrough)
+    schema = arrow_schema(job.opts.dtype, job.opts.store, None if job.passthrough is None else job.passthrough.features)
+    plan = update.make_plan(shards, records, inputs, job.flips, schema,
+                            lambda name: pq.read_schema(job.out / "data" / name))
+    generation = update.manifest_generation(job.out)
+    writes = plan.writes or generation == 0 or any(rec not in plan.failures for rec in records)
+    if writes:
+        generation += 1
     if state.is_main_process:
         open_cache(job)
+        if plan.superseded:
+            update.begin(job.out, generation, attempt, plan.superseded)
     state.wait_for_everyone()
-    stats = encode_share(job, state, todo, attempt)
+    carried = 0
+    if state.is_main_process and plan.superseded:
+        writer = ShardWriter(job.out / "data", attempt, COPY_RANK, job.opts.shard_size, schema)
+        carried = update.carry_rows(job.out, plan, inputs, writer, job.opts.dtype, list(STORES[job.opts.store]),
+                                    [] if job.passthrough is None else job.passthrough.column_names)
+    stats = encode_share(job, state, plan.todo, attempt)
     state.wait_for_everyone()
-    if state.is_main_process:
-        manifest = build_manifest(job.out, job.settings, job.vae_id, job.opts, job.pre, job.src)
+    if state.is_main_process and (writes or not (job.out / MANIFEST_FILE).exists()):
+        names = [p.name for p in list_shards(job.out) if p.name not in set(plan.superseded)]
+        failures = update.live_failures(scan_failures(job.out), inputs, encoded_keys(job.out, names))
+        manifest = build_manifest(job.out, job.settings, job.vae_id, job.opts, job.pre, inputs, names, failures,
+                                  generation, plan.changes)
         manifest["vae"]["factors"] = factor_provenance(job.vae, job.opts.vae)
-        atomic_write_json(job.out / MANIFEST_FILE, manifest)
+        atomic_write_json(job.out / MANIFEST_FILE, manifest)  # the commit
+        update.finish(job.out, plan.superseded)
+        update.compact_failures(job.out, failures)
     state.wait_for_everyone()
     manifest = json.loads((job.out / MANIFEST_FILE).read_text())
     seconds = stats["encode_seconds"]
     manifest["this_run"] = {"process": state.process_index, "processes": state.num_processes, "attempt": attempt,
-                            **stats, "total_seconds": time.perf_counter() - t0,
+                            **stats, "rows_carried": carried, "changes": plan.changes,
+                            "total_seconds": time.perf_counter() - t0,
                             "images_per_second": stats["rows_encoded"] / seconds if seconds > 0 else 0.0,
                             "mixed_precision": job.precision, "channels_last": job.channels_last}
     if job.opts.verify and state.is_main_process:
         manifest["verify"] = verify_cache(job.out, seed=job.opts.seed, vae=job.vae)
     return manifest
+
+
+def encoded_keys(out: Path, names: list[str]) -> set:
+    """The source keys the shards `names` hold."""
+    return {k for s in scan_shards(out, names) for k in s["identity"].get("source_key", [])}
 
 
 def encode(opts: EncodeOptions) -> dict:
@@ -396,6 +417,11 @@ def run(opts: EncodeOptions) -> dict:
         print(f"{opts.out}: {c['rows']} rows of {c['encoded_inputs']}/{c['inputs']} inputs in {c['shards']} shards, "
               f"{c['failures']} failures; this run {this['rows_encoded']} rows at {this['images_per_second']:.2f} img/s "
               f"on {this['processes']} process(es)")
+        ch = this["changes"]
+        if any(ch.values()) and c["rows"] != this["rows_encoded"]:
+            print(f"{opts.out}: updated to generation {manifest['generation']}: {ch['added']} new, {ch['changed']} "
+                  f"changed, {ch['removed']} removed input(s), {ch['metadata_changed']} with new metadata; "
+                  f"{ch['rows_dropped']} row(s) dropped, {ch['rows_carried']} carried over without re-encoding")
         if "verify" in manifest:
             print_report(manifest["verify"])
         if manifest["vae"]["factors"].startswith("NOT measured"):

@@ -27,13 +27,11 @@ from ..fsutil import flatten, sha256_file
 from ..options import EncodeOptions
 from ..preprocess import Preprocess
 from .schema import DTYPE_STORAGE, FORMAT_VERSION, STORES
-from .writer import list_shards, scan_failures, scan_shards
+from .writer import list_shards, scan_shards
 
 SETTINGS_FILE = "encode-settings.json"
 MANIFEST_FILE = "manifest.json"
 README_FILE = "README.md"
-# the settings a larger --limit changes: a rerun with only these different may encode more (check_settings)
-LIMIT_KEYS = ("limit", "inputs", "inputs_sha256")
 
 
 # ----------------------------------------------------------------------------- identities
@@ -119,12 +117,12 @@ def data_location(given: str, src, out: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- encode-settings.json
-def run_settings(opts: EncodeOptions, vae_id: dict, pre: Preprocess, src, n: int) -> dict:
-    """What must not change between a run and its resumption; `n`: the inputs encoded (see --limit)."""
+def run_settings(opts: EncodeOptions, vae_id: dict, pre: Preprocess) -> dict:
+    """What must be the same for the rows of one cache: the VAE's weights, the preprocessing, the storage.
+    Which inputs (--data's contents, --limit) may change: a rerun then updates the cache (update.py)."""
     return {"format_version": FORMAT_VERSION, "vae_weights_sha256": vae_id["weights_sha256"],
             "source": {"data": opts.data, "kind": opts.data_kind, "split": opts.split,
                        "image_column": opts.image_column},
-            "limit": opts.limit, "inputs": n, "inputs_sha256": inputs_fingerprint(src, n),
             "preprocessing": pre.to_dict(), "jpeg_draft": opts.jpeg_draft, "max_image_pixels": opts.max_image_pixels,
             "store": opts.store, "dtype": opts.dtype, "seed": opts.seed if opts.store == "sample" else None}
 
@@ -151,18 +149,22 @@ def shorten(value: Any, width: int = 40) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
+# settings a rerun may change: where the data is now (a moved folder; the rows' keys are relative to it)
+FREE_KEYS = ("source.data",)
+
+
 def settings_diff(old: dict, new: dict) -> list[str]:
     """'key: OLD there, NEW now' for each setting that differs (derived bucket lists left out when
     the settings they derive from are listed)."""
     a, b = flatten(old), flatten(new)
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in FREE_KEYS)
     if any(k.startswith("preprocessing.") and k != "preprocessing.buckets" for k in keys):
         keys = [k for k in keys if k != "preprocessing.buckets"]
     return [f"{k}: {shorten(a.get(k))} there, {shorten(b.get(k))} now" for k in keys]
 
 
 def read_settings(out: Path) -> Optional[dict]:
-    """The cache's encode-settings.json (None if it has none yet); a cache from before --limit had none."""
+    """The cache's encode-settings.json (None if it has none yet)."""
     path = out / SETTINGS_FILE
     if not path.exists():
         return None
@@ -172,31 +174,21 @@ def read_settings(out: Path) -> Optional[dict]:
         raise BadInputError(f"{path}: unreadable ({e}); use a new --out") from e
     if not isinstance(settings, dict):
         raise BadInputError(f"{path}: not a settings object; use a new --out")
-    return {"limit": 0, **settings}
+    return settings
 
 
-def limit_raised(old: dict, new: dict, src) -> bool:
-    """Only --limit changed, and the new one covers the same first inputs (and perhaps more of them,
-    if the old limit cut the source short): a run that encodes the rest, not another cache."""
-    if any(old.get(k) != new.get(k) for k in set(old) | set(new) if k not in LIMIT_KEYS):
-        return False
-    n = old["inputs"]
-    if new["inputs"] < n or inputs_fingerprint(src, n) != old["inputs_sha256"]:
-        return False
-    return new["inputs"] == n or old["limit"] == n
-
-
-def check_settings(out: Path, settings: dict, src) -> bool:
-    """Refuse a cache made with other settings, saying what differs. True when encode-settings.json
-    is to be rewritten: --limit was raised (or changed without effect) over the same inputs."""
+def check_settings(out: Path, settings: dict) -> None:
+    """Refuse to mix latents of another VAE, preprocessing or storage into a cache, saying what differs."""
     old = read_settings(out)
     diff = [] if old is None else settings_diff(old, settings)
     if not diff:
-        return False
-    if limit_raised(old, settings, src):
-        return True
-    raise BadInputError(f"--out {out} holds a cache made with other settings ({'; '.join(diff)}); "
-                        "use a new --out, or the same settings to resume")
+        return
+    why = ("it was made by an older latentvae, whose rows do not record their sources"
+           if old.get("format_version") != settings["format_version"] else
+           "one cache holds the latents of one VAE, preprocessing and storage")
+    raise BadInputError(f"--out {out} holds a cache made with other settings ({'; '.join(diff)}): {why}. To start "
+                        f"a new cache, pass a new --out (or delete {out}); to update this one, use the settings it "
+                        f"was made with (its {SETTINGS_FILE})")
 
 
 def dataset_card(manifest_hint: str) -> str:
@@ -251,38 +243,45 @@ def measured_statistics(shards: list[dict], channels: int) -> Optional[dict]:
 
 
 # ----------------------------------------------------------------------------- manifest.json
-def build_manifest(out: Path, settings: dict, vae_id: dict, opts: EncodeOptions, pre: Preprocess, src=None) -> dict:
-    """Read every shard and failure log; check that each input is in exactly once; the manifest.
+def build_manifest(out: Path, settings: dict, vae_id: dict, opts: EncodeOptions, pre: Preprocess, inputs,
+                   shard_names: list[str], failures: list[dict], generation: int, changes: dict) -> dict:
+    """Read the shards `shard_names`; check that each of the inputs now (`inputs`: update.Inputs) is in
+    exactly once, as rows or as a failure; the manifest of that generation.
 
     The VAE's and the source's `location` (vae_location, data_location) are the manifest's only: the
-    settings a resume compares (encode-settings.json) stay what they were."""
-    shards, failures = scan_shards(out), scan_failures(out)
+    settings a rerun compares (encode-settings.json) stay what they were."""
+    shards = scan_shards(out, shard_names)
     flips = (False, True) if pre.flip else (False,)
-    seen = Counter((i, f) for s in shards for i, f in zip(s["index"], s["flipped"]))
+    seen = Counter((k, f) for s in shards for k, f in zip(s["identity"]["source_key"], s["flipped"]))
+    failed = {rec["source_key"] for rec in failures}
     dup = [k for k, c in seen.items() if c > 1]
-    missing = [(i, f) for i in range(settings["inputs"]) if i not in failures for f in flips if (i, f) not in seen]
-    both = sorted({i for i, _ in seen} & set(failures))
-    if dup or missing or both:
+    missing = [(k, f) for k in inputs.keys if k not in failed for f in flips if (k, f) not in seen]
+    both = sorted({k for k, _ in seen} & failed)
+    extra = sorted({k for k, _ in seen} - set(inputs.index))
+    if dup or missing or both or extra:
         raise RuntimeError(f"{out}: cache inconsistent: {len(dup)} duplicated rows {dup[:5]}, {len(missing)} missing "
-                           f"{missing[:5]}, {len(both)} inputs both encoded and failed {both[:5]}")
+                           f"{missing[:5]}, {len(both)} inputs both encoded and failed {both[:5]}, {len(extra)} rows "
+                           f"of inputs that are gone {extra[:5]}")
     buckets = Counter(f"{w}x{h}" for s in shards for h, w in s["pixel_size"])
     return {
         "format_version": FORMAT_VERSION,
+        "generation": generation,
         "vae": {**vae_id, "location": vae_location(opts.vae, vae_id.get("source"), out)},
-        "source": {**settings["source"], "location": data_location(opts.data, src, out)},
+        "source": {**settings["source"], "location": data_location(opts.data, inputs.src, out)},
         "cache": os.path.abspath(out),
-        "limit": settings["limit"],
+        "limit": opts.limit,
         "preprocessing": {**pre.to_dict(), "jpeg_draft": opts.jpeg_draft,
                           "resize": "bicubic, antialiased, cover + center crop",
                           "pixel_range": "[-1, 1] = uint8 / 127.5 - 1"},
         "store": opts.store, "columns": list(STORES[opts.store]), "dtype": opts.dtype,
         "dtype_storage": DTYPE_STORAGE[opts.dtype],
         "sample_seed": settings["seed"],
-        "counts": {"inputs": settings["inputs"], "encoded_inputs": len({i for i, _ in seen}), "rows": sum(seen.values()),
+        "counts": {"inputs": inputs.n, "encoded_inputs": len({k for k, _ in seen}), "rows": sum(seen.values()),
                    "failures": len(failures), "shards": len(shards), "rows_per_bucket": dict(sorted(buckets.items()))},
+        "last_update": changes,
         "shards": [{"file": f"data/{s['name']}", "rows": s["rows"]} for s in shards],
-        "failures": [failures[i] for i in sorted(failures)],
-        "inputs_sha256": settings["inputs_sha256"],
+        "failures": failures,
+        "inputs_sha256": inputs_fingerprint(inputs.src, inputs.n),
         "latent_statistics": measured_statistics(shards, vae_id["latent_channels"]),
     }
 

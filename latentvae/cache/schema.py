@@ -6,7 +6,7 @@ This is what a reader imports (a diffusion trainer, a latent loader); it loads n
     z = from_storage(row["latent_mean"], manifest["dtype"])      # float32 tensor (C, h, w)
 
 Each row is one stored image (two per input with --flip): the ROW_COLUMNS (where the image came
-from, how it was cropped, the latent's shape), then the latent columns of the --store (STORES),
+from and what identifies it, how it was cropped, the latent's shape), then the latent columns of the --store (STORES),
 then every other column of a `datasets` input. A latent is a nested list (C, h, w) of the arrow
 type DTYPES[dtype] names; bf16 is stored as its raw 16 bits (uint16) since parquet has no bf16.
 """
@@ -18,13 +18,20 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-FORMAT_VERSION = 1  # of the shards, encode-settings.json and manifest.json together
+FORMAT_VERSION = 2  # of the shards, encode-settings.json and manifest.json together (2: rows record their source)
 
 SIZE = pa.list_(pa.int32())
 # the columns every row has, in order, with their arrow types
 ROW_COLUMNS: dict[str, pa.DataType] = {
-    "source_index": pa.int64(),  # position of the input in the source (sorted file list, dataset row)
-    "source_id": pa.string(),  # its file path, or `source:split[row]`
+    "source_index": pa.int64(),  # position of the input in the source when it was encoded (sorted file list, dataset row)
+    "source_id": pa.string(),  # its file path, or `source:split[row]`, as given when it was encoded
+    # what identifies the source, so a rerun finds what changed (cache/update.py)
+    "source_key": pa.string(),  # the image's path relative to the folder, or `[row]` of a dataset
+    "source_size": pa.int64(),  # bytes of the file (or of a dataset row's encoded image)
+    "source_mtime_ns": pa.int64(),  # the file's modification time, ns (null for datasets)
+    "source_sha256": pa.string(),  # sha256 of exactly the bytes that were decoded
+    "source_fingerprint": pa.string(),  # a `datasets` input's fingerprint (null for folders)
+    "metadata_sha256": pa.string(),  # sha256 of the row's passthrough columns (captions, ...); null without any
     "flipped": pa.bool_(),  # a horizontally flipped copy
     "pixel_size": SIZE,  # [H, W] of the encoded image (the bucket)
     "original_size": SIZE,  # [H, W] of the source image (SDXL's original_size)
@@ -35,7 +42,7 @@ ROW_COLUMNS: dict[str, pa.DataType] = {
 STORES: dict[str, tuple[str, ...]] = {
     "mean": ("latent_mean",),
     "moments": ("latent_mean", "latent_logvar"),  # trainers sample mean + exp(logvar / 2) * eps
-    "sample": ("latent_sample",),  # one posterior sample, seeded by (seed, source_index, flipped)
+    "sample": ("latent_sample",),  # one posterior sample, seeded by (seed, source_key, flipped)
 }
 LATENT_COLUMNS = ("latent_mean", "latent_logvar", "latent_sample")
 OWN_COLUMNS = (*ROW_COLUMNS, *LATENT_COLUMNS)  # an input column of one of these names is refused
@@ -95,9 +102,11 @@ def arrow_schema(dtype: str, store: str, extra_features=None) -> pa.Schema:
 
 def make_table(values: dict[str, list], latents: dict[str, torch.Tensor], dtype: str,
                extra: Optional[pa.Table] = None) -> pa.Table:
-    """One batch of rows as an arrow table: `values` (a list per ROW_COLUMNS name), the latent
+    """One batch of rows as an arrow table: `values` (a list per ROW_COLUMNS name; a missing source
+    identity column is null, as in synthetic caches), the latent
     columns (float (B, C, h, w) each) stored as `dtype`, then the columns of `extra`."""
-    cols = {name: pa.array(values[name], typ) for name, typ in ROW_COLUMNS.items()}
+    n = len(values["source_index"])
+    cols = {name: pa.array(values.get(name, [None] * n), typ) for name, typ in ROW_COLUMNS.items()}
     for name, x in latents.items():
         cols[name] = nested_list_array(to_storage(x, dtype))
     table = pa.table(cols)

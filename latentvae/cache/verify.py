@@ -23,11 +23,11 @@ import pyarrow.parquet as pq
 import torch
 
 from ..errors import BadInputError, MissingInputError
+from ..images import BadImage
 from ..options import DecodeOptions
 from ..preprocess import Preprocess, load_preprocessed
 from .manifest import read_manifest, weights_sha256
 from .schema import from_storage
-from .writer import list_shards
 
 
 def _located(cache: Path, loc: dict) -> Optional[str]:
@@ -108,44 +108,41 @@ def manifest_preprocess(manifest: dict) -> Preprocess:
                       buckets=tuple(tuple(b) for b in p["buckets"]))
 
 
-def sample_rows(cache: Path, limit: int, seed: int) -> list[tuple[str, int]]:
-    """`limit` random (shard file, row) pairs, the same for the same seed."""
-    pairs = [(p.name, r) for p in list_shards(cache) for r in range(pq.read_metadata(p).num_rows)]
+def sample_rows(cache: Path, limit: int, seed: int, manifest: Optional[dict] = None) -> list[tuple[str, int]]:
+    """`limit` random (shard file, row) pairs of the manifest's shards, the same for the same seed."""
+    manifest = manifest or read_manifest(cache)
+    pairs = [(Path(s["file"]).name, r) for s in manifest["shards"] for r in range(s["rows"])]
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(pairs), generator=g)[:limit].tolist()
     return [pairs[k] for k in sorted(pick)]
 
 
-def recorded_relative(source_id: str, source: dict, src) -> str:
-    """A row's source_id without the part that depends on how the source was spelled when it was encoded
-    (the folder's path; a dataset's `path:split` label), to compare with `src.relative_name(i)`."""
-    from ..sources import HFImageSource
-
-    if isinstance(src, HFImageSource):
-        label = f"{source['data']}:{source['split']}"
-        return source_id[len(label):] if source_id.startswith(label) else source_id
-    try:
-        return Path(source_id).relative_to(Path(source["data"])).as_posix()
-    except ValueError:
-        return source_id
-
-
 def read_sampled_rows(cache: Path, src, source_data: str, column: str, limit: int, seed: int,
-                      source: Optional[dict] = None) -> list[tuple]:
-    """(shard, row, one-row table) for each sampled row, each checked to still match its source
-    (`source`: the manifest's, to compare names wherever the source is now)."""
+                      source: Optional[dict] = None, manifest: Optional[dict] = None) -> list[tuple]:
+    """(shard, row, one-row table, index of its source in `src`) for each sampled row, each checked to
+    still match its source: found by its key (the path relative to the folder, wherever the folder is
+    now), with the bytes it was encoded from (sha256)."""
+    keys = None
     records = []
-    for shard, row in sample_rows(cache, limit, seed):
-        rec = pq.read_table(cache / "data" / shard,
-                            columns=["source_index", "source_id", "flipped", column]).slice(row, 1)
-        i, sid = rec["source_index"][0].as_py(), rec["source_id"][0].as_py()
-        same = (i < len(src) and (src.name(i) == sid or (source is not None and
-                                                          src.relative_name(i) == recorded_relative(sid, source, src))))
-        if not same:
-            now = repr(src.name(i)) if i < len(src) else "gone"
-            raise BadInputError(f"{cache}: row {shard}:{row} is {sid!r} but input {i} of its source {source_data} is "
-                                f"now {now}: the source changed since it was encoded")
-        records.append((shard, row, rec))
+    for shard, row in sample_rows(cache, limit, seed, manifest):
+        rec = pq.read_table(cache / "data" / shard, columns=["source_index", "source_id", "source_key",
+                                                             "source_sha256", "flipped", column]).slice(row, 1)
+        sid, key, sha = rec["source_id"][0].as_py(), rec["source_key"][0].as_py(), rec["source_sha256"][0].as_py()
+        if keys is None:
+            keys = {src.relative_name(i): i for i in range(len(src))}
+        i = keys.get(key)
+        if i is None:
+            raise BadInputError(f"{cache}: row {shard}:{row} is {sid!r}, which is no longer in its source {source_data}; "
+                                "rerun the `latentvae encode` command that made the cache to update it")
+        try:
+            now = src.fetch(i)[1]["sha256"]
+        except BadImage as e:
+            raise BadInputError(f"{cache}: the source of row {shard}:{row} cannot be read any more ({e})") from e
+        if now != sha:
+            raise BadInputError(f"{cache}: row {shard}:{row} was encoded from other bytes than {src.name(i)} holds now: "
+                                "the source changed since it was encoded; rerun the `latentvae encode` command that made "
+                                "the cache to update it")
+        records.append((shard, row, rec, i))
     return records
 
 
@@ -175,7 +172,6 @@ def verify_cache(cache: str | Path, limit: int = 8, seed: int = 0, *, vae=None, 
     `vae`: the loaded VAE (else `vae_path`, else the manifest's: cache_vae_spec); `data_path`: where the
     source is now (else the manifest's: cache_data); `pairs_dir`: also write each
     source | decoded pair there as a PNG. Returns {"samples": [...], "column", "mean_psnr", "min_psnr"}."""
-    from ..images import BadImage
     from ..metrics import psnr
     from ..sources import open_source
 
@@ -192,8 +188,8 @@ def verify_cache(cache: str | Path, limit: int = 8, seed: int = 0, *, vae=None, 
     pre, draft = manifest_preprocess(manifest), manifest["preprocessing"]["jpeg_draft"]
     column = "latent_mean" if "latent_mean" in manifest["columns"] else "latent_sample"
     results = []
-    for shard, row, rec in read_sampled_rows(cache, src, data, column, limit, seed, s):
-        i, sid, flipped = rec["source_index"][0].as_py(), rec["source_id"][0].as_py(), rec["flipped"][0].as_py()
+    for shard, row, rec, i in read_sampled_rows(cache, src, data, column, limit, seed, s, manifest):
+        sid, flipped = rec["source_id"][0].as_py(), rec["flipped"][0].as_py()
         x_hat = decode_to_uint8(vae, from_storage(rec[column][0].as_py(), manifest["dtype"]))
         try:
             x = load_preprocessed(src, i, pre, draft)["pixels"]

@@ -1,12 +1,14 @@
 """Writing a cache's rows so that each is stored exactly once: parquet shards and failure logs.
 
     data/part-AAAA-RRR-SSSSS.parquet   attempt AAAA, process rank RRR, shard SSSSS of that process
+                                       (rank 999: rows carried over from shards an update superseded)
     failures-rankN.jsonl               one fsynced line per input process N could not use
 
 A shard holds exactly `shard_size` rows (a process's last one may be short) and is written under
 a hidden temporary name, fsynced and renamed (fsutil.atomic_write), so a shard name is only ever
-seen complete and never rewritten. Its `source_index`/`flipped` columns are the record of what
-it holds: `scan_shards` and `scan_failures` read back what is done, for a resume and the manifest.
+seen complete and never rewritten. Its `source_key`/`flipped` columns and the source identity
+beside them are the record of what it holds: `scan_shards` and `scan_failures` read back what is
+done, for a resume, an update (update.py) and the manifest.
 Each shard also carries, in its parquet metadata (`latentvae.moments`), the per-channel sums of the
 latents a trainer draws from it, so the manifest's measured statistics cost no second pass.
 """
@@ -16,6 +18,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -39,18 +42,36 @@ def list_shards(out: Path) -> list[Path]:
 MOMENTS_KEY = b"latentvae.moments"
 
 
-def scan_shards(out: Path) -> list[dict]:
-    """Per finished shard: its name, rows, the (source_index, flipped, pixel_size) of each row, and its
-    latent moments ({"count": positions per channel, "sum": [C], "sumsq": [C]}; None in older caches)."""
-    result = []
-    for p in list_shards(out):
-        t = pq.read_table(p, columns=["source_index", "flipped", "pixel_size"])
-        meta = pq.read_schema(p).metadata or {}
-        moments = json.loads(meta[MOMENTS_KEY]) if MOMENTS_KEY in meta else None
-        result.append({"name": p.name, "rows": t.num_rows, "index": t.column("source_index").to_pylist(),
-                       "flipped": t.column("flipped").to_pylist(), "pixel_size": t.column("pixel_size").to_pylist(),
-                       "moments": moments})
-    return result
+IDENTITY_COLUMNS = ("source_key", "source_size", "source_mtime_ns", "source_sha256", "source_fingerprint",
+                    "metadata_sha256")
+
+
+def scan_shard(p: Path) -> dict:
+    """One finished shard: its name, rows, per row (source_index, flipped, pixel_size) and the source
+    identity columns (`identity`: {column: list}; absent in format-1 caches), and its latent moments
+    ({"count": positions per channel, "sum": [C], "sumsq": [C]}; None in older caches)."""
+    schema = pq.read_schema(p)
+    identity = [c for c in IDENTITY_COLUMNS if c in schema.names]
+    t = pq.read_table(p, columns=["source_index", "flipped", "pixel_size", *identity])
+    meta = schema.metadata or {}
+    moments = json.loads(meta[MOMENTS_KEY]) if MOMENTS_KEY in meta else None
+    return {"name": p.name, "rows": t.num_rows, "index": t.column("source_index").to_pylist(),
+            "flipped": t.column("flipped").to_pylist(), "pixel_size": t.column("pixel_size").to_pylist(),
+            "identity": {c: t.column(c).to_pylist() for c in identity}, "moments": moments}
+
+
+def scan_shards(out: Path, names: Optional[list[str]] = None) -> list[dict]:
+    """scan_shard of every finished shard of the cache `out` (or of the shards `names`, in data/)."""
+    paths = list_shards(out) if names is None else [out / "data" / n for n in names]
+    return [scan_shard(p) for p in paths]
+
+
+COPY_RANK = 999  # the "process" of shards that carry rows of a superseded shard over (cache/update.py)
+
+
+def shard_attempt_rank(name: str) -> tuple[int, int]:
+    m = SHARD_RE.match(name)
+    return int(m.group(1)), int(m.group(2))
 
 
 def next_attempt(shards: list[dict]) -> int:
@@ -65,6 +86,10 @@ def remove_stale_temporaries(out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- failures
+def failure_log_paths(out: Path) -> list[Path]:
+    return sorted(out.glob("failures-rank*.jsonl"))
+
+
 def failure_log_path(out: Path, rank: int) -> Path:
     return out / f"failures-rank{rank}.jsonl"
 
@@ -80,13 +105,10 @@ def read_jsonl(path: Path) -> list[dict]:
     return out
 
 
-def scan_failures(out: Path) -> dict[int, dict]:
-    """source_index -> its failure record, from every process's log."""
-    failures = {}
-    for p in sorted(out.glob("failures-rank*.jsonl")):
-        for rec in read_jsonl(p):
-            failures[int(rec["source_index"])] = rec
-    return failures
+def scan_failures(out: Path) -> list[dict]:
+    """Every failure record of every process's log, in log order (a key may appear more than once: an
+    image that failed, changed and failed again)."""
+    return [rec for p in failure_log_paths(out) for rec in read_jsonl(p)]
 
 
 class FailureLog:
@@ -101,15 +123,34 @@ class FailureLog:
                     f.write(b"\n")
         self.count = 0
 
-    def add(self, index: int, source_id: str, reason: str) -> None:
+    def add(self, index: int, source_id: str, reason: str, key: Optional[str] = None,
+            identity: Optional[dict] = None) -> None:
+        """One input that could not be used: where it was, why, and what identified it then (its key and
+        stat identity: a rerun retries it once it changed)."""
+        rec = {"source_index": index, "source_id": source_id, "reason": reason, "source_key": key,
+               "identity": identity}
         with open(self.path, "ab") as f:
-            f.write((json.dumps({"source_index": index, "source_id": source_id, "reason": reason}) + "\n").encode())
+            f.write((json.dumps(rec) + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
         self.count += 1
 
 
 # ----------------------------------------------------------------------------- shards
+def row_moments(latents: dict):
+    """Per row and channel, the sums [sum z, sum z^2] over positions of the latents a diffusion trainer
+    draws from these columns: the sample, the mean, or (with the log-variance) posterior samples,
+    exactly as moments.batch_moments counts them. (B, 2, C) float64."""
+    import torch
+
+    from ..moments import batch_moments
+
+    z = latents.get("latent_sample", latents.get("latent_mean"))
+    logvar = None if "latent_sample" in latents else latents.get("latent_logvar")
+    rows = [batch_moments(z[i:i + 1], None if logvar is None else logvar[i:i + 1]) for i in range(len(z))]
+    return torch.stack([torch.stack([m.sum, m.sumsq]) for m in rows]).numpy()
+
+
 class ShardWriter:
     """Collects encoded batches; writes exactly `shard_size` rows per shard (the last may be short)."""
 

@@ -1,0 +1,304 @@
+"""What a rerun of `latentvae encode` into an existing cache has to do, found from the sources, not guessed.
+
+Every row records what identified its source when it was encoded (schema.ROW_COLUMNS): the key
+(a folder image's path relative to the folder, or a dataset row `[i]`), the file's size and
+modification time, the sha256 of exactly the bytes that were decoded, a dataset's fingerprint,
+and the sha256 of the row's passthrough columns (captions, labels). A rerun compares each row with
+the input of the same key now (plan):
+
+    kept       same size and mtime (same fingerprint for a dataset), same metadata: left where it is
+    carried    the same image bytes (sha256 equal, though size/mtime or the fingerprint changed), or
+               only the captions/metadata changed: the latent is copied into a new shard with the
+               source's identity and metadata as they are now; no re-encoding
+    stale      the key is gone (file deleted, --limit lowered), the bytes changed, or a second copy
+               of a row already kept: dropped; an input that still exists is encoded again
+
+A finished shard is never rewritten. A shard holding any row that is not kept is *superseded*: its
+carried rows go into new shards (process rank writer.COPY_RANK), the new and changed inputs are
+encoded into new shards, then a new manifest generation lists the shards that hold every current
+input exactly once, and only then are the superseded shards deleted. `update.json`, written before
+the first new shard, names the superseded shards and the attempt of the new ones, so a run killed
+at any moment is finished (manifest committed: delete what it superseded) or undone (not committed:
+delete the carried copies; the freshly encoded rows are valid rows of the current sources and are
+kept) by the next run, before it looks at anything (recover). Until the commit, manifest.json is
+the previous generation, whose shards all still exist: a reader going by the manifest
+(LatentDataset, `latentvae decode`) always sees one whole generation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..fsutil import atomic_write_bytes, atomic_write_json, fsync_dir
+from ..images import BadImage
+from .schema import ROW_COLUMNS, from_storage
+from .writer import (COPY_RANK, ShardWriter, failure_log_paths, list_shards, read_jsonl, row_moments,
+                     shard_attempt_rank)
+
+JOURNAL_FILE = "update.json"
+MANIFEST_FILE = "manifest.json"
+
+
+# ----------------------------------------------------------------------------- identities of the inputs now
+def metadata_hash(values: Optional[dict]) -> Optional[str]:
+    """sha256 of one row's passthrough values (None without any): what a caption edit changes."""
+    if not values:
+        return None
+    text = json.dumps(values, sort_keys=True, ensure_ascii=False,
+                      default=lambda o: hashlib.sha256(o).hexdigest() if isinstance(o, (bytes, bytearray)) else repr(o))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def table_metadata_hashes(table: Optional[pa.Table]) -> list[Optional[str]]:
+    """metadata_hash of each row of an arrow table of passthrough columns."""
+    if table is None:
+        return []
+    return [metadata_hash(row) for row in table.to_pylist()]
+
+
+@dataclass
+class Inputs:
+    """The first `n` inputs of the source as they are now: keys, and lazily their identities."""
+    src: Any
+    n: int
+    passthrough: Any  # datasets.Dataset of the passthrough columns, or None
+    keys: list[str] = field(init=False)
+    index: dict[str, int] = field(init=False)
+    _stat: dict[int, Optional[dict]] = field(default_factory=dict, init=False)
+    _sha: dict[int, Optional[str]] = field(default_factory=dict, init=False)
+    _meta: Optional[list] = field(default=None, init=False)
+
+    def __post_init__(self):
+        self.keys = [self.src.relative_name(i) for i in range(self.n)]
+        self.index = {k: i for i, k in enumerate(self.keys)}
+
+    def stat(self, i: int) -> Optional[dict]:
+        """Input i's identity without reading it (None: the file is gone)."""
+        if i not in self._stat:
+            try:
+                self._stat[i] = self.src.stat_identity(i)
+            except OSError:
+                self._stat[i] = None
+        return self._stat[i]
+
+    def sha256(self, i: int) -> Optional[str]:
+        """sha256 of input i's bytes now (read once; None if unreadable)."""
+        if i not in self._sha:
+            try:
+                self._sha[i] = self.src.fetch(i)[1]["sha256"]
+            except BadImage:
+                self._sha[i] = None
+        return self._sha[i]
+
+    def metadata(self, i: int) -> Optional[str]:
+        if self.passthrough is None:
+            return None
+        if self._meta is None:
+            table = self.passthrough.select(range(self.n)).with_format("arrow")[:] if self.n else None
+            self._meta = table_metadata_hashes(table)
+        return self._meta[i]
+
+
+def stat_matches(row: dict, now: Optional[dict]) -> bool:
+    """The row's recorded identity and the input's stat identity now agree (no read needed)."""
+    if now is None:
+        return False
+    if "fingerprint" in now:
+        return now["fingerprint"] is not None and row.get("source_fingerprint") == now["fingerprint"]
+    return row.get("source_size") == now["size"] and row.get("source_mtime_ns") == now["mtime_ns"]
+
+
+# ----------------------------------------------------------------------------- the plan
+@dataclass
+class Plan:
+    kept: set  # (key, flipped) of rows left where they are or carried
+    superseded: list[str]  # shard names to replace
+    carry: dict[str, list[tuple[int, int]]]  # superseded shard -> [(row position, current input index)]
+    failures: list[dict]  # failure records still true of the inputs as they are
+    todo: dict[int, list[bool]]  # input index -> copies (flipped or not) to encode
+    changes: dict[str, int]  # inputs added / changed / removed / metadata_changed, rows dropped / carried
+
+    @property
+    def writes(self) -> bool:
+        return bool(self.superseded or self.todo)
+
+
+def row_identity(shard: dict, r: int) -> dict:
+    return {c: v[r] for c, v in shard["identity"].items()}
+
+
+def make_plan(shards: list[dict], failure_records: list[dict], inputs: Inputs, flips: tuple[bool, ...],
+              current_schema: Optional[pa.Schema] = None, schema_of: Optional[Callable[[str], pa.Schema]] = None) -> Plan:
+    """Compare every row (shards in name order) and failure record with the inputs now; see the module doc.
+    `current_schema`/`schema_of`: a shard whose passthrough columns are not the current ones (a metadata
+    column added or removed) has all its rows carried, so every shard keeps one schema."""
+    kept, superseded, carry = set(), [], {}
+    changed_keys, removed_keys, meta_keys = set(), set(), set()
+    for s in shards:
+        moves, replace = [], (current_schema is not None and schema_of is not None
+                              and not same_columns(schema_of(s["name"]), current_schema))
+        keys = s["identity"].get("source_key") or [None] * s["rows"]
+        for r, (key, flipped) in enumerate(zip(keys, s["flipped"])):
+            i = inputs.index.get(key) if key is not None else None
+            if i is None:  # gone (or a format-1 row without a key)
+                removed_keys.add(key)
+                replace = True
+                continue
+            if (key, flipped) in kept:  # a second copy: an interrupted update's leftovers
+                replace = True
+                continue
+            row = row_identity(s, r)
+            same_stat = stat_matches(row, inputs.stat(i))
+            if not same_stat and (inputs.stat(i) is None or inputs.sha256(i) != row.get("source_sha256")):
+                changed_keys.add(key)  # other bytes: encoded again
+                replace = True
+                continue
+            same_meta = row.get("metadata_sha256") == inputs.metadata(i)
+            if not same_meta:
+                meta_keys.add(key)
+            replace = replace or not (same_stat and same_meta)
+            kept.add((key, flipped))
+            moves.append((r, i))
+        if replace:
+            superseded.append(s["name"])
+            carry[s["name"]] = moves
+    carried = sum(len(v) for v in carry.values())
+    dropped = sum(s["rows"] for s in shards if s["name"] in carry) - carried
+    failures = live_failures(failure_records, inputs, {k for k, _ in kept})
+    failed = {rec["source_key"] for rec in failures}
+    todo = {}
+    for i, key in enumerate(inputs.keys):
+        if key in failed:
+            continue
+        missing = [f for f in flips if (key, f) not in kept]
+        if missing:
+            todo[i] = missing
+    known = {k for k, _ in kept} | failed | changed_keys
+    changes = {"added": sum(1 for i in todo if inputs.keys[i] not in known), "changed": len(changed_keys),
+               "removed": len(removed_keys - set(inputs.index)), "metadata_changed": len(meta_keys),
+               "rows_dropped": dropped, "rows_carried": carried}
+    return Plan(kept, superseded, carry, failures, todo, changes)
+
+
+def same_columns(a: pa.Schema, b: pa.Schema) -> bool:
+    """The same column names and types (the `datasets` features metadata aside)."""
+    return a.remove_metadata().equals(b.remove_metadata())
+
+
+def live_failures(records: list[dict], inputs: Inputs, encoded_keys: set) -> list[dict]:
+    """The last record per key of an input that still exists unchanged (its stat identity then = now)
+    and was not encoded since: those inputs count as done; any other input is tried again."""
+    last = {}
+    for rec in records:
+        key = rec.get("source_key")
+        if key is not None:
+            last[key] = rec
+    out = []
+    for key, rec in last.items():
+        i = inputs.index.get(key)
+        if i is None or key in encoded_keys or rec.get("identity") is None:
+            continue
+        now = inputs.stat(i)
+        if now is not None and {k: now.get(k) for k in rec["identity"]} == rec["identity"]:
+            out.append(rec)
+    return sorted(out, key=lambda rec: inputs.index[rec["source_key"]])
+
+
+# ----------------------------------------------------------------------------- carrying rows over
+def carry_rows(out: Path, plan: Plan, inputs: Inputs, writer: ShardWriter, dtype: str, store_columns: list[str],
+               passthrough_names: list[str]) -> int:
+    """The carried rows of each superseded shard into `writer`, with the source's identity and passthrough
+    values as they are now (its bytes are the recorded ones: plan checked), the latents as stored (no
+    re-encoding, and the manifest's moments summed from the stored values). Returns the rows carried."""
+    import torch
+
+    total = 0
+    for name in plan.superseded:
+        moves = plan.carry.get(name) or []
+        if not moves:
+            continue
+        part = pq.read_table(out / "data" / name).take(pa.array([r for r, _ in moves], pa.int64()))
+        idx = [i for _, i in moves]
+        now = [inputs.stat(i) or {} for i in idx]
+        cols = {c: part.column(c) for c in ROW_COLUMNS}
+        for col, key in (("source_size", "size"), ("source_mtime_ns", "mtime_ns"), ("source_fingerprint", "fingerprint")):
+            if any(key in n for n in now):
+                cols[col] = pa.array([n.get(key) for n in now], ROW_COLUMNS[col])
+        cols["metadata_sha256"] = pa.array([inputs.metadata(i) for i in idx], pa.string())
+        new = pa.table({**cols, **{c: part.column(c) for c in store_columns}})
+        if passthrough_names:
+            extra = inputs.passthrough.select(idx).with_format("arrow")[:]
+            for c in passthrough_names:
+                new = new.append_column(c, extra.column(c))
+        latents = {c: torch.stack([from_storage(v, dtype) for v in part.column(c).to_pylist()]) for c in store_columns}
+        writer.add(new, row_moments(latents))
+        total += len(moves)
+    writer.close()
+    return total
+
+
+# ----------------------------------------------------------------------------- the journal
+def begin(out: Path, generation: int, attempt: int, superseded: list[str]) -> None:
+    """update.json, before the first new shard: what the update replaces, and the name of its new shards."""
+    atomic_write_json(out / JOURNAL_FILE, {"generation": generation, "attempt": attempt, "superseded": superseded})
+
+
+def finish(out: Path, superseded: list[str]) -> None:
+    """After the manifest commit: delete what it superseded, then the journal."""
+    for name in superseded:
+        (out / "data" / name).unlink(missing_ok=True)
+    fsync_dir(out / "data")
+    (out / JOURNAL_FILE).unlink(missing_ok=True)
+    fsync_dir(out)
+
+
+def manifest_generation(out: Path) -> int:
+    try:
+        return int(json.loads((out / MANIFEST_FILE).read_text()).get("generation", 1))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def recover(out: Path, log: Callable[[str], Any] = print) -> Optional[str]:
+    """Finish or undo the update a kill interrupted (before anything is scanned); what was done, or None."""
+    path = out / JOURNAL_FILE
+    if not path.is_file():
+        return None
+    try:
+        journal = json.loads(path.read_text())
+        generation, attempt, superseded = journal["generation"], journal["attempt"], journal["superseded"]
+    except (OSError, ValueError, KeyError, TypeError):  # cut short before the rename: nothing was written after it
+        path.unlink(missing_ok=True)
+        return None
+    if manifest_generation(out) == generation:
+        finish(out, superseded)
+        what = f"finished an interrupted update (generation {generation}): removed {len(superseded)} superseded shard(s)"
+    else:
+        copies = [p for p in list_shards(out) if shard_attempt_rank(p.name) == (attempt, COPY_RANK)]
+        for p in copies:
+            p.unlink()
+        fsync_dir(out / "data")
+        path.unlink()
+        fsync_dir(out)
+        what = (f"undid an interrupted update: removed {len(copies)} shard(s) of carried rows; rows it encoded "
+                "are kept and the update runs again")
+    log(f"{out}: {what}")
+    return what
+
+
+def compact_failures(out: Path, live: list[dict]) -> None:
+    """Rewrite the failure logs to hold only the records still true (atomically, file by file)."""
+    keep = {(rec.get("source_key"), json.dumps(rec, sort_keys=True)) for rec in live}
+    for p in failure_log_paths(out):
+        records = [rec for rec in read_jsonl(p) if (rec.get("source_key"), json.dumps(rec, sort_keys=True)) in keep]
+        if records:
+            atomic_write_bytes(p, "".join(json.dumps(rec) + "\n" for rec in records).encode())
+        else:
+            p.unlink()
+    fsync_dir(out)
