@@ -11,14 +11,24 @@ a manifest; no VAE), lets `datasets` convert it to its arrow files once, then, e
               DataLoader(batch_sampler=..., collate_fn=collate, num_workers=1), one whole epoch,
               worker start included
   (0 workers) the same, read in the main process
-  transport   DataLoader(num_workers=1) passing ready-made float32 batches of the same size: what the
-              worker -> main process transfer (shared memory) alone costs
+  fp16        the same with LatentDataset(dtype=torch.float16): half the bytes per batch
+  datasets path  the same with the reader's fast arrow index switched off (each batch gathered by
+              `datasets`' arrow formatting, the reader before the index): what the index alone gains
+  transport   DataLoader(num_workers=1) passing ready-made float32 (or float16) batches of the same
+              size, each handed over as the reader's are (latentvae.cache.reader.shared_copy: a new
+              shared-memory tensor written through its file descriptor): what the worker -> main
+              process transfer alone costs (its ceiling)
+  --sweep     adds the DataLoader settings: sharing strategy file_system (default file_descriptor),
+              prefetch_factor 4 (default 2), persistent_workers over 2 epochs
   datasets    the same arrow files, `ds[i]` per row (python lists, then a float32 tensor), and
               `ds.with_format("numpy")[i]` per row; timed over the first --baseline-rows rows
 
 Memory: peak RSS (VmHWM) of the process and of its DataLoader worker (the worker's sampled every 8
 batches, near its end), and the worker's peak anonymous (private) RSS, from /proc/self/status: memory-mapped arrow pages that were read
 count in RSS as file pages the kernel can drop, while the anonymous part is what the reader holds.
+CPU: user + system CPU time per batch of the main process and of the worker (from its first batch
+on): what each costs whatever else runs on the machine; 1000 / (worker ms) * 64 is the rows/s a
+worker with a core of its own would give, as long as the main process keeps up.
 """
 from __future__ import annotations
 
@@ -29,6 +39,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -82,29 +93,78 @@ def status_kib(key: str) -> int:
     return 0
 
 
-def run_transport(batch_size: int, batches: int = 100) -> dict:
-    """The DataLoader's own cost: ready-made float32 batches of the same size through one worker."""
+OPTIONS = {"0": "in-process (0 workers)", "fp16": "dtype=float16", "datasets": "datasets path (no arrow index)",
+           "fs": "sharing file_system", "pf4": "prefetch_factor=4", "persist": "persistent_workers, 2nd epoch"}
+
+
+def loader_options(options: list, workers: int = 1) -> dict:
+    """DataLoader keyword arguments (and the sharing strategy, set here) for a kind's options."""
+    if "fs" in options:
+        torch.multiprocessing.set_sharing_strategy("file_system")
+    kw = {"num_workers": 0 if "0" in options else workers}
+    if "pf4" in options:
+        kw["prefetch_factor"] = 4
+    if "persist" in options:
+        kw["persistent_workers"] = True
+    return kw
+
+
+def run_transport(batch_size: int, options: list, batches: int = 150) -> dict:
+    """The DataLoader's own cost: ready-made batches of the same size through one worker, each a fresh
+    shared-memory tensor written in the worker (as LatentDataset's are)."""
     from torch.utils.data import DataLoader, Dataset
+
+    from latentvae.cache.reader import shared_copy
+
+    zeros = torch.zeros(batch_size, *SHAPE, dtype=torch.float16 if "fp16" in options else torch.float32)
 
     class Zeros(Dataset):
         def __len__(self):
             return batches
 
         def __getitem__(self, i):
-            return torch.zeros(batch_size, *SHAPE)
+            probe_cpu(i)
+            return shared_copy(zeros)
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     rows, first = 0, None
-    for batch in DataLoader(Zeros(), batch_size=None, num_workers=1):
+    for batch in DataLoader(Zeros(), batch_size=None, **loader_options(options)):
         if first is None:
             first = (time.perf_counter(), batch.shape[0])
         rows += batch.shape[0]
     seconds = time.perf_counter() - t0
     return {"rows": rows, "seconds": seconds, "steady_rows_s": (rows - first[1]) / (t0 + seconds - first[0]),
-            "rss_mib": status_kib("VmHWM") / 1024, "worker_rss_mib": None, "worker_anon_mib": None}
+            "rss_mib": status_kib("VmHWM") / 1024, "worker_rss_mib": None, "worker_anon_mib": None,
+            "main_cpu_ms": (cpu_seconds() - cpu0) / batches * 1e3, "worker_cpu_ms": worker_cpu_ms()}
 
 
-def run_latentvae(cache: Path, hf_cache: str, batch_size: int, workers: int = 1) -> dict:
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def probe_cpu(call: int) -> None:
+    """In a DataLoader worker: its CPU time at batch 1 and every 8th batch after, for worker_cpu_ms."""
+    if torch.utils.data.get_worker_info() is not None and call % 8 == 1:
+        path = Path(os.environ["PROBE"] + ".cpu")
+        first = path.read_text().split()[:2] if call > 1 and path.is_file() else [str(cpu_seconds()), str(call)]
+        path.write_text(f"{first[0]} {first[1]} {cpu_seconds()} {call}")
+
+
+def worker_cpu_ms() -> Optional[float]:
+    """The worker's CPU time per batch (its busy time: on a core of its own, its rows/s ceiling), or None."""
+    path = Path(os.environ["PROBE"] + ".cpu")
+    if not path.is_file():
+        return None
+    c0, n0, c1, n1 = (float(v) for v in path.read_text().split())
+    path.unlink()
+    return (c1 - c0) / (n1 - n0) * 1e3 if n1 > n0 else None
+
+
+def run_latentvae(cache: Path, hf_cache: str, batch_size: int, options: list) -> dict:
     from torch.utils.data import DataLoader
 
     from latentvae import BucketBatchSampler, LatentDataset, collate
@@ -116,30 +176,37 @@ def run_latentvae(cache: Path, hf_cache: str, batch_size: int, workers: int = 1)
         def __getitems__(self, indices):
             out = super().__getitems__(indices)
             Sampled.calls += 1
+            probe_cpu(Sampled.calls)
             if Sampled.calls % 8 == 1:
                 Sampled.peak = max(Sampled.peak, status_kib("RssAnon"))
                 Path(os.environ["PROBE"]).write_text(f"{Sampled.peak} {status_kib('VmHWM')}")
             return out
 
-    ds = Sampled(cache, family="sd", cache_dir=hf_cache)
+    dtype = torch.float16 if "fp16" in options else torch.float32
+    ds = Sampled(cache, family="sd", cache_dir=hf_cache, dtype=dtype)
+    if "datasets" in options:
+        ds._values = None  # the reader's fast arrow index off: batches gathered through `datasets`
     sampler = BucketBatchSampler(ds, batch_size=batch_size, seed=0)
-    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
-    t0 = time.perf_counter()
-    rows, first = 0, None
-    for batch in loader:
-        if first is None:
-            first = (time.perf_counter(), batch["latents"].shape[0])
-        rows += batch["latents"].shape[0]
-        assert batch["latents"].shape[1:] == SHAPE and batch["latents"].dtype == torch.float32
-    seconds = time.perf_counter() - t0
+    kw = loader_options(options)
+    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, **kw)
+    for epoch in range(2 if "persist" in options else 1):  # persistent: the 2nd epoch's workers are warm
+        sampler.set_epoch(epoch)
+        t0, cpu0 = time.perf_counter(), cpu_seconds()
+        rows, first = 0, None
+        for batch in loader:
+            if first is None:
+                first = (time.perf_counter(), batch["latents"].shape[0])
+            rows += batch["latents"].shape[0]
+            assert batch["latents"].shape[1:] == SHAPE and batch["latents"].dtype == dtype
+        seconds, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     del loader
     anon, hwm = (int(v) / 1024 for v in Path(os.environ["PROBE"]).read_text().split())
-    if not workers:
+    if not kw["num_workers"]:
         anon, hwm = None, None
     steady = (rows - first[1]) / (t0 + seconds - first[0])
     return {"rows": rows, "seconds": seconds, "steady_rows_s": steady, "rss_mib": status_kib("VmHWM") / 1024,
             "worker_rss_mib": hwm,
-            "worker_anon_mib": anon}
+            "worker_anon_mib": anon, "main_cpu_ms": cpu / len(sampler) * 1e3, "worker_cpu_ms": worker_cpu_ms()}
 
 
 def run_datasets(cache: Path, hf_cache: str, limit: int, fmt: str) -> dict:
@@ -168,12 +235,10 @@ def child(args) -> None:
         files = sorted(str(p) for p in (cache / "data").glob("*.parquet"))
         datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=hf_cache)
         result = {}
-    elif args.child == "latentvae":
-        result = run_latentvae(cache, hf_cache, args.batch_size)
-    elif args.child == "latentvae:0":
-        result = run_latentvae(cache, hf_cache, args.batch_size, workers=0)
-    elif args.child == "transport":
-        result = run_transport(args.batch_size)
+    elif args.child.split(":")[0] == "latentvae":
+        result = run_latentvae(cache, hf_cache, args.batch_size, args.child.split(":")[1:])
+    elif args.child.split(":")[0] == "transport":
+        result = run_transport(args.batch_size, args.child.split(":")[1:])
     else:
         result = run_datasets(cache, hf_cache, args.baseline_rows, args.child.split(":")[1])
     print("RESULT " + json.dumps(result))
@@ -195,6 +260,8 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/latentvae-cache-read", help="where the synthetic caches go")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--baseline-rows", type=int, default=2000, help="rows the per-row datasets baselines read")
+    p.add_argument("--sweep", action="store_true", help="also DataLoader settings: file_system sharing, "
+                   "prefetch_factor 4, persistent_workers")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
     p.add_argument("--hf-cache", help=argparse.SUPPRESS)
@@ -211,25 +278,38 @@ def main() -> None:
             synthesize(cache, n)
             print(f"synthesized {n} rows in {time.perf_counter() - t0:.1f} s", flush=True)
         in_child("prepare", cache, hf_cache, args, work / "probe")
-        for kind in ("latentvae", "latentvae:0", "transport", "datasets:python", "datasets:numpy"):
+        kinds = ["latentvae", "latentvae:fp16", "latentvae:datasets", "latentvae:0", "latentvae:0:fp16",
+                 "transport", "transport:fp16"]
+        if args.sweep:
+            kinds += ["transport:fp16:fs", "transport:fp16:pf4", "latentvae:fp16:fs", "latentvae:fp16:pf4",
+                      "latentvae:fp16:persist"]
+        for kind in kinds + ["datasets:python", "datasets:numpy"]:
             r = in_child(kind, cache, hf_cache, args, work / "probe")
             table.append((n, kind, r))
             print(n, kind, json.dumps(r), flush=True)
     mib = lambda v: "-" if v is None else f"{v:.0f}"
     rate = lambda v: "-" if v is None else f"{v:,.0f}"
+    ms = lambda v: "-" if v is None else f"{v:.2f}"
     print(f"\ncpu capability: {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores, torch {torch.__version__}; "
           f"{'x'.join(map(str, SHAPE))} fp16 latents, batches of {args.batch_size}")
     print("\n| cache rows | reader | rows read | rows/s | rows/s after the first batch | peak RSS MiB (main) | "
-          "peak RSS MiB (worker) | worker peak anon MiB |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
-    names = {"latentvae": "LatentDataset + BucketBatchSampler, DataLoader 1 worker",
-             "latentvae:0": "LatentDataset + BucketBatchSampler, DataLoader in-process (0 workers)",
-             "transport": "DataLoader 1 worker passing ready-made zero float32 batches (its own ceiling)",
-             "datasets:python": "datasets `ds[i]` per row (python lists)",
+          "peak RSS MiB (worker) | worker peak anon MiB | CPU ms/batch main | CPU ms/batch worker |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    names = {"datasets:python": "datasets `ds[i]` per row (python lists)",
              "datasets:numpy": "datasets `ds.with_format(\"numpy\")[i]` per row"}
+    for _, kind, _ in table:
+        options = kind.split(":")[1:]
+        if kind.startswith("latentvae"):
+            names[kind] = "LatentDataset + BucketBatchSampler, DataLoader " + (
+                ", ".join(OPTIONS[o] for o in options) if "0" in options else
+                ", ".join(["1 worker"] + [OPTIONS[o] for o in options]))
+        elif kind.startswith("transport"):
+            names[kind] = (f"DataLoader 1 worker passing ready-made zero {'float16' if 'fp16' in options else 'float32'} "
+                           f"batches (its own ceiling){''.join(', ' + OPTIONS[o] for o in options if o != 'fp16')}")
     for n, kind, r in table:
         print(f"| {n} | {names[kind]} | {r['rows']} | {r['rows'] / r['seconds']:,.0f} | {rate(r['steady_rows_s'])} | {mib(r['rss_mib'])} | "
-              f"{mib(r['worker_rss_mib'])} | {mib(r['worker_anon_mib'])} |")
+              f"{mib(r['worker_rss_mib'])} | {mib(r['worker_anon_mib'])} | {ms(r.get('main_cpu_ms'))} | "
+              f"{ms(r.get('worker_cpu_ms'))} |")
 
 
 if __name__ == "__main__":

@@ -234,3 +234,84 @@ def test_a_cache_from_encode_reads_back(tmp_path):
     raw = dataset(tmp_path / "cache", family=None, seed=0)
     stored = from_storage(raw.data[0]["latent_mean"], m["dtype"])
     assert raw[0]["latents"].shape == stored.shape
+
+
+# ----------------------------------------------------------------------------- fast arrow index, output dtype
+def plain_rows(ds: LatentDataset, idx) -> list[dict]:
+    """The rows read through `datasets` (the reader without its arrow index), one at a time."""
+    values, ds._values = ds._values, None
+    try:
+        return [ds.__getitems__([i])[0] for i in idx]
+    finally:
+        ds._values = values
+
+
+def assert_same_rows(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert set(g) == set(w) and {k: v for k, v in g.items() if k != "latents"} == \
+            {k: v for k, v in w.items() if k != "latents"}
+        assert g["latents"].dtype == w["latents"].dtype and torch.equal(g["latents"], w["latents"])
+
+
+@pytest.mark.parametrize("dtype,store", [("fp16", "mean"), ("bf16", "mean"), ("fp32", "moments")])
+def test_fast_gather_equals_the_plain_read_across_shards_chunks_and_slices(tmp_path, dtype, store):
+    shapes = ((4, 4, 4),) * 6 + ((4, 2, 6),) * 5 + ((4, 4, 4),) * 4 + ((4, 2, 6),) * 6  # shapes mixed in shards
+    cache = write_cache(tmp_path / "c", shapes=shapes, dtype=dtype, store=store, logvar=-1.0, shard_size=4)
+    for family in ("sdxl", None):
+        ds = dataset(cache, family=family, seed=3)
+        assert ds._values is not None and ds.data.data.column("latent_mean").num_chunks > 1
+        sampler = BucketBatchSampler(ds, batch_size=5, seed=1)
+        for batch in sampler:  # one shape per batch, rows from several chunks, in shuffled order
+            assert_same_rows(ds.__getitems__(batch), plain_rows(ds, batch))
+        assert_same_rows(ds.__getitems__([0, 7, 20]), plain_rows(ds, [0, 7, 20]))  # two shapes: row by row
+    # a contiguous selection is a slice of the arrow table: chunks with an offset into their buffers
+    sliced = ds.data.select(range(3, 19))
+    assert sliced._indices is None
+    ds.data, ds.rows, ds._shapes = sliced, np.arange(len(sliced)), ds._shapes[3:19]
+    ds._arrow = sliced.with_format("arrow", columns=ds.latent_columns + ds.columns)
+    ds._index_arrow()
+    assert ds._values is not None and sliced.data.column("latent_mean").chunks[0].offset > 0
+    for batch in BucketBatchSampler(ds, batch_size=3, seed=2):
+        assert_same_rows(ds.__getitems__(batch), plain_rows(ds, batch))
+    with pytest.raises(IndexError):
+        ds.__getitems__([0, 16])
+
+
+@pytest.mark.parametrize("stored", ["fp16", "bf16"])
+def test_output_dtype_is_the_float32_result_rounded_once(tmp_path, stored):
+    cache = write_cache(tmp_path / "c", shapes=((4, 8, 8),) * 10 + ((4, 4, 8),) * 6, dtype=stored)
+    for family in ("sdxl", "sd"):  # per-channel factors; one factor (computed in one op when dtypes match)
+        ref = dataset(cache, family=family)
+        x32 = [ref[i]["latents"] for i in range(len(ref))]
+        for dtype, eps in ((torch.float16, 2 ** -11), (torch.bfloat16, 2 ** -8)):
+            ds = dataset(cache, family=family, dtype=dtype)
+            for batch in BucketBatchSampler(ds, batch_size=4, seed=0):
+                got = collate(ds.__getitems__(batch))["latents"]
+                want = torch.stack([x32[i] for i in batch])
+                assert got.dtype == dtype and torch.equal(got, want.to(dtype))
+                torch.testing.assert_close(got.float(), want, rtol=eps, atol=0)
+    raw = dataset(cache, family=None, dtype=torch.float16 if stored == "fp16" else torch.bfloat16)
+    assert torch.equal(raw[3]["latents"].float(), dataset(cache, family=None)[3]["latents"])  # exact
+    if stored == "bf16":
+        return
+    loader = torch.utils.data.DataLoader(dataset(cache, family="sd", dtype=torch.float16), num_workers=1,  # x32: sd
+                                         batch_sampler=BucketBatchSampler(ref, 4, seed=0), collate_fn=collate)
+    for batch, rows in zip(loader, BucketBatchSampler(ref, 4, seed=0)):
+        assert batch["latents"].dtype == torch.float16
+        assert torch.equal(batch["latents"], torch.stack([x32[i] for i in rows]).half())
+    with pytest.raises(UserError, match="dtype"):
+        dataset(cache, dtype=torch.float64)
+
+
+def test_pickled_dataset_leaves_the_arrow_views_behind(tmp_path):
+    import pickle
+
+    cache = write_cache(tmp_path / "c", shapes=((4, 16, 16),) * 30, dtype="fp16")
+    ds = dataset(cache, family="sd")
+    ds.__getitems__([0, 1])  # makes the thread's scratch, which is not pickled either
+    blob = pickle.dumps(ds)
+    assert len(blob) < 30 * 4 * 16 * 16 * 2  # not the latents' bytes
+    again = pickle.loads(blob)
+    assert again._values is not None
+    assert_same_rows(again.__getitems__([4, 2, 9]), ds.__getitems__([4, 2, 9]))

@@ -13,8 +13,19 @@
             x = batch["latents"]                                   # float32 (B, C, h, w), ~N(0, 1)
 
 The shards are read through `datasets` (arrow files, memory-mapped: the cache is never held in
-memory). A batch of rows is gathered as one arrow table and its latent column turned into one
-(B, C, h, w) array without going through Python lists, which is what makes the reader fast.
+memory). When the dataset opens, each memory-mapped arrow chunk of a latent column is viewed as one
+flat array of its values (zero-copy) and every row's start in it computed from the list offsets
+(per row a chunk number and a start: 12 bytes a row, the only part of the reader that grows with the
+cache, with the (C, h, w) of each row: 12 more). A batch of rows of one shape is then gathered with
+one copy of each row's values into a (B, C, h, w) scratch array, then widened and normalized in
+place by torch (a copy and a multiply, plus an add for families with a shift), never through Python
+lists or `datasets`' formatting; the other columns come from one-row slices of the arrow record
+batches, concatenated and turned into Python values column by column. In a DataLoader worker the
+finished batch is written into new shared memory through its file descriptor (`shared_copy`).
+
+`dtype` picks the dtype of the returned latents: float32 (default, exact), or float16 / bfloat16, half
+the bytes a DataLoader worker hands to the main process (the normalization is still computed in
+float32, then rounded once; see LatentDataset).
 
 Flips: a latent cannot be flipped at read time in general (a VAE's latent of a flipped image is not
 the flipped latent: its channels are not mirror-symmetric), so the only flips are the copies encoded
@@ -24,6 +35,7 @@ with `latentvae encode --flip` (rows with `flipped = true`). `flip=False` leaves
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -35,9 +47,10 @@ import torch
 from ..conventions import check_family, to_diffusion
 from ..errors import BadInputError
 from .manifest import read_manifest
-from .schema import LATENT_COLUMNS, STORES
+from .schema import DTYPES, LATENT_COLUMNS, STORES
 
 FACTOR_SOURCES = ("cache", "vae")
+OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def stored_latents(column: Union[pa.ChunkedArray, pa.Array], dtype: str, count: int) -> torch.Tensor:
@@ -50,10 +63,14 @@ def stored_latents(column: Union[pa.ChunkedArray, pa.Array], dtype: str, count: 
     level2 = column.flatten()
     h = level2.value_lengths()[0].as_py()
     values = level2.flatten().flatten().to_numpy(zero_copy_only=False)
+    return _stored_tensor(values, dtype).view(count, c, h, values.size // (count * c * h))
+
+
+def _stored_tensor(values: np.ndarray, dtype: str) -> torch.Tensor:
+    """A flat numpy array of stored latent values (bf16: their uint16 bits) -> a tensor over the same memory."""
     with warnings.catch_warnings():  # arrow's buffer is read-only: torch warns; it is only read from
         warnings.simplefilter("ignore", UserWarning)
-        z = torch.from_numpy(values.view(np.int16)).view(torch.bfloat16) if dtype == "bf16" else torch.from_numpy(values)
-    return z.view(count, c, h, values.size // (count * c * h))
+        return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16) if dtype == "bf16" else torch.from_numpy(values)
 
 
 def latents_from_arrow(column: Union[pa.ChunkedArray, pa.Array], dtype: str, count: int) -> torch.Tensor:
@@ -83,13 +100,22 @@ class LatentDataset(torch.utils.data.Dataset):
     flip      False: leave out the flipped copies that `latentvae encode --flip` stored. Latents are
               never flipped at read time (a flipped image's latent is not the flipped latent).
     cache_dir where `datasets` keeps its arrow files (default: its own cache).
+    dtype     of the returned latents: torch.float32 (default: the stored values exactly, normalized in
+              float32), torch.float16 or torch.bfloat16: the same float32 result rounded once to
+              nearest (relative error <= 2**-11 for float16, <= 2**-8 for bfloat16; float16 overflows
+              beyond +-65504 and loses precision below 6.1e-5, far from unit-scale latents). Half the
+              bytes per batch: what a DataLoader worker hands to the main process is the bottleneck of
+              reading (benchmarks/RESULTS.md). Stored fp16 latents with family=None in float16 are exact.
     """
 
     def __init__(self, cache: Union[str, os.PathLike], family: Optional[str] = "sd", factors: str = "cache",
                  seed: int = 0, flip: bool = True, columns: Optional[Sequence[str]] = None,
-                 cache_dir: Optional[str] = None):
+                 cache_dir: Optional[str] = None, dtype: torch.dtype = torch.float32):
         import datasets
 
+        if dtype not in OUTPUT_DTYPES:
+            raise BadInputError(f"dtype {dtype} is not one of {', '.join(map(str, OUTPUT_DTYPES))}")
+        self.out_dtype = dtype
         self.cache = Path(cache)
         self.manifest = m = read_manifest(self.cache)  # refuses a missing, non-cache or unfinished folder
         self.dtype, self.store = m["dtype"], m["store"]
@@ -100,6 +126,9 @@ class LatentDataset(torch.utils.data.Dataset):
             zero, one = torch.zeros(1, self.channels, 1, 1), torch.ones(1, self.channels, 1, 1)
             self._bias = to_diffusion(zero, self.config, family)
             self._scale = to_diffusion(one, self.config, family) - self._bias
+            self._bias_nonzero = bool(self._bias.any())  # sd: scaling only (adding 0 changes nothing)
+            scale = self._scale.flatten()
+            self._uniform_scale = float(scale[0]) if bool((scale == scale[0]).all()) else None
         files = [str(self.cache / s["file"]) for s in m["shards"]]
         missing = [f for f in files if not Path(f).is_file()]
         if missing:
@@ -120,6 +149,46 @@ class LatentDataset(torch.utils.data.Dataset):
         else:
             flipped = self.data.data.column("flipped").to_numpy(zero_copy_only=False)
             self.rows = np.flatnonzero(~flipped.astype(bool)).astype(np.int64)
+        col = self.data.data.column("latent_shape").combine_chunks()
+        self._shapes = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, 3).astype(np.int32)
+        self._index_arrow()
+
+    def _index_arrow(self) -> None:
+        """The fast path's index: per latent column, each arrow chunk's values as one flat zero-copy
+        tensor and each cache row's (chunk, start) in them; the other columns' record batches and the
+        first row of each. Left unset (the `datasets` path is used) for anything unexpected."""
+        self._values = self._batches = None
+        table = self.data.data
+        if self.data._indices is not None or len(self._shapes) != table.num_rows:
+            return
+        sizes = self._shapes.astype(np.int64).prod(axis=1)
+        values = {}
+        for name in self.latent_columns:
+            leaves, chunk_of, starts, first = [], [], [], 0
+            for k, chunk in enumerate(table.column(name).chunks):
+                l2 = chunk.values
+                l3 = l2.values
+                leaf = l3.values
+                if chunk.null_count or l2.null_count or l3.null_count or leaf.null_count:
+                    return
+                o1, o2, o3 = (a.offsets.to_numpy(zero_copy_only=False) for a in (chunk, l2, l3))
+                at = o3[o2[o1]].astype(np.int64)  # the flat position of each row's first value, and the end
+                if not np.array_equal(np.diff(at), sizes[first:first + len(chunk)]):
+                    return  # a row whose values are not its latent_shape's count
+                try:
+                    leaves.append(leaf.to_numpy(zero_copy_only=True))  # a view: never the cache in memory
+                except pa.ArrowInvalid:
+                    return
+                chunk_of.append(np.full(len(chunk), k, dtype=np.int32))
+                starts.append(at[:-1])
+                first += len(chunk)
+            if first != len(sizes):
+                return
+            values[name] = (leaves, np.concatenate(chunk_of or [np.zeros(0, np.int32)]),
+                            np.concatenate(starts or [np.zeros(0, np.int64)]))
+        self._batches = table.table.select(self.columns).to_batches() if self.columns else []
+        self._batch_first = np.cumsum([0] + [b.num_rows for b in self._batches])[:-1]
+        self._values = values
 
     def _factors(self, family: str, factors: str) -> dict:
         if family not in ("sd", "sdxl", "sd3"):
@@ -155,9 +224,7 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def latent_shapes(self) -> np.ndarray:
         """(len, 3) int array of every row's [C, h, w], from the `latent_shape` column only."""
-        col = self.data.data.column("latent_shape").combine_chunks()
-        shapes = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, 3)
-        return shapes[self.rows]
+        return self._shapes[self.rows].astype(np.int64)
 
     def __getitem__(self, i: int) -> dict:
         return self.__getitems__([i])[0]
@@ -170,44 +237,166 @@ class LatentDataset(torch.utils.data.Dataset):
         if any(not 0 <= i < n for i in idx):
             raise IndexError(f"index out of range for {n} rows")
         rows = self.rows[idx]
-        table = self._arrow[rows.tolist()]
-        shapes = {tuple(s) for s in self.latent_shapes_of(table, rows)}
-        if len(shapes) > 1:  # not one shape: read one row at a time
+        if not len(rows):
+            return []
+        shapes = self._shapes[rows]
+        if (shapes != shapes[0]).any():  # not one shape: read one row at a time
             return [self.__getitems__([i])[0] for i in idx]
-        z = self._latents(table, rows)
-        columns = [table.column(c).to_pylist() for c in self.columns]
+        if self._values is None:  # through `datasets`: one arrow gather of the rows
+            table = self._arrow[rows.tolist()]
+            z = self._latents(lambda name: stored_latents(table.column(name), self.dtype, len(rows)), rows)
+            columns = [table.column(c).to_pylist() for c in self.columns]
+        else:
+            shape = tuple(int(v) for v in shapes[0])
+            z = self._latents(lambda name: self._gather(name, rows, shape), rows)
+            columns = self._other_columns(rows)
         return [{"latents": x, **dict(zip(self.columns, v))} for x, *v in zip(z, *columns)]
 
-    def latent_shapes_of(self, table: pa.Table, rows: np.ndarray) -> list:
-        if "latent_shape" in table.column_names:
-            return table.column("latent_shape").to_pylist()
-        return [tuple(s) for s in self.data.data.column("latent_shape").take(pa.array(rows)).to_pylist()]
+    def latent_shapes_of(self, table: Optional[pa.Table], rows: np.ndarray) -> list:
+        """The [C, h, w] of `rows` (positions in the cache), from the index made at opening (`table`,
+        a gathered batch, is no longer needed)."""
+        return self._shapes[np.asarray(rows, dtype=np.int64)].tolist()
 
-    def _latents(self, table: pa.Table, rows: np.ndarray) -> torch.Tensor:
-        count = table.num_rows
+    def _gather(self, name: str, rows: np.ndarray, shape: tuple) -> torch.Tensor:
+        """The stored values of `rows` (all of `shape`) of latent column `name`: one copy of each row's
+        contiguous run of values from the memory-mapped chunk it is in, into this thread's scratch
+        (valid until its next read: only read from within this call)."""
+        leaves, chunk_of, starts = self._values[name]
+        size = int(np.prod(shape))
+        parts = [leaves[c][s:s + size] for c, s in zip(chunk_of[rows].tolist(), starts[rows].tolist())]
+        stored = self._scratch(name, (len(rows), *shape), torch.int16 if self.dtype == "bf16" else DTYPES[self.dtype][0])
+        np.concatenate(parts, out=stored.numpy().reshape(-1).view(leaves[0].dtype))
+        return stored.view(torch.bfloat16) if self.dtype == "bf16" else stored
+
+    def _other_columns(self, rows: np.ndarray) -> list[list]:
+        """The columns besides the latents for `rows`, as Python lists: a one-row slice of the record
+        batch each row is in, those concatenated (a small copy) and converted column by column."""
+        if not self.columns:
+            return []
+        k = np.searchsorted(self._batch_first, rows, side="right") - 1
+        local = rows - self._batch_first[k]
+        table = pa.concat_batches([self._batches[b].slice(i, 1) for b, i in zip(k.tolist(), local.tolist())])
+        return [table.column(c).to_pylist() for c in self.columns]
+
+    def _latents(self, stored, rows: np.ndarray) -> torch.Tensor:
+        """A (B, C, h, w) batch of self.out_dtype from `stored(column)`, the stored values of a latent
+        column for `rows` (any layout, read only): normalized in float32, rounded once to out_dtype.
+        A new tensor each call; in a DataLoader worker a new shared-memory one (see `shared_copy`)."""
+        worker = torch.utils.data.get_worker_info() is not None
         if self.store == "moments":
-            mean = latents_from_arrow(table.column("latent_mean"), self.dtype, count)
-            logvar = latents_from_arrow(table.column("latent_logvar"), self.dtype, count)
+            mean = stored("latent_mean").to(torch.float32, copy=True)
+            logvar = stored("latent_logvar").to(torch.float32, copy=True)
             eps = torch.empty_like(mean)
             for k, r in enumerate(rows.tolist()):
                 g = torch.Generator().manual_seed(noise_seed(self.seed, self.epoch, r))
                 eps[k] = torch.randn(mean.shape[1:], generator=g)
             z = mean.addcmul_(logvar.mul_(0.5).exp_(), eps)
             # = conventions.to_diffusion(z, self.config, self.family), in place
-            return z if self.config is None else z.mul_(self._scale).add_(self._bias)
-        z = stored_latents(table.column(self.latent_columns[0]), self.dtype, count)
-        out = batch_tensor(z.shape).copy_(z)  # widened to float32
-        # = conventions.to_diffusion(z, self.config, self.family), in place
-        return out if self.config is None else out.mul_(self._scale).add_(self._bias)
+            z = z if self.config is None else z.mul_(self._scale).add_(self._bias)
+            z = z.to(self.out_dtype)
+            return shared_copy(z) if worker else z
+        z = stored(self.latent_columns[0])
+        # in a worker the batch is made in scratch memory and written into its shared memory through
+        # the file (shared_copy): writing a fresh mapping page by page costs a page fault a page
+        out = self._scratch("out", z.shape, self.out_dtype) if worker else torch.empty(z.shape, dtype=self.out_dtype)
+        if self.config is None:
+            out.copy_(z)
+            return shared_copy(out) if worker else out
+        # = conventions.to_diffusion(z, self.config, self.family): z * scale + bias in float32, then
+        # rounded once to out's dtype (torch.addcmul, or mul with z of another dtype, are 2-3x slower
+        # here than widening, then mul_, then add_ in place). The float32 values of a float16/bfloat16
+        # batch go through a scratch buffer of this thread's that is never handed out (a fresh one
+        # each batch costs its page faults).
+        if z.dtype == out.dtype != torch.float32 and self._uniform_scale is not None and not self._bias_nonzero:
+            # (sd: one factor) a float16/bfloat16 tensor times a Python float is computed in float32 and
+            # rounded once by torch's CPU kernels: the same values, in one pass
+            torch.mul(z, self._uniform_scale, out=out)
+            return shared_copy(out) if worker else out
+        x = out if self.out_dtype == torch.float32 else self._scratch("float32", z.shape, torch.float32)
+        x.copy_(z).mul_(self._scale)
+        if self._bias_nonzero:
+            x.add_(self._bias)
+        if x is not out:
+            out.copy_(x)
+        return shared_copy(out) if worker else out
+
+    def _scratch(self, key: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """This thread's scratch tensor `key` of `shape` (reused from call to call: only ever written and
+        read within one call, never handed out; one batch's size, whatever the cache's)."""
+        local = self.__dict__.get("_local")
+        if local is None:
+            local = self.__dict__.setdefault("_local", threading.local())
+        bufs = local.__dict__.setdefault("bufs", {})
+        n = int(np.prod(shape))
+        buf = bufs.get(key)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = bufs[key] = torch.empty(n, dtype=dtype)
+        return buf[:n].view(shape)
+
+    def __getstate__(self) -> dict:
+        """Pickled (a spawned DataLoader worker) without the views of the memory-mapped arrow buffers,
+        which would be copied by value: they are made again from the arrow files on unpickling."""
+        state = dict(self.__dict__)
+        for key in ("_values", "_batches", "_batch_first", "_local"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._index_arrow()
 
 
-def batch_tensor(shape) -> torch.Tensor:
-    """A new float32 tensor; in a DataLoader worker in shared memory (as default_collate allocates), so
-    the batch goes to the main process without being copied again."""
+def batch_tensor(shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A new tensor; in a DataLoader worker in shared memory (as default_collate allocates), so
+    the batch goes to the main process without being copied again. Always a fresh one: the batch a
+    training loop holds is never written again."""
     if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape)
-    storage = torch.empty(0)._typed_storage()._new_shared(int(np.prod(shape)), device="cpu")
-    return torch.empty(0).new(storage).view(shape)
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(int(np.prod(shape)), device="cpu")
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
+
+
+def shared_copy(x: torch.Tensor) -> torch.Tensor:
+    """A new shared-memory tensor holding the contiguous `x`, for a DataLoader worker to hand over.
+
+    With torch's default file_descriptor sharing the bytes go in with os.pwrite, not through this
+    process's mapping: a fresh mapping written page by page takes a page fault per 4 KiB page (~1,000
+    for a 4 MiB batch, most of what writing it costs), while the write fills the same pages in the
+    kernel. Linux: into a new memfd (anonymous shared memory, the kind torch maps when it receives a
+    tensor; the pages are allocated by the write: creating torch's own shared memory of 2 MiB cost as
+    much as filling it, measured), mapped as the tensor's storage. Else into batch_tensor's file; anything else: copied in.
+    Always new memory: the batch a training loop holds is never written again."""
+    file_descriptor = torch.multiprocessing.get_sharing_strategy() == "file_descriptor" and x.is_contiguous()
+    if file_descriptor and hasattr(os, "memfd_create") and hasattr(torch.UntypedStorage, "_new_shared_fd_cpu"):
+        data = memoryview(x.reshape(-1).view(torch.uint8).numpy())
+        try:
+            fd = os.memfd_create("latentvae-batch", os.MFD_CLOEXEC)
+        except OSError:
+            fd = None
+        if fd is not None:
+            try:
+                done = 0
+                while done < data.nbytes:
+                    done += os.pwrite(fd, data[done:], done)
+                storage = torch.UntypedStorage._new_shared_fd_cpu(fd, data.nbytes)  # maps a dup of fd
+                return torch.empty(0, dtype=x.dtype).set_(storage, 0, x.shape)
+            except (RuntimeError, OSError):
+                pass
+            finally:
+                os.close(fd)
+    out = batch_tensor(x.shape, x.dtype)
+    if file_descriptor:
+        try:
+            fd, size = out.untyped_storage()._share_fd_cpu_()
+            data = memoryview(x.reshape(-1).view(torch.uint8).numpy())
+            done = 0
+            while done < min(size, data.nbytes):
+                done += os.pwrite(fd, data[done:], done)
+            if done == data.nbytes:
+                return out
+        except (AttributeError, RuntimeError, OSError, TypeError):
+            pass
+    return out.copy_(x)
 
 
 def _stacked(latents: list[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -230,8 +419,8 @@ def collate(items: list[dict]) -> dict[str, Any]:
     Rows read together by `LatentDataset.__getitems__` (a DataLoader batch) are already one tensor: no copy."""
     latents = [it["latents"] for it in items]
     stacked = _stacked(latents)
-    batch = {"latents": stacked if stacked is not None else torch.stack(latents, out=batch_tensor((len(latents),
-                                                                                                  *latents[0].shape)))}
+    batch = {"latents": stacked if stacked is not None else torch.stack(latents, out=batch_tensor(
+        (len(latents), *latents[0].shape), latents[0].dtype))}
     for key in items[0]:
         if key != "latents":
             batch[key] = [it[key] for it in items]
