@@ -57,6 +57,11 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# loss.equivariance_transforms: name -> (kind, amount): quarter turns, or a downscale factor (train/equivariance.py)
+EQUIVARIANCE_TRANSFORMS = {"rot90": ("rot", 1), "rot180": ("rot", 2), "rot270": ("rot", 3),
+                           "scale0.5": ("scale", 0.5), "scale0.75": ("scale", 0.75)}
+
+
 @dataclass(frozen=True)
 class LossConfig:
     recon: Literal["l1", "mse"] = opt("l1", "pixel reconstruction loss, mean over pixels of images in [-1, 1]")
@@ -77,6 +82,11 @@ class LossConfig:
     disc_layers: int = opt(3, "stride-2 layers of the discriminator")
     disc_channels: int = opt(64, "channels of the discriminator's first layer")
     disc_lr: Optional[float] = opt(None, "discriminator learning rate (default: train.lr)")
+    equivariance_weight: float = opt(0.0, "EQ-VAE's term: decode a rotated or downscaled latent and match it to "
+                                          "the same transform of the image (reconstruction + LPIPS, as the main "
+                                          "term); 0 disables it")
+    equivariance_transforms: tuple[str, ...] = opt(("rot90", "rot180", "rot270", "scale0.5", "scale0.75"),
+                                                   "the transforms drawn from, one per micro-batch, seeded")
 
 
 @dataclass(frozen=True)
@@ -89,9 +99,10 @@ class DataConfig:
     short_side_min: int = opt(0, "resize the short side to a random size in [min, max] before cropping; 0: native")
     short_side_max: int = opt(0, "upper end of that range (0: = min)")
     flip: bool = opt(True, "random horizontal flips")
-    val_source: Optional[str] = opt(None, "images for the preview grids (default: hold aside val_count of source)")
-    val_count: int = opt(1, "images of data.source held aside for the preview grids")
-    val_resolution: int = opt(256, "center crop shown in the preview grids")
+    val_source: Optional[str] = opt(None, "validation images, scored and shown in the preview grids "
+                                          "(default: hold aside val_count of source)")
+    val_count: int = opt(1, "images of data.source held aside for validation and the preview grids")
+    val_resolution: int = opt(256, "center crop scored by validation and shown in the preview grids")
     num_workers: int = opt(2, "DataLoader workers decoding images")
     max_image_pixels: int = opt(100_000_000, "larger images are skipped (decompression bombs)")
 
@@ -118,7 +129,21 @@ class TrainConfig:
     log_every: int = opt(10, "log the window's mean losses every N updates")
     image_every: int = opt(200, "write a preview grid every N updates")
     save_every: int = opt(500, "write a checkpoint every N updates")
-    keep_last: int = opt(3, "checkpoints kept")
+    keep_last: int = opt(3, "checkpoints kept (checkpoints/best is kept apart from them)")
+    eval_every: Optional[int] = opt(0, "score the EMA weights on the validation images every N updates "
+                                       "(RUN/eval.jsonl, the trackers, checkpoints/best); null: = train.save_every; "
+                                       "0: never")
+    eval_count: int = opt(500, "validation images scored: the first N of data.val_source or of the held-aside ones")
+    eval_fid_min: int = opt(50, "rFID only with at least this many validation images (and Inception weights)")
+    inception_weights: Optional[str] = opt(None, "Inception weights for rFID (default: $LATENTVAE_INCEPTION_WEIGHTS, "
+                                                 "else the library's download)")
+    best_metric: Literal["lpips", "lpips_vgg", "lpips_alex", "psnr", "ssim", "rfid", "none"] = opt(
+        "lpips", "validation metric whose best value keeps its checkpoint as checkpoints/best (lower is better "
+                 "for lpips/rfid, higher for psnr/ssim); lpips: with loss.lpips_net; none: no best checkpoint")
+    report_to: Optional[str] = opt("tensorboard", "accelerate trackers, comma-separated (tensorboard, wandb, "
+                                                  "mlflow, aim, comet_ml, clearml, dvclive, swanlab, trackio), or "
+                                                  "none; wandb logs offline without an API key")
+    preview_count: int = opt(8, "validation images shown in the preview grids (the first N)")
     max_nonfinite_in_row: int = opt(20, "stop after this many consecutive non-finite updates")
     compile: bool = opt(False, "torch.compile the autoencoder")
     cpu_threads: int = opt(0, "CPU threads per process; 0: this machine's cores / processes on it "
@@ -137,6 +162,27 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# accelerate's trackers (accelerate.tracking.LOGGER_TYPE_TO_CLASS, 1.15); a name not here is looked up there
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio")
+
+
+def tracker_names(report_to: Optional[str]) -> list[str]:
+    """`train.report_to` -> accelerate tracker names ([] for none / null); an unknown one raises ConfigError."""
+    if report_to is None:
+        return []
+    names = [n.strip() for n in report_to.split(",") if n.strip()]
+    if names == ["none"]:
+        return []
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS  # slow import: only for names not listed above
+        unknown = [n for n in unknown if n not in LOGGER_TYPE_TO_CLASS]
+    if not names or unknown:
+        raise ConfigError(f"train.report_to: unknown tracker {(unknown or [report_to])[0]!r}; valid choices: none, "
+                          f"or one or more (comma-separated) of {', '.join(TRACKERS)}")
+    return names
 
 
 SECTIONS = {f.name: f.type for f in fields(Config)}
@@ -249,6 +295,11 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 
 def validate(cfg: Config) -> None:
+    if cfg.loss.equivariance_weight < 0:
+        raise ConfigError(f"loss.equivariance_weight must be >= 0, got {cfg.loss.equivariance_weight}")
+    unknown = [t for t in cfg.loss.equivariance_transforms if t not in EQUIVARIANCE_TRANSFORMS]
+    if unknown or not cfg.loss.equivariance_transforms:
+        raise ConfigError(f"loss.equivariance_transforms: unknown {unknown or 'empty list'}; valid: {', '.join(EQUIVARIANCE_TRANSFORMS)}")
     """Cross-field checks that a single type annotation cannot express."""
     m, d, t, lo = cfg.model, cfg.data, cfg.train, cfg.loss
     for c in m.block_out_channels:
@@ -275,6 +326,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be positive, got {value}")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    for key, value in {"train.eval_every": t.eval_every, "train.preview_count": t.preview_count}.items():
+        if value is not None and value < 0:
+            raise ConfigError(f"{key} must be >= 0 (0: never), got {value}")
+    if t.eval_count <= 0:
+        raise ConfigError(f"train.eval_count must be positive, got {t.eval_count}")
+    if t.eval_fid_min < 2:
+        raise ConfigError(f"train.eval_fid_min must be >= 2 (a covariance needs two images), got {t.eval_fid_min}")
+    tracker_names(t.report_to)
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be positive, got {t.lr}")
     if t.fp16_init_scale <= 0:

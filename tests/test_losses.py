@@ -51,7 +51,7 @@ def lpips_alex():
 def test_each_term_sends_gradient_where_it_should(term, expect, lpips_alex):
     vae, ae, x = _setup()
     cfg = _only(**{"recon": dict(recon_weight=1.0), "lpips": dict(lpips_weight=1.0), "kl": dict(kl_weight=1.0)}[term])
-    x_hat, mean, logvar = ae(x)
+    x_hat, mean, logvar, _ = ae(x)
     loss, _ = generator_loss(cfg, x, x_hat, mean, logvar, step=0, lpips=lpips_alex)
     loss.backward()
     got = _grad_groups(vae)
@@ -80,7 +80,7 @@ def test_gan_term_trains_the_vae_and_not_the_discriminator(image_folder, tmp_pat
 def test_discriminator_loss_sees_detached_reconstructions():
     vae, ae, x = _setup()
     disc = PatchDiscriminator(layers=2, channels=8)
-    x_hat, _, _ = ae(x)
+    x_hat, _, _, _ = ae(x)
     d, logs = discriminator_loss(LossConfig(gan=True), disc, x, x_hat)
     d.backward()
     got = _grad_groups(vae, disc)
@@ -107,7 +107,7 @@ def test_adaptive_weight_matches_a_hand_computation():
 def test_adaptive_weight_at_the_decoder_last_layer_balances_the_terms():
     vae, ae, x = _setup()
     disc = PatchDiscriminator(layers=2, channels=8).requires_grad_(False)
-    x_hat, mean, logvar = ae(x)
+    x_hat, mean, logvar, _ = ae(x)
     cfg = LossConfig(recon_weight=1.0, lpips_weight=0.0, kl_weight=0.0, gan_weight=0.5, adaptive_weight=True)
     _, logs = generator_loss(cfg, x, x_hat, mean, logvar, 0, disc=disc, last_layer=last_decoder_layer(vae))
     last = last_decoder_layer(vae)
@@ -163,3 +163,41 @@ def test_lpips_without_weights_fails_clearly(tmp_path, monkeypatch):
     with pytest.raises(LPIPSWeightsError, match="torchvision could not load"):
         load_lpips("alex")
 
+
+
+def test_equivariance_transforms_are_seeded_and_fit_the_latent():
+    from latentvae.train import equivariance
+
+    names = ("rot90", "rot180", "rot270", "scale0.5", "scale0.75")
+    drawn = [equivariance.draw(names, 0, k, (8, 8)).name for k in range(200)]
+    assert drawn == [equivariance.draw(names, 0, k, (8, 8)).name for k in range(200)]  # a pure function
+    assert set(drawn) == set(names)  # every transform is used
+    assert drawn != [equivariance.draw(names, 1, k, (8, 8)).name for k in range(200)]  # the seed matters
+    assert "scale0.75" not in {equivariance.draw(names, 0, k, (6, 6)).name for k in range(100)}  # 4.5 rows: never
+    assert {equivariance.draw(names, 0, k, (4, 6)).name for k in range(100)} <= {"rot180", "scale0.5"}  # not square
+    z, x = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 32, 32)
+    for n in names:
+        t = equivariance.draw((n,), 0, 0, (8, 8))
+        assert t.image(x, (8, 8), 4).shape[-2:] == tuple(s * 4 for s in t.latent(z).shape[-2:])
+    rot = equivariance.draw(("rot90",), 0, 0, (8, 8))
+    assert torch.equal(rot.image(x, (8, 8), 4), torch.rot90(x, 1, dims=(-2, -1)))
+
+
+def test_the_equivariance_term_is_added_to_the_loss(image_folder, tmp_path):
+    """loss.equivariance_weight adds w x (the reconstruction objective between the transformed image and the
+    decoded transformed latent) to the loss, through the trainer's own step."""
+    from conftest import fresh_trainer, tiny_overrides
+    from latentvae.config import ConfigError
+
+    cfg = load_config(None, tiny_overrides(image_folder, **{"loss.equivariance_weight": "2.0", "loss.recon_weight": "1",
+                                                            "loss.lpips_weight": "0", "loss.kl_weight": "0"}))
+    trainer = fresh_trainer(cfg, tmp_path / "r")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    _, logs = generator_step(trainer.parts, x, step=0, gan=False, micro_step=3)
+    assert float(logs["eq"]) > 0
+    assert float(logs["loss"]) == pytest.approx(float(logs["rec"]) + 2.0 * float(logs["eq"]), rel=1e-5)
+    _, plain = generator_step(fresh_trainer(load_config(None, tiny_overrides(image_folder, **{
+        "loss.recon_weight": "1", "loss.lpips_weight": "0", "loss.kl_weight": "0"})), tmp_path / "p").parts, x, 0, False)
+    assert "eq" not in plain  # off by default
+    with pytest.raises(ConfigError, match="loss.equivariance_transforms: unknown.*valid: rot90"):
+        load_config(None, tiny_overrides(image_folder, **{"loss.equivariance_transforms": "[shear]"}))

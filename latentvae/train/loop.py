@@ -5,7 +5,8 @@
 
     trainer = Trainer(cfg, "runs/x", resume="latest"); trainer.run()
 
-The step itself is step.train_step; checkpoints are checkpoint.py; logs and preview grids report.py.
+The step itself is step.train_step; checkpoints are checkpoint.py; logs and preview grids report.py;
+validation (RUN/eval.jsonl, checkpoints/best) validation.py.
 Too many consecutive non-finite updates stop the run (NonFiniteError) after a last checkpoint of
 the (finite) weights.
 """
@@ -26,11 +27,13 @@ from ..loading import load_autoencoder
 from ..model import build_vae, configure_for_training, describe
 from ..perceptual import load_lpips
 from ..precision import resolve_channels_last, resolve_mixed_precision
-from .checkpoint import load_checkpoint, resume_point, save_checkpoint
-from .data import CropStream, build_sources, load_val_batch, make_loader, mix_seed
+from .validation import Validator, append_record, best_metric, best_record, better, load_val_images, prune_log
+from .checkpoint import (best_from, drop_best, load_checkpoint, read_best, recover_best, resume_point, save_best,
+                         save_checkpoint)
+from .data import CropStream, build_sources, make_loader, mix_seed
 from .discriminator import PatchDiscriminator
 from .ema import EMA
-from .report import LogWindow, flat_config, save_preview
+from .report import LogWindow, eval_copy, flat_config, save_preview, tracker_list
 from .step import Autoencoder, Parts, TrainState, train_step
 
 SHARED_MARKER = ".latentvae-shared-check"
@@ -174,7 +177,8 @@ class Trainer:
         # GAN each optimizer is unscaled exactly once and the scaler updated once per step (accelerate's
         # wrapper updates it at every optimizer.step), and so that fp16 also works on a CPU.
         acc = accelerator or Accelerator(mixed_precision="no", gradient_accumulation_steps=t.grad_accum,
-                                         log_with="tensorboard", project_dir=str(self.out), cpu=env_cpu())
+                                         log_with=tracker_list(t.report_to, self.out), project_dir=str(self.out),
+                                         cpu=env_cpu())
         refuse_sharded_training(acc.distributed_type)
         if acc.device.type == "cpu":
             torch.set_num_threads(t.cpu_threads or cpu_threads_per_process(acc.num_processes))
@@ -182,9 +186,21 @@ class Trainer:
         self.state = TrainState()
         train_src, val_src = build_sources(cfg.data)
         self.stream = CropStream(train_src, cfg.data, t.seed)
-        self.val, bad_val = load_val_batch(val_src, cfg.data.val_resolution)
+        # validation and preview grids are the main process's: only it holds the images (uint8)
+        self.eval_every = t.save_every if t.eval_every is None else t.eval_every
+        count = max(t.eval_count if self.eval_every else 0, t.preview_count)
+        images, bad_val = (load_val_images(val_src, cfg.data.val_resolution, count)
+                           if acc.is_main_process else (torch.empty(0, 3, 0, 0, dtype=torch.uint8), []))
+        self.val = images[:t.preview_count].float() / 127.5 - 1  # the preview grids' images
         self.state.bad_images.extend(bad_val)
         self.parts = build_parts(cfg, acc)
+        self.validator = None
+        if acc.is_main_process and self.eval_every and len(images):
+            self.validator = Validator(cfg, images[:t.eval_count], acc.device, acc.print, self.parts.lpips)
+        elif acc.is_main_process and self.eval_every:
+            acc.print("validation: no validation images (data.val_count=0 and no data.val_source); nothing is scored")
+        self.best_value: Optional[float] = None  # train.best_metric's value in checkpoints/best
+        self.best_info: Optional[dict] = None  # best.json of the next checkpoints/best
         # each process draws its own reparameterization noise
         torch.manual_seed(mix_seed(t.seed, 1_000_000 + acc.process_index))
 
@@ -198,6 +214,9 @@ class Trainer:
             path = resume_point(self.out, resume, acc.print)
             if path is not None:
                 self.state = load_checkpoint(self.parts, path, acc.print)
+        if acc.is_main_process:
+            self.best_value = self.reconcile_validation()
+        acc.wait_for_everyone()
 
     @property
     def acc(self):
@@ -240,8 +259,13 @@ class Trainer:
                     window.flush(p, st, bar)
                 if st.step % t.image_every == 0 or st.step == t.steps:
                     save_preview(p, self.val, self.out, st.step)
-                if st.step % t.save_every == 0 or st.step == t.steps:
+                evaluate = bool(self.eval_every) and (st.step % self.eval_every == 0 or st.step == t.steps)
+                improved = self.validate() if evaluate else False
+                saved = st.step % t.save_every == 0 or st.step == t.steps
+                if saved:
                     self.save()
+                if improved:
+                    save_best(p, st, self.out, self.best_info, runs.final_dir(self.out, st.step) if saved else None)
                 if st.step >= t.steps:
                     break
         finally:
@@ -252,6 +276,55 @@ class Trainer:
 
     def save(self) -> Optional[Path]:
         return save_checkpoint(self.parts, self.state, self.out, self.cfg.train.keep_last)
+
+    # ------------------------------------------------------------------------- validation
+    def validate(self) -> bool:
+        """Score the EMA weights (main process), log and record them; True on every process when
+        train.best_metric improved (then the caller saves checkpoints/best, all processes together)."""
+        acc, st, metric = self.acc, self.state, best_metric(self.cfg)
+        improved = [False]
+        if self.validator is not None:
+            record = self.validator.evaluate(eval_copy(self.parts), st.step)
+            acc.log({f"val/{k}": v for k, v in record.items() if k != "step" and v is not None}, step=st.step)
+            append_record(self.out, record)
+            acc.print(f"step {st.step}: validation on {record['images']} image(s): " + ", ".join(
+                f"{k} {record[k]:.4g}" for k in ("psnr", "ssim", "lpips_alex", "lpips_vgg", "rfid")
+                if record.get(k) is not None))
+            if metric != "none" and better(metric, record.get(metric), self.best_value):
+                self.best_value = record[metric]
+                self.best_info = {"step": st.step, "metric": metric, "value": record[metric]}
+                improved = [True]
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+            broadcast_object_list(improved)  # every process calls it, main's value wins
+        return improved[0]
+
+    def reconcile_validation(self) -> Optional[float]:
+        """At start (main process): RUN/eval.jsonl and checkpoints/best made consistent with the step the
+        run starts from; returns train.best_metric's value in checkpoints/best (None: none yet)."""
+        st, metric, log = self.state, best_metric(self.cfg), self.acc.print
+        records = prune_log(self.out, st.step)  # lines of steps a killed run did not checkpoint
+        recover_best(self.out)
+        best = read_best(self.out)
+        if best is not None and best["step"] > st.step:
+            log(f"checkpoints/best holds step {best['step']}, after step {st.step} this run starts from: removed")
+            drop_best(self.out)
+            best = None
+        if metric == "none":
+            return None
+        value = best["value"] if best is not None and best.get("metric") == metric else None
+        top = best_record(records, metric)
+        if top is not None and better(metric, top[metric], value):
+            # a kill between the record and checkpoints/best: take that step's checkpoint if it is there
+            ckpt = runs.final_dir(self.out, top["step"])
+            try:
+                runs.verify(ckpt)
+            except runs.CheckpointError:
+                return value
+            best_from(self.out, ckpt, {"step": top["step"], "metric": metric, "value": top[metric]})
+            log(f"checkpoints/best: step {top['step']} ({metric} {top[metric]:.4g}), from eval.jsonl")
+            value = top[metric]
+        return value
 
     def on_nonfinite(self) -> None:
         st, t = self.state, self.cfg.train

@@ -128,6 +128,18 @@ def generator_loss(cfg: LossConfig, x: torch.Tensor, x_hat: torch.Tensor, mean: 
     return loss, logs
 
 
+def equivariance_loss(cfg: LossConfig, x_t: torch.Tensor, x_t_hat: torch.Tensor, lpips=None) -> torch.Tensor:
+    """EQ-VAE's term for one transform: the reconstruction objective (loss.recon_weight x recon +
+    loss.lpips_weight x LPIPS, as in generator_loss) between the transformed image and the decoded
+    transformed latent. Multiplied by loss.equivariance_weight in the step."""
+    x32, y32 = x_t.float(), x_t_hat.float()
+    term = cfg.recon_weight * RECON_LOSSES[cfg.recon](y32, x32)
+    if cfg.lpips_weight > 0 and lpips is not None and min(x32.shape[-2:]) >= 32:  # AlexNet/VGG need 32 pixels
+        a, b = _lpips_inputs(y32, x32, cfg.lpips_crop)
+        term = term + cfg.lpips_weight * lpips_distance(lpips, a, b).mean()
+    return term
+
+
 def discriminator_loss(cfg: LossConfig, disc, x: torch.Tensor, x_hat: torch.Tensor):
     """The discriminator's loss on real `x` and detached reconstructions `x_hat`."""
     logits_real = disc(x.detach().float())

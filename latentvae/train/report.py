@@ -1,14 +1,21 @@
-"""What a run shows while it trains: windowed loss logs (TensorBoard + progress bar) and preview grids."""
+"""What a run shows while it trains: windowed loss logs (the trackers + progress bar) and preview grids.
+
+The trackers are accelerate's, chosen by `train.report_to` (`log_with`); `tracker_list` builds that
+list (wandb writes into RUN/wandb, offline where no API key is set up).
+"""
 from __future__ import annotations
 
 import copy
+import netrc
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from ..config import Config
+from ..config import Config, tracker_names
+from ..errors import UserError
 from ..fsutil import atomic_save_image
 from ..images import make_grid
 from .step import Parts, TrainState
@@ -67,11 +74,56 @@ def save_preview(p: Parts, val: torch.Tensor, run: Path, step: int) -> Optional[
     grid = make_grid([x, x_hat, err])
     path = run / "samples" / f"recon-{step:08d}.png"
     atomic_save_image(grid, path)
-    tracker = p.acc.get_tracker("tensorboard", unwrap=True)
-    if hasattr(tracker, "add_image"):
-        import numpy as np
-        tracker.add_image("val/reconstruction", np.asarray(grid), step, dataformats="HWC")
+    log_image(p.acc, "val/reconstruction", grid, step)
     return path
+
+
+def log_image(acc, key: str, image, step: int) -> None:
+    """A PIL image to every tracker that takes images (TensorBoard, wandb, aim, clearml, swanlab)."""
+    import numpy as np
+
+    hwc = np.asarray(image)
+    for tracker in acc.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({key: hwc[None]}, step, dataformats="NHWC")
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({key: [hwc]}, step)
+
+
+WANDB_PROJECT = "latentvae"
+
+
+def wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def tracker_list(report_to: Optional[str], run: Path, log=print) -> Optional[list]:
+    """accelerate's `log_with` for `train.report_to`: the names, wandb as a tracker object (project
+    "latentvae", the run folder's name, files in RUN/wandb, offline without an API key or WANDB_MODE)."""
+    from accelerate.tracking import WandBTracker, get_available_trackers
+
+    names = tracker_names(report_to)
+    available = {getattr(t, "value", str(t)) for t in get_available_trackers()}
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise UserError(f"train.report_to={report_to}: the {missing[0]} package is not installed "
+                        f"(pip install {missing[0].replace('_', '-')}), or choose another tracker or none")
+    out: list = []
+    for name in names:
+        if name == "wandb":
+            kwargs = {"dir": str(run), "name": Path(run).resolve().name}
+            if "WANDB_MODE" not in os.environ and not wandb_logged_in():
+                kwargs["mode"] = "offline"
+                log(f"wandb: no API key; logging offline into {run}/wandb (upload later with `wandb sync`)")
+            out.append(WandBTracker(WANDB_PROJECT, **kwargs))
+        else:
+            out.append(name)
+    return out or None
 
 
 def flat_config(cfg: Config) -> dict[str, Any]:

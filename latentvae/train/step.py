@@ -17,29 +17,33 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..model import last_decoder_layer
+from ..model import downsample_factor, last_decoder_layer
 from ..precision import AUTOCAST_DTYPES
+from .equivariance import draw as draw_transform
 from .ema import EMA
-from .losses import discriminator_loss, generator_loss
+from .losses import discriminator_loss, equivariance_loss, generator_loss
 
 
 class Autoencoder(nn.Module):
-    """Wraps AutoencoderKL so one DDP-visible forward returns (x_hat, mean, logvar).
+    """Wraps AutoencoderKL so one DDP-visible forward returns (x_hat, mean, logvar, x_t_hat).
 
-    "vae" mode samples z = mean + std * eps (in fp32); "ae" mode uses z = mean.
+    "vae" mode samples z = mean + std * eps (in fp32); "ae" mode uses z = mean. With `transform`
+    (train/equivariance.py) the same forward also decodes the transformed latent (x_t_hat; else None),
+    so DDP sees every use of the decoder in one forward.
     """
 
     def __init__(self, vae, stochastic: bool, frozen_encoder: bool = False):
         super().__init__()
         self.vae, self.stochastic, self.frozen_encoder = vae, stochastic, frozen_encoder
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, transform=None):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_encoder):
             dist = self.vae.encode(x).latent_dist  # logvar clamped to [-30, 20] by diffusers
         mean, logvar = dist.mean.float(), dist.logvar.float()
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if self.stochastic else mean
         x_hat = self.vae.decode(z.to(dist.mean.dtype)).sample
-        return x_hat, mean, logvar
+        x_t_hat = None if transform is None else self.vae.decode(transform.latent(z).to(dist.mean.dtype)).sample
+        return x_hat, mean, logvar, x_t_hat
 
 
 @dataclass
@@ -83,18 +87,29 @@ class Parts:
         return torch.autocast(self.acc.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def generator_step(p: Parts, x: torch.Tensor, step: int, gan: bool) -> tuple[torch.Tensor, dict]:
+def generator_step(p: Parts, x: torch.Tensor, step: int, gan: bool, micro_step: int = 0) -> tuple[torch.Tensor, dict]:
     """The autoencoder's forward, loss and backward; returns the detached reconstruction and logs.
 
-    With the GAN on, the discriminator judges the reconstruction without learning from it."""
+    With the GAN on, the discriminator judges the reconstruction without learning from it. With
+    loss.equivariance_weight, micro-batch `micro_step` also decodes a transformed latent (its
+    transform drawn from (train.seed, micro_step)) against the transformed image."""
     disc = p.disc_module() if gan else None
     if disc is not None:
         disc.requires_grad_(False)
+    lo, transform = p.cfg.loss, None
+    if lo.equivariance_weight > 0:
+        f = downsample_factor(p.vae)
+        hw = (x.shape[-2] // f, x.shape[-1] // f)
+        transform = draw_transform(lo.equivariance_transforms, p.cfg.train.seed, micro_step, hw)
     with p.autocast():
-        x_hat, mean, logvar = p.ae(x)
-        loss, logs = generator_loss(p.cfg.loss, x, x_hat, mean, logvar, step, lpips=p.lpips, disc=disc,
+        x_hat, mean, logvar, x_t_hat = p.ae(x, transform)
+        loss, logs = generator_loss(lo, x, x_hat, mean, logvar, step, lpips=p.lpips, disc=disc,
                                     last_layer=last_decoder_layer(p.vae) if disc else None,
                                     train_kl=p.cfg.model.mode == "vae")
+        if transform is not None:
+            eq = equivariance_loss(lo, transform.image(x, hw, f), x_t_hat, p.lpips)
+            loss = loss + lo.equivariance_weight * eq
+            logs["eq"], logs["loss"] = eq.detach(), loss.detach()
     p.acc.backward(p.scaler.scale(loss))
     if disc is not None:
         disc.requires_grad_(True)
@@ -118,7 +133,7 @@ def train_step(p: Parts, st: TrainState, x: torch.Tensor) -> Optional[dict[str, 
     gan = p.gan_active(st.step)
     with p.acc.accumulate(*([p.ae, p.disc] if p.disc is not None else [p.ae])):
         # forward, losses, backward: the autoencoder, then the discriminator
-        x_hat, logs = generator_step(p, x, st.step, gan)
+        x_hat, logs = generator_step(p, x, st.step, gan, st.micro_step)
         if gan:
             logs.update(discriminator_step(p, x, x_hat))
         st.micro_step += 1
