@@ -112,12 +112,20 @@ def mean_mahalanobis_sq(vectors: np.ndarray, mean: np.ndarray, cov: np.ndarray) 
 
 
 def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
-    """Squared 2-Wasserstein (Fréchet) distance between two Gaussians, as FID computes it."""
-    from scipy.linalg import sqrtm
+    """Squared 2-Wasserstein (Fréchet) distance between two Gaussians, as FID computes it:
+    |mu1 - mu2|² + Tr(cov1) + Tr(cov2) - 2 Tr sqrt(cov1 cov2).
 
-    covmean = sqrtm(cov1 @ cov2)
-    covmean = covmean.real if np.iscomplexobj(covmean) else covmean
-    return float(np.square(mu1 - mu2).sum() + np.trace(cov1 + cov2 - 2 * covmean))
+    torch-fidelity (`fid_statistics_to_metric`) takes Tr sqrt(cov1 cov2) as the sum of the square roots of
+    the eigenvalues of cov1 cov2; those are the eigenvalues of the symmetric cov1^½ cov2 cov1^½, computed
+    here with two symmetric eigendecompositions: the same figure (tests/test_fid.py checks it against
+    torch-fidelity's own to 1e-5), several times faster on a CPU than the general eigensolver at 2048-d,
+    and free of scipy `sqrtm`'s trouble with the singular covariances of few samples."""
+    diff = mu1 - mu2
+    w, v = np.linalg.eigh(cov1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # cov1^½, symmetric
+    inner = root1 @ cov2 @ root1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
+    return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2 * tr_covmean)
 
 
 def gaussian_fit_distances(real: np.ndarray, draws: np.ndarray) -> dict[str, float]:

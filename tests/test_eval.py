@@ -133,6 +133,10 @@ def test_report_schema(vae_folder, image_folder, lpips_dir, tmp_path):
     assert first["latent_shape"] == "4x20x24"
     assert np.mean([float(r["psnr"]) for r in rows[:3]]) == pytest.approx(s["psnr"])
     assert "| tiny-vae |" in (out / "report.md").read_text() and (out / "spectrum.png").is_file()
+    # the latent-space statistics (latent_stats.py) beside the reconstruction numbers
+    assert len(s["latent_channel_std"]) == 4 and all(v > 0 for v in s["latent_channel_std"])
+    assert len(s["latent_kl_per_channel"]) == 4 and 0 < s["latent_hf_share"] < 1 and 0 < s["image_hf_share"] < 1
+    assert s["scale_equivariance_psnr"] > 0 and s["scale_equivariance_images"] == 3  # 48x40: multiples of 2 x 2
 
 
 def test_a_deterministic_encoder_has_null_kl(image_folder, lpips_dir, tmp_path):
@@ -145,7 +149,7 @@ def test_a_deterministic_encoder_has_null_kl(image_folder, lpips_dir, tmp_path):
     evaluate_main(["--vae", str(folder), "--data", str(image_folder), "--out", str(out), "--lpips", "none", "--limit",
                    "2"])
     s = json.loads((out / "summary.json").read_text())["vaes"]["tiny-taesd"]
-    assert s["kl_per_element"] is None and s["lpips_alex"] is None
+    assert s["kl_per_element"] is None and s["lpips_alex"] is None and s["latent_kl_per_channel"] is None
 
 
 def test_refuses_a_folder_that_is_not_a_vae(image_folder, tmp_path, capsys):
@@ -292,3 +296,118 @@ def test_taesd_references_evaluate(name, tmp_path):
     s = json.loads((out / "summary.json").read_text())["vaes"][name]
     assert s["downsample_factor"] == 8 and s["kl_per_element"] is None
     assert s["psnr"] > 20  # a real pretrained autoencoder on a real photo, unlike the random tiny ones
+
+
+# ----------------------------------------------------------------------------- protocols, latent, precision, tiling
+def test_imagenet256_protocol_and_a_seeded_sample(vae_folder, tmp_path):
+    """--protocol imagenet256: short side to 256 and the central 256x256; --latent sample repeats with its seed;
+    fp32 unless asked, recorded in summary.json and report.md."""
+    images = tmp_path / "big"
+    images.mkdir()
+    for i in range(2):
+        make_photo((320, 288), seed=i).save(images / f"p{i}.png")
+    runs = {}
+    for name, extra in {"mean": [], "sample": ["--latent", "sample"], "again": ["--latent", "sample"]}.items():
+        out = tmp_path / name
+        evaluate_main(["--vae", str(vae_folder), "--data", str(images), "--out", str(out), "--lpips", "none",
+                       "--protocol", "imagenet256", *extra])
+        runs[name] = json.loads((out / "summary.json").read_text())
+    settings = runs["sample"]["settings"]
+    assert settings["protocol"] == "imagenet256" and settings["protocol_resolution"] == 256
+    assert settings["latent"] == "sample" and settings["seed"] == 0
+    assert settings["mixed_precision"] == "no" and settings["precision_resolved"] == "no"
+    rows = list(csv.DictReader(open(tmp_path / "mean" / "per_image.csv")))
+    sizes = {(r["width"], r["height"], r["eval_width"], r["eval_height"]) for r in rows}
+    assert sizes == {("320", "288", "256", "256")}
+    psnr = {k: v["vaes"]["tiny-vae"]["psnr"] for k, v in runs.items()}
+    assert psnr["sample"] == psnr["again"] != psnr["mean"]
+    md = (tmp_path / "sample" / "report.md").read_text()
+    assert "Protocol `imagenet256`" in md and "precision_resolved: no" in md and "posterior sample (seed 0)" in md
+
+
+def test_bad_evaluation_options_name_their_flag(vae_folder, image_folder, tmp_path, capsys):
+    base = ["--vae", str(vae_folder), "--data", str(image_folder), "--out", str(tmp_path / "r")]
+    for extra, flag in [(["--protocol", "imagenet512"], "--protocol"), (["--latent", "mode"], "--latent"),
+                        (["--protocol", "coco256", "--max-side", "512"], "--max-side"),
+                        (["--tile-size", "64"], "--tile-size"), (["--tiling", "--tile-size", "33"], "--tile-size")]:
+        with pytest.raises(SystemExit) as e:
+            evaluate_main(base + extra)
+        assert e.value.code == 2 and flag in capsys.readouterr().err, extra
+    assert not (tmp_path / "r").exists()
+
+
+def test_help_lists_the_evaluation_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate_main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert all(f in out for f in ("--protocol", "--latent", "--seed", "--tiling", "--tile-size", "--inception-weights",
+                                  "imagenet256", "coco256"))
+
+
+def no_attention_vae(tile: int) -> AutoencoderKL:
+    """The tiny /2 VAE without its mid-block attention (quadratic in pixels at 1024²), diffusers tile = `tile`."""
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4,
+                         layers_per_block=1, mid_block_add_attention=False, sample_size=tile).eval()
+
+
+PEAK_SCRIPT = r"""
+import re, sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_eval import no_attention_vae, photo
+from latentvae.evaluate import configure_tiling, reconstruct
+
+def kb(key):
+    return int(re.search(key + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1))
+
+def peak_growth(vae, x):  # bytes the resident set grows by at its peak (VmHWM reset through clear_refs)
+    open("/proc/self/clear_refs", "w").write("5")
+    before = kb("VmRSS")
+    reconstruct(vae, x, x.shape[-2:])
+    return (kb("VmHWM") - before) * 1024
+
+side, tile = int(sys.argv[2]), int(sys.argv[3])
+x = torch.from_numpy(photo((side, side)).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+tiled = no_attention_vae(tile)
+print(configure_tiling("tiled", tiled, True))
+print(peak_growth(tiled, x), peak_growth(no_attention_vae(tile), x))  # the smaller one first
+"""
+
+
+def test_tiling_bounds_peak_memory():
+    """Peak resident memory of one reconstruction at 768², in a fresh process (no freed heap to reuse)."""
+    import subprocess
+    import sys
+
+    try:
+        open("/proc/self/clear_refs", "w").close()
+    except OSError:
+        pytest.skip("peak RSS cannot be reset here (/proc/self/clear_refs, Linux)")
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(REPO / "tests"), "768", "128"], capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    assert out[0] == str({"tile_sample_min_size": 128, "tile_latent_min_size": 64, "tile_overlap_factor": 0.25})
+    peak_tiled, peak_full = map(int, out[1].split())
+    # full: several 8-16 channel fp32 activations of 768² (19-38 MB each); tiled: the image, its output, tiles
+    assert peak_full > 60e6 and peak_tiled < peak_full / 3, (peak_tiled, peak_full)
+
+
+def test_tiled_psnr_is_close_to_untiled(vae_folder, image_folder, tmp_path):
+    from diffusers import AutoencoderTiny
+
+    from latentvae.errors import BadInputError
+    from latentvae.evaluate import configure_tiling
+
+    base = ["--vae", str(vae_folder), "--data", str(image_folder), "--lpips", "none", "--limit", "2"]
+    evaluate_main(base + ["--out", str(tmp_path / "full")])
+    evaluate_main(base + ["--out", str(tmp_path / "tiled"), "--tiling", "--tile-size", "16"])
+    full, tiled = (json.loads((tmp_path / k / "summary.json").read_text()) for k in ("full", "tiled"))
+    assert tiled["settings"]["tiles"]["tiny-vae"]["tile_sample_min_size"] == 16
+    assert "tiled encode/decode" in (tmp_path / "tiled" / "report.md").read_text()
+    assert tiled["vaes"]["tiny-vae"]["psnr"] == pytest.approx(full["vaes"]["tiny-vae"]["psnr"], abs=1.0)
+    assert tiled["vaes"]["tiny-vae"]["psnr"] != full["vaes"]["tiny-vae"]["psnr"]  # the tiles were used
+    tiny16 = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                             num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=16)
+    with pytest.raises(BadInputError, match="--tiling.*16 latent channels"):
+        configure_tiling("taesd16", tiny16, True)  # diffusers' AutoencoderTiny tiles 4-channel latents only
