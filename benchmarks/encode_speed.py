@@ -1,20 +1,24 @@
-"""Encoding speed: `latentvae.cache.encode` against a naive caching loop, and against the machine's peak.
+"""Encoding speed: `latentvae.cache.encode` against a naive caching loop, and against this machine's peaks.
 
-    python benchmarks/encode_speed.py                                   # sd preset, 256x256, 9 dev images x 2
-    python benchmarks/encode_speed.py --images 6 --batch-size 2 --out benchmarks/results/encode-cpu.json
+    python benchmarks/encode_speed.py                                   # sd preset, 256x256, 8 dev images x 2
+    python benchmarks/encode_speed.py --rows naive,latentvae,latentvae+autocast,latentvae+fp32,latentvae+compile
+    python benchmarks/encode_speed.py --resolution 512 --out benchmarks/results/encode-gpu.json   # on a GPU
 
-Same images (../shared/data/dev-images), same randomly initialised `sd`-preset AutoencoderKL, same
-256x256 center crop, in one run:
+Runs on CUDA where there is a GPU, else on the CPU, unchanged. Same images (../shared/data/dev-images),
+same randomly initialised `sd`-preset AutoencoderKL, same center crop, in one run, in ABBA order:
   naive      for each batch: PIL full decode, torchvision Resize + CenterCrop + ToTensor + Normalize,
              `vae.encode(x).latent_dist.mean` in fp32 under no_grad, one torch.save file per image;
-  latentvae  encode(EncodeOptions(...)) end to end: loading the VAE and hashing its weights, DataLoader
-             worker decoding (JPEG draft mode) overlapped with encoder-only inference, parquet shards,
-             manifest. Reported over the whole call and over its encoding loop alone.
-  latentvae, other format   the same call with the memory format "auto" did not pick forced
-             (channels_last on or off): the lever, measured both ways in the same run.
-It also times the input pipelines alone (decode + preprocess, no encoder), measures bf16 and fp32
-2048^2 matmul FLOP/s here, counts the encoder's FLOPs per image with
-torch.utils.flop_counter, and prints the achieved FLOP/s as a fraction of each.
+  latentvae  encode(EncodeOptions(...)) end to end with its defaults: loading the VAE and hashing its
+             weights, DataLoader worker decoding (JPEG draft mode) overlapped with encoder-only inference
+             (`auto`: bf16 weights where bf16 is fast, fp32 elsewhere; channels_last), parquet shards,
+             manifest. Reported over the whole call and over its encoding loop alone;
+  latentvae+LEVER[+LEVER]  the same with EncodeOptions changed (LEVERS): compile (torch.compile of the
+             encoder: its compile time and break-even number of images are reported separately), nocl,
+             autocast (fp32 weights under bf16 autocast), fp32, bf16 / fp16 (weights).
+The header names the hardware (CPU capability as torch reports it, or the GPU) and the peaks measured
+here: bf16 and fp32 matmul, and the encoder's own convolutions (every Conv2d shape it runs, forward,
+channels_last, timed alone). Each row names the precision it actually ran in and its achieved FLOP/s
+(torch.utils.flop_counter's count of the encoder) as a fraction of the peak of that precision.
 """
 from __future__ import annotations
 
@@ -27,22 +31,22 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from _common import matmul_flops
+from _common import conv_shapes, hardware, hardware_line, peak_key, peaks, peaks_line, pick_device
 
 REPO = Path(__file__).resolve().parents[1]
 DEV_IMAGES = REPO.parent / "shared" / "data" / "dev-images"
 
 
-def encoder_flops(vae, res: int) -> float:
+def encoder_flops(vae, res: int, device: str) -> float:
     """FLOPs of vae.encode on one res x res image (convs, matmuls, attention; as flop_counter counts)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.inference_mode(), FlopCounterMode(display=False) as fc:
-        vae.encode(torch.randn(1, 3, res, res))
+        vae.encode(torch.randn(1, 3, res, res, device=device))
     return float(fc.get_total_flops())
 
 
-def naive_loop(vae, files: list[Path], res: int, batch_size: int, out: Path) -> float:
+def naive_loop(vae, files: list[Path], res: int, batch_size: int, out: Path, device: str) -> float:
     """The obvious script; returns seconds."""
     import torchvision.transforms as T
 
@@ -51,9 +55,9 @@ def naive_loop(vae, files: list[Path], res: int, batch_size: int, out: Path) -> 
     t0 = time.perf_counter()
     for s in range(0, len(files), batch_size):
         chunk = files[s:s + batch_size]
-        x = torch.stack([tf(Image.open(f).convert("RGB")) for f in chunk])
+        x = torch.stack([tf(Image.open(f).convert("RGB")) for f in chunk]).to(device)
         with torch.no_grad():
-            z = vae.encode(x).latent_dist.mean
+            z = vae.encode(x).latent_dist.mean.cpu()
         for f, zi in zip(chunk, z):
             torch.save(zi.clone(), out / f"{f.stem}.pt")
     return time.perf_counter() - t0
@@ -83,96 +87,158 @@ def library_inputs(data: Path, res: int, factor: int) -> float:
     return time.perf_counter() - t0
 
 
-def library(vae_dir: Path, data: Path, res: int, batch_size: int, out: Path,
-            channels_last: bool | None = None) -> tuple[float, dict]:
+# a row's levers: EncodeOptions over latentvae's defaults ("latentvae+compile+nocl": both)
+LEVERS = {"compile": {"compile": True}, "nocl": {"channels_last": False},
+          "autocast": {"weights_dtype": "fp32"},  # fp32 weights under --mixed-precision's autocast (bf16 where auto is)
+          "fp32": {"mixed_precision": "no", "weights_dtype": "fp32"},
+          "bf16": {"weights_dtype": "bf16"}, "fp16": {"weights_dtype": "fp16"}}
+
+
+def row_options(row: str) -> dict:
+    opts = {}
+    for lever in row.split("+")[1:]:
+        if lever not in LEVERS:
+            raise SystemExit(f"unknown lever {lever!r} in --rows {row}; valid levers: {', '.join(LEVERS)}")
+        opts.update(LEVERS[lever])
+    return opts
+
+
+def library(vae_dir: Path, data: Path, res: int, batch_size: int, out: Path, overrides: dict) -> tuple[float, dict]:
     from latentvae.cache import encode
     from latentvae.options import EncodeOptions
 
     t0 = time.perf_counter()
     manifest = encode(EncodeOptions(vae=str(vae_dir), data=str(data), out=str(out), resolution=res,
-                                    batch_size=batch_size, dtype="fp16", progress=False,
-                                    channels_last=channels_last))
+                                    batch_size=batch_size, dtype="fp16", progress=False, **overrides))
     return time.perf_counter() - t0, manifest
+
+
+def row_precision(this_run: dict | None) -> str:
+    """What a row's encoder computed in: fp32 | bf16 | fp16 weights, or a dtype's autocast over fp32 weights."""
+    if this_run is None:
+        return "fp32"
+    if this_run["autocast"]:
+        return f"{this_run['mixed_precision']} autocast"
+    return this_run["weights_dtype"]
+
+
+def steady(run: dict) -> float:
+    """img/s of the encoder calls after the first batch (the first holds torch.compile's compilation)."""
+    n, t = run["rows_encoded"] - run["first_batch_rows"], run["encoder_seconds"] - run["first_batch_seconds"]
+    return n / t if n and t > 0 else float("nan")
+
+
+def compile_report(runs: dict, rows: list[str]) -> list[dict]:
+    """Per +compile row and round: compile seconds, steady img/s both ways, images after which it pays."""
+    out = []
+    for row in rows:
+        base = "+".join(lv for lv in row.split("+") if lv != "compile")
+        if "compile" not in row.split("+") or base not in runs:
+            continue
+        for r, (c, b) in enumerate(zip(runs[row], runs[base])):
+            sc, sb = steady(c), steady(b)
+            compile_s = c["first_batch_seconds"] - c["first_batch_rows"] / sc
+            gain = 1 / sb - 1 / sc  # seconds saved per image once compiled
+            out.append({"row": row, "base": base, "round": r, "compile_seconds": compile_s, "steady_compiled": sc,
+                        "steady_eager": sb, "break_even_images": compile_s / gain if gain > 0 else None})
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="sd")
     p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=6)
-    p.add_argument("--images", type=int, default=9, help="use the first N dev images, sorted (0: all 18)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--images", type=int, default=8, help="use the first N dev images, sorted (0: all 18); a multiple "
+                                                         "of --batch-size keeps one batch shape (one compilation)")
+    p.add_argument("--images-dir", default=str(DEV_IMAGES), help="where the images are (default: the dev images)")
+    p.add_argument("--repeat", type=int, default=1, help="each image this many times (under other names): a dataset "
+                                                         "large enough for a GPU")
     p.add_argument("--rounds", type=int, default=2, help="passes per method, in ABBA order")
+    p.add_argument("--rows", default="naive,latentvae,latentvae+compile",
+                   help=f"naive, latentvae, latentvae+LEVER[+LEVER]; levers: {', '.join(LEVERS)}")
     p.add_argument("--out", help="also write the results here as JSON")
     args = p.parse_args()
+    rows = args.rows.split(",")
+    for row in rows:
+        row_options(row)  # a misspelled lever fails before anything runs
 
     from latentvae.config import load_config
     from latentvae.cache.encode import resolve_workers
     from latentvae.images import list_images
     from latentvae.model import build_vae
 
-    files = list_images(DEV_IMAGES)[: args.images or None]
+    device = pick_device()
+    hw = hardware(device)
+    files = list_images(Path(args.images_dir))[: args.images or None] * args.repeat
+    n = len(files)
     torch.manual_seed(0)
-    vae = build_vae(load_config(None, [f"model.preset={args.preset}"]).model).eval()
+    vae = build_vae(load_config(None, [f"model.preset={args.preset}"]).model).eval().to(device)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = tmp / "images"
         data.mkdir()
-        for f in files:
-            (data / f.name).symlink_to(f)
+        for k, f in enumerate(files):
+            (data / f"{k:05d}-{f.name}").symlink_to(f)
         vae.save_pretrained(tmp / "vae")
-        fp32, bf16 = matmul_flops(torch.float32), matmul_flops(torch.bfloat16)
+        shapes = conv_shapes(vae.encoder, torch.randn(1, 3, args.resolution, args.resolution, device=device))
+        peak = peaks(shapes, device, args.batch_size)
         t_in_naive, t_in_lib = naive_inputs(files, args.resolution), library_inputs(data, args.resolution, 8)
-        flops = encoder_flops(vae, args.resolution)
-        # ABBA order (naive, lib, alt, alt, lib, naive, ...): this shared CPU's speed drifts by up to 2x over minutes
-        times = {"naive": [], "whole": [], "loop": [], "alt_whole": [], "alt_loop": []}
-        runs = {}
+        files = sorted(data.iterdir())  # the naive loop reads the same names (its .pt files must not collide)
+        flops = encoder_flops(vae, args.resolution, device)
+        # ABBA order (rows forward, then backward, ...): a shared CPU's speed drifts by up to 2x over minutes
+        whole, loop, runs = {r: [] for r in rows}, {r: [] for r in rows}, {r: [] for r in rows}
         for r in range(args.rounds):
-            for method in (("naive", "lib", "alt") if r % 2 == 0 else ("alt", "lib", "naive")):
-                if method == "naive":
-                    times["naive"].append(naive_loop(vae, files, args.resolution, args.batch_size, tmp / f"naive{r}"))
+            for row in (rows if r % 2 == 0 else rows[::-1]):
+                dst = tmp / f"{row}-{r}"
+                if row == "naive":
+                    whole[row].append(naive_loop(vae, files, args.resolution, args.batch_size, dst, device))
                     continue
-                # "lib" runs first in round 0, so the format auto picked is known before "alt" runs
-                cl = None if method == "lib" else not runs["lib"]["channels_last"]
-                t, m = library(tmp / "vae", data, args.resolution, args.batch_size, tmp / f"{method}{r}", cl)
-                assert m["counts"]["rows"] == len(files), m["counts"]
-                prefix = "alt_" if method == "alt" else ""
-                times[prefix + "whole"].append(t)
-                times[prefix + "loop"].append(m["this_run"]["encode_seconds"])
-                runs[method] = m["this_run"]
-        fp32_after = matmul_flops(torch.float32)
-    n = len(files)
-    run = runs["lib"]
-    fp32 = (fp32 + fp32_after) / 2
-    names = {"naive": "naive loop (fp32, per-image torch.save)", "whole": "latentvae encode, whole call",
-             "loop": "latentvae encode, encoding loop only",
-             "alt_whole": f"latentvae, channels_last={not run['channels_last']}, whole",
-             "alt_loop": f"latentvae, channels_last={not run['channels_last']}, loop"}
-    rows = [(names[k], n * len(v) / sum(v), [n / t for t in v]) for k, v in times.items()]
-    print(f"\n{args.preset} encoder at {args.resolution}x{args.resolution}, {n} dev images x {args.rounds} rounds "
-          f"(ABBA), batch {args.batch_size}, torch threads {torch.get_num_threads()}, "
-          f"encoder {flops / 1e9:.1f} GFLOP/image")
-    print(f"matmul 2048^2 here: fp32 {fp32 / 1e9:.1f} GFLOP/s (mean of before {(2 * fp32 - fp32_after) / 1e9:.1f}, "
-          f"and after {fp32_after / 1e9:.1f}), bf16 {bf16 / 1e9:.2f} GFLOP/s; encode ran in {run['mixed_precision']!r} "
-          f"precision, channels_last={run['channels_last']}, {resolve_workers(-1)} DataLoader worker(s)")
-    print(f"{'method':<42} {'img/s':>7} {'per round':>15} {'x naive':>8} {'GFLOP/s':>8} {'/ fp32 mm':>9} {'/ bf16 mm':>9}")
-    for name, ips, per in rows:
-        achieved = ips * flops
-        spread = "/".join(f"{x:.3f}" for x in per)
-        print(f"{name:<42} {ips:7.3f} {spread:>15} {ips / rows[0][1]:8.2f} {achieved / 1e9:8.1f} {achieved / fp32:9.1%} "
-              f"{achieved / bf16:9.1%}")
-    t_naive = sum(times["naive"]) / len(times["naive"])
+                t, m = library(tmp / "vae", data, args.resolution, args.batch_size, dst, row_options(row))
+                assert m["counts"]["rows"] == n, m["counts"]
+                whole[row].append(t)
+                loop[row].append(m["this_run"]["encode_seconds"])
+                runs[row].append(m["this_run"])
+        conv_fp32_after = peaks(shapes, device, args.batch_size)["conv"]["fp32"] if device == "cpu" else None
+    print(f"\n{hardware_line(hw)}")
+    print(peaks_line(peak) + (f" (fp32 conv again after the rows: {conv_fp32_after / 1e9:.1f})" if conv_fp32_after else ""))
+    print(f"{args.preset} encoder at {args.resolution}x{args.resolution}, {n} dev images x {args.rounds} rounds (ABBA), "
+          f"batch {args.batch_size}, {flops / 1e9:.1f} GFLOP/image, {resolve_workers(-1)} DataLoader worker(s), "
+          f"device {device}")
+    mm = "of matmul" if device == "cuda" else "(of matmul)"
+    print(f"{'method':<44} {'precision':<14} {'img/s':>7} {'per round':>15} {'x naive':>8} {'GFLOP/s':>8} "
+          f"{'of conv':>8} {mm:>11}")
+    table, naive_ips = [], None
+    for row in rows:
+        for part, times in (("whole call", whole[row]), ("encoding loop", loop[row])):
+            if not times:
+                continue
+            ips = n * len(times) / sum(times)
+            naive_ips = naive_ips or (ips if row == "naive" else None)
+            prec = row_precision(runs[row][0] if runs[row] else None)
+            key = peak_key(prec.split()[0])
+            achieved = ips * flops
+            name = row if row == "naive" else f"{row}, {part}"
+            table.append({"row": row, "part": part, "precision": prec, "images_per_second": ips,
+                          "per_round": [n / t for t in times], "gflops": achieved / 1e9,
+                          "of_conv_peak": achieved / peak["conv"][key], "of_matmul_peak": achieved / peak["matmul"][key]})
+            print(f"{name:<44} {prec:<14} {ips:7.3f} {'/'.join(f'{n / t:.3f}' for t in times):>15} "
+                  f"{ips / naive_ips if naive_ips else float('nan'):8.2f} {achieved / 1e9:8.1f} "
+                  f"{achieved / peak['conv'][key]:8.1%} {achieved / peak['matmul'][key]:11.1%}")
+    compiled = compile_report(runs, rows)
+    for c in compiled:
+        be = (f"pays off after {c['break_even_images']:.0f} images" if c["break_even_images"]
+              else "never pays off (not faster once compiled)")
+        print(f"{c['row']} round {c['round']}: compile {c['compile_seconds']:.1f} s; encoder alone after the first batch "
+              f"{c['steady_compiled']:.3f} img/s against {c['steady_eager']:.3f} eager; {be}")
     print(f"input pipeline alone (decode + resize + crop, one core): naive {n / t_in_naive:.1f} img/s, "
-          f"latentvae (JPEG draft) {n / t_in_lib:.1f} img/s; as a share of the naive loop's time: naive's "
-          f"{t_in_naive / t_naive:.1%}, latentvae's {t_in_lib / t_naive:.1%} (and overlapped in a worker); "
-          "the rest is the encoder")
+          f"latentvae (JPEG draft) {n / t_in_lib:.1f} img/s; the encoder's img/s above is what it must keep up with")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"preset": args.preset, "resolution": args.resolution, "images": n,
-                                              "auto_channels_last": run["channels_last"],
-                                              "encoder_flops": flops, "matmul_fp32": fp32, "matmul_bf16": bf16,
-                                              "images_per_second": {k: v for k, v, _ in rows},
-                                              "input_pipeline_images_per_second": {"naive": n / t_in_naive,
-                                                                                   "latentvae": n / t_in_lib}}, indent=2))
+        Path(args.out).write_text(json.dumps({
+            "args": vars(args), "hardware": hw, "peaks": peak, "conv_fp32_after": conv_fp32_after,
+            "encoder_flops": flops, "rows": table, "this_run": runs, "compile": compiled,
+            "input_pipeline_images_per_second": {"naive": n / t_in_naive, "latentvae": n / t_in_lib}}, indent=2))
 
 
 if __name__ == "__main__":

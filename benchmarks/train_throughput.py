@@ -12,8 +12,13 @@ CUDA) is its own. Rows, for the same recipe (L1 + LPIPS-vgg + KL; then with the 
            ckpt (model.gradient_checkpointing), bf16 (bf16 autocast), cl (channels_last),
            compile (torch.compile of the model), crop64 (LPIPS on one 64x64 crop per image).
 A `-gan` suffix on the base name (naive-gan, latentvae-gan+cl) turns the PatchGAN on.
-It also measures bf16 and fp32 matmul FLOP/s on this device, counts one step's FLOPs with
-torch.utils.flop_counter, and prints achieved FLOP/s as a fraction of each.
+Runs on CUDA where there is a GPU (else, or with --cpu, on the CPU), unchanged. The header names the
+hardware (CPU capability as torch reports it, or the GPU) and the peaks measured here: bf16 and fp32
+matmul, and the VAE's own convolutions (every Conv2d shape of its encode + decode at this resolution
+and batch, forward, channels_last, timed alone). It counts one step's FLOPs with
+torch.utils.flop_counter and prints, per row, the precision the step actually ran in and its
+achieved FLOP/s as a fraction of that precision's conv and matmul peaks (fp32 rows: fp32 peaks;
+bf16 and fp16 rows: bf16 peaks).
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from _common import matmul_flops, sync as _sync
+from _common import conv_shapes, hardware, hardware_line, peak_key, peaks, peaks_line, sync as _sync
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,10 +85,10 @@ def run_row(args) -> dict:
     batches = _batches(args, device)
     gan = args.row.split("+")[0].endswith("-gan")
     if args.row.startswith("naive"):
-        step, params = _naive_step(args, gan, device)
+        (step, params), precision = _naive_step(args, gan, device), "fp32"
     else:
         extra = [o for lever in args.row.split("+")[1:] for o in lever_overrides(lever)]
-        step, params = _latentvae_step(args, load_config(None, _overrides(args, gan, extra)))
+        step, params, precision = _latentvae_step(args, load_config(None, _overrides(args, gan, extra)))
     flops = None
     if args.count_flops:
         from torch.utils.flop_counter import FlopCounterMode
@@ -104,7 +109,7 @@ def run_row(args) -> dict:
     _sync(device)
     dt = time.perf_counter() - t0
     return {"row": args.row, "device": device, "steps_per_s": args.steps / dt, "images_per_s": args.steps * args.batch / dt,
-            "peak_mb": _peak_memory_mb(device), "step_flops": flops, "params": params,
+            "peak_mb": _peak_memory_mb(device), "step_flops": flops, "params": params, "precision": precision,
             "losses": [float(v) for v in losses]}
 
 
@@ -161,7 +166,16 @@ def _latentvae_step(args, cfg):
         logs = train_step(trainer.parts, trainer.state, x)
         return logs["loss"] if logs else float("nan")
 
-    return step, sum(p.numel() for p in trainer.vae.parameters())
+    precision = {"no": "fp32"}.get(trainer.parts.precision, trainer.parts.precision)  # what autocast ran in
+    return step, sum(p.numel() for p in trainer.vae.parameters()), precision
+
+
+def vae_conv_shapes(args, device: str) -> list[dict]:
+    """The VAE's Conv2d shapes in one encode + decode at the benchmark's resolution (batch 1; timed at --batch)."""
+    from latentvae.config import load_config
+    from latentvae.model import build_vae
+    vae = build_vae(load_config(None, [f"model.preset={args.preset}"]).model).eval().to(device)
+    return conv_shapes(vae, torch.randn(1, 3, args.resolution, args.resolution, device=device))
 
 
 def main() -> None:
@@ -184,11 +198,10 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     if device == "cpu":
-        from latentvae.train import cpu_threads_per_process
+        from latentvae.train.loop import cpu_threads_per_process
         torch.set_num_threads(cpu_threads_per_process(1))
-    peak = {"fp32": matmul_flops(torch.float32, device), "bf16": matmul_flops(torch.bfloat16, device)}
-    print(f"device: {device} ({torch.get_num_threads()} threads)  matmul 2048^2: fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, "
-          f"bf16 {peak['bf16'] / 1e9:.2f} GFLOP/s")
+    hw, peak = hardware(device), peaks(vae_conv_shapes(args, device), device, args.batch)
+    print(f"{hardware_line(hw)}\n{peaks_line(peak)}", flush=True)
     results = []
     for lever in (lv for row in args.rows.split(",") for lv in row.split("+")[1:]):
         lever_overrides(lever)  # a misspelled lever fails before any row runs
@@ -208,9 +221,9 @@ def main() -> None:
     by = {r["row"]: r for r in results}
     print(f"\n{args.preset} preset, {args.resolution}x{args.resolution}, batch {args.batch}, {args.steps} timed steps, "
           f"{by[results[0]['row']]['params'] / 1e6:.1f}M parameters")
-    print("| row | img/s | steps/s | vs naive | vs its base | loss vs base (max rel) | peak MB | GFLOP/step | "
-          "achieved GFLOP/s | of fp32 peak | of bf16 peak |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| row | precision | img/s | steps/s | vs naive | vs its base | loss vs base (max rel) | peak MB | GFLOP/step | "
+          "achieved GFLOP/s | of conv peak | of matmul peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         base = by.get("naive-gan" if base_row(r["row"]).endswith("-gan") else "naive") or results[0]
         # levers change how, not what, the step computes: the FLOPs are the base row's
@@ -222,13 +235,15 @@ def main() -> None:
             vs_own = f"{r['images_per_s'] / own['images_per_s']:.2f}x"
             # same seed, same batches: a lever that keeps the math keeps the loss curve (to fp noise)
             drift = f"{max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(r['losses'], own['losses'])):.1e}"
-        print(f"| {r['row']} | {r['images_per_s']:.3f} | {r['steps_per_s']:.3f} | "
+        key = peak_key(r["precision"])
+        print(f"| {r['row']} | {r['precision']} | {r['images_per_s']:.3f} | {r['steps_per_s']:.3f} | "
               f"{r['images_per_s'] / base['images_per_s']:.2f}x | {vs_own} | {drift} | {r['peak_mb']:.0f} | "
               f"{flops / 1e9 if flops else float('nan'):.1f} | {achieved / 1e9 if achieved else float('nan'):.1f} | "
-              f"{achieved / peak['fp32'] if achieved else float('nan'):.0%} | {achieved / peak['bf16'] if achieved else float('nan'):.0%} |")
+              f"{achieved / peak['conv'][key] if achieved else float('nan'):.0%} | "
+              f"{achieved / peak['matmul'][key] if achieved else float('nan'):.0%} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": vars(args), "matmul_flops": peak, "rows": results}, indent=2))
+        Path(args.out).write_text(json.dumps({"args": vars(args), "hardware": hw, "peaks": peak, "rows": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ the TAESD references, AutoencoderTiny), so evaluation and encoding treat them al
     vae = build_vae(cfg.model)                  # random init
     mean, logvar = encode_moments(vae, x)       # x in [-1, 1], (B, 3, H, W) -> (B, C, H/f, W/f)
     x_hat = decode(vae, mean)                   # raw (unscaled) latents -> [-1, 1]
+    enc = InferenceEncoder(vae, torch.bfloat16) # encoding only: bf16 weights, fp32 moments
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -82,6 +84,36 @@ def encode_moments(vae, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.T
         return vae.encode(x).latents, None
     dist = vae.encode(x).latent_dist
     return dist.mean, dist.logvar
+
+
+class InferenceEncoder(torch.nn.Module):
+    """The encoder half of a VAE for inference: [-1, 1] fp32 images -> fp32 (mean, logvar), as encode_moments.
+
+    The encoder runs in `dtype` with its weights cast to it (a copy: `vae` itself stays as it was, so
+    its weights hash and its decoder are untouched) and no autocast needed. The moments are an fp32
+    island whatever the dtype: `quant_conv` (a 1x1 conv, a negligible cost) and the log-variance clamp
+    run in fp32 with autocast off, on purpose, since exp(logvar / 2) amplifies 16-bit rounding. This is
+    AutoencoderKL._encode + DiagonalGaussianDistribution's mean/logvar, and AutoencoderTiny.encode,
+    without tiling or slicing (never on for encoding)."""
+
+    def __init__(self, vae, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.vae_class = type(vae).__name__
+        self.dtype = dtype
+        # encoder (and quant_conv) share vae's modules in fp32; a half-precision encoder is its own copy
+        self.encoder = vae.encoder if dtype == torch.float32 else copy.deepcopy(vae.encoder).to(dtype)
+        self.quant_conv = None if isinstance(vae, AutoencoderTiny) else vae.quant_conv
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        h = self.encoder(x.to(self.dtype))  # (B, 2C, h, w) moments; AutoencoderTiny: (B, C, h, w) latents
+        with torch.autocast(x.device.type, enabled=False):
+            h = h.float()
+            if self.vae_class == "AutoencoderTiny":
+                return h, None
+            if self.quant_conv is not None:
+                h = self.quant_conv(h)
+            mean, logvar = h.chunk(2, dim=1)
+            return mean, logvar.clamp(-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
 
 
 def decode(vae, z: torch.Tensor) -> torch.Tensor:

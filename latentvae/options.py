@@ -329,10 +329,14 @@ class EncodeOptions:
     split: str = opt("train", "split of a `datasets` input")
     image_column: str = opt("image", "image column of a `datasets` input")
     limit: int = opt(0, "only the first N inputs (0: all); rerun with a larger N to encode the next ones")
-    preprocess: Literal["center-crop", "buckets"] = opt("center-crop", "resize and crop mode")
+    preprocess: Literal["center-crop", "buckets", "crops"] = opt(
+        "center-crop", "resize and crop mode: center-crop, buckets (aspect-ratio buckets), crops (--crops random "
+                       "squares per image)")
     resolution: int = opt(256, "square side, a multiple of the VAE's downsampling factor; aspect buckets hold "
                                "about its square")
     max_aspect: float = opt(2.0, "widest bucket aspect ratio")
+    crops: int = opt(16, "--preprocess crops: random resolution x resolution crops per image (seeded by --seed)")
+    crop_scale: int = opt(0, "--preprocess crops: resize each image's short side to this first (0: native size)")
     flip: bool = opt(False, "also store a horizontally flipped copy of every image")
     store: Literal["mean", "moments", "sample"] = opt("mean", "latent columns of each row")
     dtype: Literal["fp16", "bf16", "fp32"] = opt("fp16", "stored dtype of the latents")
@@ -341,6 +345,11 @@ class EncodeOptions:
     num_workers: int = opt(-1, "DataLoader workers decoding images; -1: one fewer than the CPU cores, at most 4")
     mixed_precision: Precision = opt("auto", PRECISION_HELP)
     channels_last: Optional[bool] = opt(None, "channels-last memory format of the encoder (auto: yes)")
+    weights_dtype: Literal["auto", "fp32", "bf16", "fp16"] = opt(
+        "auto", "dtype of the encoder's weights; bf16/fp16 run it in pure half precision without autocast (the "
+                "moments stay fp32); auto: the half dtype --mixed-precision resolves to (fp16 only for VAEs without "
+                "force_upcast), else fp32")
+    compile: bool = opt(False, "torch.compile the encoder (pays off only on large datasets: docs/encode.md, Speed)")
     jpeg_draft: bool = opt(True, "decode JPEGs at a reduced DCT scale that still covers the target")
     max_image_pixels: int = opt(100_000_000, "larger images are recorded as failures")
     seed: int = opt(0, "noise of --store sample, rows checked by --verify")
@@ -353,6 +362,10 @@ class EncodeOptions:
             raise OptionError(f"--limit must be >= 0, got {self.limit}")
         if self.max_aspect < 1:
             raise OptionError(f"--max-aspect must be >= 1, got {self.max_aspect}")
+        if self.preprocess == "crops" and self.crops < 1:
+            raise OptionError(f"--crops must be >= 1 with --preprocess crops, got {self.crops}")
+        if self.crop_scale < 0:
+            raise OptionError(f"--crop-scale must be >= 0 (0: native size), got {self.crop_scale}")
 
 
 @dataclass(frozen=True)
@@ -374,7 +387,7 @@ class DecodeOptions:
 
 @dataclass(frozen=True)
 class EvaluateOptions:
-    """Evaluate autoencoders side by side: PSNR, SSIM, LPIPS, sharpness, rate, speed."""
+    """Evaluate autoencoders side by side: PSNR, SSIM, LPIPS, rFID, sharpness, rate, speed."""
     vae: tuple[str, ...] = opt(REQUIRED, VAE_HELP)
     data: str = opt(REQUIRED, DATA_HELP)
     out: str = opt(REQUIRED, "report folder: new, empty, or an earlier report (replaced whole)")
@@ -387,12 +400,29 @@ class EvaluateOptions:
     lpips: Literal["alex,vgg", "alex", "vgg", "none"] = opt("alex,vgg", "LPIPS networks: alex,vgg (both), alex, vgg "
                                                                     "or none", metavar="NETS")
     lpips_dir: Optional[str] = opt(None, "folder of the LPIPS backbones (default: $LATENTVAE_LPIPS_DIR)")
-    mixed_precision: Precision = opt("auto", PRECISION_HELP)
+    protocol: Literal["full", "imagenet256", "coco256"] = opt(
+        "full", "full: each image whole (--max-side, --fit); imagenet256, coco256: short side resized to 256 "
+                "(bicubic, antialiased) and the central 256x256 crop, the published tables' protocol "
+                "(docs/evaluation.md)")
+    latent: Literal["mean", "sample"] = opt("mean", "decode the posterior mean, or a sample of it (seeded by --seed)")
+    seed: int = opt(0, "seed of --latent sample's draws")
+    tiling: bool = opt(False, "diffusers' tiled encode/decode (vae.enable_tiling()): memory bounded by the tile")
+    tile_size: int = opt(0, "with --tiling: tile side in pixels (diffusers' tile_sample_min_size; the latent tile is "
+                            "it over the downsampling factor); 0: the model's own")
+    inception_weights: Optional[str] = opt(None, "rFID's Inception-v3: a safetensors file of torch-fidelity's "
+                                                 "weights (default: $LATENTVAE_INCEPTION_WEIGHTS, else "
+                                                 "torch-fidelity's download; none found: no rFID)", metavar="PATH")
+    mixed_precision: Precision = opt("no", PRECISION_HELP + "; evaluation's default: no (fp32) on every device")
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
 
     def check(self) -> None:
         if self.limit < 0 or self.max_side < 0:
             raise OptionError("--limit and --max-side must be >= 0")
+        if self.max_side and self.protocol != "full":
+            raise OptionError(f"--max-side applies to --protocol full only; --protocol {self.protocol} resizes "
+                              "every image to 256 itself")
+        if self.tile_size < 0 or (self.tile_size and not self.tiling):
+            raise OptionError(f"--tile-size {self.tile_size}: must be > 0 and needs --tiling (0: the model's own)")
 
 
 @dataclass(frozen=True)
@@ -437,6 +467,45 @@ class InterpolateOptions:
         _positive(resolution=self.resolution)
         if self.steps < 2:
             raise OptionError(f"--steps must be >= 2 (both ends), got {self.steps}")
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    """The second number: train a small diffusion model on each latent cache for the same budget and compare
+    their held-out denoising losses (docs/probe.md)."""
+    cache: tuple[str, ...] = opt(REQUIRED, "a latent cache from `latentvae encode`; repeat for each VAE to compare",
+                                 metavar="CACHE")
+    out: str = opt(REQUIRED, "report folder: new, empty, or an earlier probe's (resumed)")
+    preset: Literal["tiny", "small", "test"] = opt("tiny", "UNet2DModel size: tiny (~2.8M parameters), small "
+                                                           "(~20M), test (a few thousand, for tests)")
+    objective: Literal["flow", "v"] = opt("flow", "flow matching (logit-normal t) or v-prediction (cosine schedule)")
+    steps: int = opt(1200, "optimizer steps per cache and seed (the budget; tiny: ~0.46 s per step of 32 on 2 AVX2 cores)")
+    batch_size: int = opt(32, "latents per process and step")
+    lr: float = opt(5e-4, "AdamW learning rate, constant after the warm-up")
+    warmup_steps: int = opt(100, "linear learning-rate warm-up")
+    ema_decay: float = opt(0.999, "EMA of the weights that are scored and sampled")
+    holdout: float = opt(0.15, "share of the source images whose rows are held out (at least one image)")
+    noise_levels: int = opt(8, "noise levels t = (k + 0.5) / K of the held-out loss")
+    seeds: int = opt(1, "train each cache with this many seeds (seed, seed + 1, ...) for the spread")
+    seed: int = opt(0, "first training seed")
+    class_column: Optional[str] = opt(None, "condition on this integer column of the caches (class labels)")
+    samples: int = opt(16, "latents sampled and decoded per cache, as one grid")
+    sample_steps: int = opt(32, "Euler (flow) or DDIM (v) steps of the sampler")
+    log_every: int = opt(50, "log the training loss every N steps")
+    save_every: int = opt(500, "checkpoint every N steps (a rerun resumes); 0: only at the end")
+    mixed_precision: Precision = opt("no", "precision of training (scoring is fp32): no (fp32, the same figures on "
+                                           "every machine), bf16, fp16, auto")
+    report_to: Literal["tensorboard", "none"] = opt("tensorboard", "tracker of the training curves")
+
+    def check(self) -> None:
+        _positive(steps=self.steps, batch_size=self.batch_size, seeds=self.seeds, noise_levels=self.noise_levels,
+                  samples=self.samples, sample_steps=self.sample_steps, log_every=self.log_every)
+        if not 0 < self.holdout < 1:
+            raise OptionError(f"--holdout must be a share in (0, 1), got {self.holdout}")
+        if self.lr <= 0 or not 0 <= self.ema_decay < 1:
+            raise OptionError(f"--lr must be > 0 and --ema-decay in [0, 1), got {self.lr} and {self.ema_decay}")
+        if self.save_every < 0 or self.warmup_steps < 0:
+            raise OptionError("--save-every and --warmup-steps must be >= 0")
 
 
 @dataclass(frozen=True)

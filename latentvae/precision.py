@@ -35,6 +35,23 @@ def resolve_mixed_precision(choice: str, device_type: str) -> str:
     return "bf16" if device_type == "cpu" and cpu_has_fast_bf16() else "no"
 
 
+# --weights-dtype of inference (encoding): the dtype the encoder's weights are cast to
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_weights_dtype(choice: str, precision: str, force_upcast: bool) -> str:
+    """'auto' -> the half dtype `precision` (--mixed-precision, resolved) names, run without autocast; else fp32.
+
+    diffusers' upcast rule: a VAE whose config says `force_upcast` (the SD/SDXL VAEs) overflows in fp16
+    and runs in fp32 there, so 'auto' keeps its weights fp32 under fp16 autocast; bf16 has fp32's range
+    and needs no upcast. An explicit choice passes through (encode refuses fp16 with force_upcast)."""
+    if choice != "auto":
+        return choice
+    if precision == "bf16" or (precision == "fp16" and not force_upcast):
+        return precision
+    return "fp32"
+
+
 def resolve_channels_last(choice: bool | None, device_type: str, inference: bool = False) -> bool:
     """None ('auto') -> channels_last on CUDA, or on a CPU with fast bf16 (oneDNN prefers NHWC there).
 

@@ -285,6 +285,52 @@ class HFImageSource(ImageSource):
         return f"[{self.indices[i]}]"
 
 
+class CropSource(ImageSource):
+    """`count` crops of every image of `base` as inputs of their own (the `crops` preprocessing mode):
+    input j is crop j % count of image j // count, named `NAME#cropK`. Everything about the bytes
+    (raw, fetch, stat_identity) is the image's, so an edited image makes all its crops stale; where a
+    crop lies is a pure function of (seed, the image's relative name, K, the resized size)."""
+
+    def __init__(self, base: ImageSource, count: int, seed: int = 0):
+        self.base, self.count, self.seed, self.max_pixels = base, int(count), int(seed), base.max_pixels
+
+    def __len__(self) -> int:
+        return len(self.base) * self.count
+
+    def image(self, j: int) -> int:
+        """The index in `base` of input j's image."""
+        return j // self.count
+
+    def name(self, j: int) -> str:
+        return f"{self.base.name(j // self.count)}#crop{j % self.count}"
+
+    def relative_name(self, j: int) -> str:
+        return f"{self.base.relative_name(j // self.count)}#crop{j % self.count}"
+
+    def raw(self, j: int) -> Any:
+        return self.base.raw(j // self.count)
+
+    def load(self, j: int) -> Image.Image:
+        return self.base.load(j // self.count)
+
+    def fetch(self, j: int) -> tuple[Any, dict]:
+        return self.base.fetch(j // self.count)
+
+    def stat_identity(self, j: int) -> dict:
+        return self.base.stat_identity(j // self.count)
+
+    def crop_origin(self, j: int, size: tuple[int, int], crop: int) -> tuple[int, int]:
+        """(top, left) of input j's crop x crop window in an image of `size` = (w, h)."""
+        w, h = size
+        digest = hashlib.blake2b(f"{self.seed}|{self.base.relative_name(j // self.count)}|{j % self.count}".encode(),
+                                 digest_size=16).digest()
+        a, b = int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
+        return a % (h - crop + 1), b % (w - crop + 1)
+
+    def subset(self, indices: list[int]) -> "ImageSource":
+        raise NotImplementedError("a CropSource is not split; split its base source first")
+
+
 DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
 EXPECTED = "expected an image folder, a saved `datasets` folder (save_to_disk) or a hub dataset name such as user/name"
 

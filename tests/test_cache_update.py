@@ -216,3 +216,25 @@ def test_kill9_during_an_update_leaves_a_whole_generation_and_a_rerun_finishes_i
     for key in after:  # the rerun ran in another process (other thread count): equal up to fp16 rounding
         np.testing.assert_allclose(latent(after[key]), latent(fresh[key]), rtol=2e-3, atol=1e-4)
         assert after[key]["source_sha256"] == fresh[key]["source_sha256"]
+
+
+def test_crops_mode_gives_seeded_crops_per_image_that_follow_their_image(vae_dir, tmp_path):
+    data = captioned_folder(tmp_path / "imgs", 3)
+    make_photo(size=(96, 64), seed=9).save(data / "p00.png")  # a larger image: crops at different places
+    out = tmp_path / "cache"
+    m = encode(cfg(vae_dir, data, out, preprocess="crops", crops=4, crop_scale=48, resolution=16, flip=True))
+    assert m["counts"]["inputs"] == 12 and m["counts"]["rows"] == 24 and m["preprocessing"]["crops"] == 4
+    rows = cache_rows(out)
+    assert set(rows) == {(f"p{i:02d}.png#crop{k}", f) for i in range(3) for k in range(4) for f in (False, True)}
+    big = [rows[(f"p00.png#crop{k}", False)] for k in range(4)]
+    assert all(r["pixel_size"] == [16, 16] and r["original_size"] == [64, 96] for r in big)
+    assert len({tuple(r["crop_top_left"]) for r in big}) > 1  # four crops, not one repeated
+    assert all(0 <= r["crop_top_left"][0] <= 48 - 16 and 0 <= r["crop_top_left"][1] <= 72 - 16 for r in big)
+    assert rows[("p01.png#crop2", False)]["text"] == "photo 1"  # each crop keeps its image's caption
+    again = cache_rows(Path(encode(cfg(vae_dir, data, tmp_path / "again", preprocess="crops", crops=4, crop_scale=48,
+                                       resolution=16, flip=True))["cache"]))
+    assert all(again[k]["crop_top_left"] == rows[k]["crop_top_left"] for k in rows)  # seeded: the same crops
+    assert verify_cache(out, limit=6)["min_psnr"] > 0  # decode finds each crop's source and cuts it again
+    make_photo(size=(48, 40), seed=300).save(data / "p02.png")  # an edited image: all its crops, nothing else
+    assert encode(cfg(vae_dir, data, out, preprocess="crops", crops=4, crop_scale=48, resolution=16,
+                      flip=True))["this_run"]["rows_encoded"] == 8

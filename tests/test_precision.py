@@ -24,7 +24,8 @@ from latentvae.train.step import train_step
 
 # stated tolerances (README.md, "Precision"): bf16 keeps 8 significant bits (relative rounding 2^-9)
 BF16_STEP_RTOL = 0.05  # training loss and gradient norm of one step, relative to fp32
-BF16_LATENT_ATOL = 0.05  # encoded latents: max |bf16 - fp32| / max |fp32|
+BF16_LATENT_ATOL = 0.05  # encoded latents: max |bf16 - fp32| / max |fp32|; autocast or bf16 weights
+FP16_LATENT_ATOL = 0.01  # the same with fp16 weights (VAEs without force_upcast only)
 BF16_RECON_PSNR = 35.0  # dB between the fp32 and the bf16 reconstruction of the same image
 FP16_NORM_RTOL = 0.02  # gradient norms of one fp16 step (GAN on) relative to fp32
 
@@ -63,6 +64,8 @@ def test_auto_means_bf16_exactly_where_the_cpu_has_bf16_kernels(monkeypatch, fas
     m = encode(EncodeOptions(vae=str(vae), data=str(image_folder), out=str(tmp_path / "cache"), resolution=32,
                             num_workers=0, progress=False))
     assert m["this_run"]["mixed_precision"] == want
+    # where bf16 is fast, encoding runs its weights in bf16 (no autocast); elsewhere fp32
+    assert m["this_run"]["weights_dtype"] == ("bf16" if fast_bf16 else "fp32") and not m["this_run"]["autocast"]
 
 
 def test_auto_on_cuda_follows_the_device(monkeypatch):
@@ -114,24 +117,83 @@ def test_fp16_with_the_gan_unscales_each_optimizer_once(image_folder, tmp_path):
     assert torch.nn.functional.cosine_similarity(step16, step32, dim=0) > 0.9
 
 
-def test_bf16_encoding_matches_fp32(image_folder, tmp_path):
+def _encoded(tmp_path, vae, data, name, **opts):
+    """(manifest, {source_index: fp32 latent mean}) of one encode run into tmp_path / name."""
     from latentvae.cache import encode, from_storage
     from latentvae.options import EncodeOptions
     import datasets
 
-    vae = save_tiny_vae(tmp_path / "vae")
-    caches = {}
-    for mp in ("no", "bf16"):
-        out = tmp_path / f"cache-{mp}"
-        m = encode(EncodeOptions(vae=str(vae), data=str(image_folder), out=str(out), resolution=32, dtype="fp32",
-                                mixed_precision=mp, num_workers=0, progress=False))
-        assert m["this_run"]["mixed_precision"] == mp
-        ds = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / f"hf-{mp}"))
-        caches[mp] = {r["source_index"]: from_storage(r["latent_mean"], "fp32") for r in ds}
-    assert caches["no"].keys() == caches["bf16"].keys() and len(caches["no"]) == 5
-    for i, z in caches["no"].items():
-        err = float((caches["bf16"][i] - z).abs().max() / z.abs().max())
-        assert err < BF16_LATENT_ATOL, (i, err, cpu_capability())
+    out = tmp_path / name
+    m = encode(EncodeOptions(vae=str(vae), data=str(data), out=str(out), resolution=32, dtype="fp32",
+                             num_workers=0, progress=False, **opts))
+    ds = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / f"hf-{name}"))
+    return m, {r["source_index"]: from_storage(r["latent_mean"], "fp32") for r in ds}
+
+
+def _save_vae(path, force_upcast):
+    """conftest's tiny VAE with force_upcast set (diffusers' default: True, the SD VAEs' setting)."""
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4,
+                  layers_per_block=1, force_upcast=force_upcast).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("mp, weights, autocast, tol", [
+    ("bf16", "fp32", True, BF16_LATENT_ATOL),  # fp32 weights under bf16 autocast
+    ("no", "bf16", False, BF16_LATENT_ATOL),  # pure bf16: weights cast, no autocast
+    ("no", "fp16", False, FP16_LATENT_ATOL),  # pure fp16, on a VAE without force_upcast
+], ids=["bf16-autocast", "bf16-weights", "fp16-weights"])
+def test_half_precision_encoding_matches_fp32(image_folder, tmp_path, mp, weights, autocast, tol):
+    vae = _save_vae(tmp_path / "vae", force_upcast=False)
+    _, ref = _encoded(tmp_path, vae, image_folder, "fp32", mixed_precision="no")
+    m, got = _encoded(tmp_path, vae, image_folder, "half", mixed_precision=mp, weights_dtype=weights, verify=True)
+    run = m["this_run"]
+    assert (run["mixed_precision"], run["weights_dtype"], run["autocast"]) == (mp, weights, autocast)
+    assert ref.keys() == got.keys() and len(ref) == 5
+    for i, z in ref.items():
+        err = float((got[i] - z).abs().max() / z.abs().max())
+        assert 0 < err < tol, (i, err, cpu_capability())  # > 0: the half precision really ran
+    # the VAE itself stayed fp32: same weights hash (the cache's settings), and --verify decoded with it
+    assert m["vae"]["weights_sha256"] == _encoded(tmp_path, vae, image_folder, "again")[0]["vae"]["weights_sha256"]
+    assert m["verify"]["mean_psnr"] > 0
+
+
+def test_weights_dtype_auto_and_diffusers_upcast_rule(image_folder, tmp_path):
+    from latentvae.errors import BadInputError
+    from latentvae.precision import resolve_weights_dtype
+
+    assert resolve_weights_dtype("auto", "bf16", force_upcast=True) == "bf16"  # bf16 has fp32's range
+    assert resolve_weights_dtype("auto", "fp16", force_upcast=False) == "fp16"
+    assert resolve_weights_dtype("auto", "fp16", force_upcast=True) == "fp32"  # then fp32 weights, fp16 autocast
+    assert resolve_weights_dtype("auto", "no", force_upcast=False) == "fp32"
+    assert resolve_weights_dtype("fp32", "bf16", force_upcast=False) == "fp32"
+    vae = _save_vae(tmp_path / "vae", force_upcast=True)
+    m, _ = _encoded(tmp_path, vae, image_folder, "auto16", mixed_precision="fp16")
+    assert (m["this_run"]["weights_dtype"], m["this_run"]["autocast"]) == ("fp32", True)
+    with pytest.raises(BadInputError, match="force_upcast"):
+        _encoded(tmp_path, vae, image_folder, "fp16", weights_dtype="fp16")
+    assert not (tmp_path / "fp16").exists()
+
+
+def test_inference_encoder_keeps_the_moments_in_fp32():
+    """bf16 weights in the encoder, an fp32 quant_conv, fp32 moments; the VAE it was made from untouched."""
+    from latentvae.model import InferenceEncoder, encode_moments
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4,
+                        layers_per_block=1).eval()
+    x = _batch(2, 32)
+    with torch.inference_mode():
+        ref_mean, ref_logvar = encode_moments(vae, x)
+        assert all(torch.equal(a, b) for a, b in zip(InferenceEncoder(vae)(x), (ref_mean, ref_logvar)))
+        enc = InferenceEncoder(vae, torch.bfloat16)
+        mean, logvar = enc(x)
+    assert enc.encoder.conv_in.weight.dtype == torch.bfloat16 and enc.quant_conv.weight.dtype == torch.float32
+    assert vae.encoder.conv_in.weight.dtype == torch.float32  # a copy was cast, not the VAE
+    assert mean.dtype == logvar.dtype == torch.float32
+    assert float((mean - ref_mean).abs().max() / ref_mean.abs().max()) < BF16_LATENT_ATOL
 
 
 def test_bf16_evaluation_matches_fp32():

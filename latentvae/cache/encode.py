@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -51,9 +51,14 @@ from .writer import (COPY_RANK, FailureLog, ShardWriter, failure_log_path, list_
 def open_inputs(opts: EncodeOptions):
     """(image source, passthrough dataset or None): every non-image column of a `datasets` input, or the
     captions and metadata of an image folder (metadata.jsonl / metadata.csv, .txt / .caption sidecars)."""
-    from ..sources import FolderImageSource, HFImageSource, open_source
+    from ..sources import CropSource, FolderImageSource, HFImageSource, open_source
 
     src = open_source(opts.data, opts.data_kind, opts.split, opts.image_column, opts.max_image_pixels)
+    if opts.preprocess == "crops":  # one input per crop; each crop keeps its image's columns
+        src, rest = CropSource(src, opts.crops, opts.seed), open_inputs(replace(opts, preprocess="center-crop"))[1]
+        if rest is not None:
+            rest = rest.select([src.image(j) for j in range(len(src))])
+        return src, rest
     if isinstance(src, HFImageSource):
         rest = src.dataset.remove_columns([opts.image_column])
     elif isinstance(src, FolderImageSource):
@@ -127,21 +132,20 @@ def sample_noise(shape, seed: int, key: str, flipped: bool) -> torch.Tensor:
     return torch.randn(shape, generator=g)
 
 
-def encode_rows(vae, rows: list[dict], store: str, seed: int, device, autocast_dtype, channels_last: bool) -> dict:
-    """Same-shape rows -> {column: float32 (B, C, h, w)} for the columns of `store`; encoder only."""
-    from ..model import encode_moments
-
+def encode_rows(encoder, rows: list[dict], store: str, seed: int, device, autocast_dtype, channels_last: bool) -> dict:
+    """Same-shape rows -> {column: float32 (B, C, h, w)} for the columns of `store`; `encoder`: a
+    model.InferenceEncoder (autocast_dtype None where its weights are half already)."""
     x = torch.stack([r["pixels"] for r in rows]).to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                                 enabled=autocast_dtype is not None):
-        mean, logvar = encode_moments(vae, x)
+        mean, logvar = encoder(x)
     # fp32 from here: exp/sampling of the posterior is numerically delicate in 16 bits
     mean = mean.float().cpu().contiguous()
     logvar = None if logvar is None else logvar.float().cpu().contiguous()
     if store != "mean" and logvar is None:
-        raise ValueError(f"--store {store} needs a log-variance, but {type(vae).__name__} is deterministic; use --store mean")
+        raise ValueError(f"--store {store} needs a log-variance, but {encoder.vae_class} is deterministic; use --store mean")
     out = {"latent_mean": mean} if store in ("mean", "moments") else {}
     if store == "moments":
         out["latent_logvar"] = logvar
@@ -217,6 +221,12 @@ class Job:
     vae_id: dict
     settings: dict  # encode-settings.json: what every row of the cache shares
     n: int  # the inputs encoded: the first n of the source (--limit)
+    encoder: Any  # model.InferenceEncoder: what encode_rows runs (`vae` itself stays fp32, for verify)
+    weights_dtype: str  # --weights-dtype resolved: fp32 | bf16 | fp16 (half: no autocast)
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        return AUTOCAST_DTYPES[self.precision] if self.weights_dtype == "fp32" else None
 
     @property
     def flips(self) -> tuple[bool, ...]:
@@ -233,7 +243,9 @@ def prepare_job(opts: EncodeOptions, device) -> Job:
     vae, cl = prepare_vae(opts.vae, device, opts.channels_last)
     precision = resolve_mixed_precision(opts.mixed_precision, device.type)
     check_vae_fits(opts, vae)
-    pre = Preprocess(opts.preprocess, opts.resolution, downsample_factor(vae), opts.max_aspect, opts.flip)
+    crops = opts.crops if opts.preprocess == "crops" else 0
+    pre = Preprocess(opts.preprocess, opts.resolution, downsample_factor(vae), opts.max_aspect, opts.flip,
+                     crops=crops, crop_scale=opts.crop_scale if crops else 0, crop_seed=opts.seed if crops else 0)
     src, passthrough = open_inputs(opts)
     if len(src) == 0:
         raise MissingInputError(f"--data {opts.data}: no images (split {opts.split!r} has no rows)")
@@ -241,7 +253,26 @@ def prepare_job(opts: EncodeOptions, device) -> Job:
     vae_id = vae_identity(vae, opts.vae)
     settings = run_settings(opts, vae_id, pre)
     check_settings(out, settings)
-    return Job(opts, out, vae, cl, precision, pre, src, passthrough, vae_id, settings, n)
+    encoder, weights = inference_encoder(opts, vae, precision)
+    return Job(opts, out, vae, cl, precision, pre, src, passthrough, vae_id, settings, n, encoder, weights)
+
+
+def inference_encoder(opts: EncodeOptions, vae, precision: str):
+    """(model.InferenceEncoder in the --weights-dtype resolved, compiled with --compile; that dtype's name).
+    Not part of encode-settings.json: a cache may be resumed in another precision."""
+    from ..model import InferenceEncoder
+    from ..precision import WEIGHT_DTYPES, resolve_weights_dtype
+
+    force_upcast = bool(vae.config.get("force_upcast", False))
+    weights = resolve_weights_dtype(opts.weights_dtype, precision, force_upcast)
+    if weights == "fp16" and force_upcast:
+        raise BadInputError(f"--weights-dtype fp16: --vae {opts.vae} says force_upcast in its config (it overflows in "
+                            "fp16; diffusers runs it in fp32); use --weights-dtype bf16, or fp32 (with "
+                            "--mixed-precision fp16 for fp16 autocast)")
+    encoder = InferenceEncoder(vae, WEIGHT_DTYPES[weights]).eval()
+    if opts.compile:
+        encoder.compile()  # in place: compiled on the first batch, again on the first batch of another shape
+    return encoder, weights
 
 
 def first_missing(path: Path) -> Optional[Path]:
@@ -307,11 +338,17 @@ def encode_share(job: Job, state, todo: dict[int, list[bool]], attempt: int) -> 
     bar = tqdm(total=sum(len(todo[i]) for i in mine), unit="img", dynamic_ncols=True,
                disable=not (opts.progress and state.is_local_main_process), desc=f"encode x{state.num_processes}")
     batcher, encoded, t0 = BucketBatcher(opts.batch_size), 0, time.perf_counter()
+    timing = {"encoder_seconds": 0.0, "first_batch_seconds": 0.0, "first_batch_rows": 0}
 
     def store(batch: list[dict]) -> None:
         nonlocal encoded
-        latents = encode_rows(job.vae, batch, opts.store, opts.seed, state.device, AUTOCAST_DTYPES[job.precision],
-                              job.channels_last)
+        t = time.perf_counter()
+        latents = encode_rows(job.encoder, batch, opts.store, opts.seed, state.device, job.autocast_dtype,
+                              job.channels_last)  # the latents come back on the CPU: the time is the device's
+        dt = time.perf_counter() - t
+        timing["encoder_seconds"] += dt
+        if not timing["first_batch_rows"]:  # with --compile, the compilation is in here
+            timing["first_batch_seconds"], timing["first_batch_rows"] = dt, len(batch)
         writer.add(batch_table(batch, latents, opts.dtype, job.passthrough), row_moments(latents))
         bar.update(len(batch))
         encoded += len(batch)
@@ -324,49 +361,50 @@ def encode_share(job: Job, state, todo: dict[int, list[bool]], attempt: int) -> 
         store(batch)
     writer.close()
     bar.close()
-    return {"rows_encoded": encoded, "failures": log.count, "encode_seconds": time.perf_counter() - t0}
+    return {"rows_encoded": encoded, "failures": log.count, "encode_seconds": time.perf_counter() - t0, **timing}
 
 
 def write_cache(job: Job, state, t0: float) -> dict:
     """Finish an interrupted update, compare what is there with the inputs now (update.make_plan), carry
     over and encode what is needed on every process, then the next manifest generation (first process)."""
-    from . import update
+    from .update import (Inputs, begin, carry_rows, compact_failures, finish, live_failures, make_plan,
+                         manifest_generation, recover)
 
     if state.is_main_process and job.out.is_dir():
-        update.recover(job.out)
+        recover(job.out)
     state.wait_for_everyone()
     # what is there, and what the inputs are now: read on every process while nobody writes
     shards, records = scan_shards(job.out), scan_failures(job.out)
     attempt = next_attempt(shards)
-    inputs = update.Inputs(job.src, job.n, job.passthrough)
+    inputs = Inputs(job.src, job.n, job.passthrough)
     schema = arrow_schema(job.opts.dtype, job.opts.store, None if job.passthrough is None else job.passthrough.features)
-    plan = update.make_plan(shards, records, inputs, job.flips, schema,
+    plan = make_plan(shards, records, inputs, job.flips, schema,
                             lambda name: pq.read_schema(job.out / "data" / name))
-    generation = update.manifest_generation(job.out)
+    generation = manifest_generation(job.out)
     writes = plan.writes or generation == 0 or any(rec not in plan.failures for rec in records)
     if writes:
         generation += 1
     if state.is_main_process:
         open_cache(job)
         if plan.superseded:
-            update.begin(job.out, generation, attempt, plan.superseded)
+            begin(job.out, generation, attempt, plan.superseded)
     state.wait_for_everyone()
     carried = 0
     if state.is_main_process and plan.superseded:
         writer = ShardWriter(job.out / "data", attempt, COPY_RANK, job.opts.shard_size, schema)
-        carried = update.carry_rows(job.out, plan, inputs, writer, job.opts.dtype, list(STORES[job.opts.store]),
+        carried = carry_rows(job.out, plan, inputs, writer, job.opts.dtype, list(STORES[job.opts.store]),
                                     [] if job.passthrough is None else job.passthrough.column_names)
     stats = encode_share(job, state, plan.todo, attempt)
     state.wait_for_everyone()
     if state.is_main_process and (writes or not (job.out / MANIFEST_FILE).exists()):
         names = [p.name for p in list_shards(job.out) if p.name not in set(plan.superseded)]
-        failures = update.live_failures(scan_failures(job.out), inputs, encoded_keys(job.out, names))
+        failures = live_failures(scan_failures(job.out), inputs, encoded_keys(job.out, names))
         manifest = build_manifest(job.out, job.settings, job.vae_id, job.opts, job.pre, inputs, names, failures,
                                   generation, plan.changes)
         manifest["vae"]["factors"] = factor_provenance(job.vae, job.opts.vae)
         atomic_write_json(job.out / MANIFEST_FILE, manifest)  # the commit
-        update.finish(job.out, plan.superseded)
-        update.compact_failures(job.out, failures)
+        finish(job.out, plan.superseded)
+        compact_failures(job.out, failures)
     state.wait_for_everyone()
     manifest = json.loads((job.out / MANIFEST_FILE).read_text())
     seconds = stats["encode_seconds"]
@@ -374,7 +412,9 @@ def write_cache(job: Job, state, t0: float) -> dict:
                             **stats, "rows_carried": carried, "changes": plan.changes,
                             "total_seconds": time.perf_counter() - t0,
                             "images_per_second": stats["rows_encoded"] / seconds if seconds > 0 else 0.0,
-                            "mixed_precision": job.precision, "channels_last": job.channels_last}
+                            "mixed_precision": job.precision, "weights_dtype": job.weights_dtype,
+                            "autocast": job.autocast_dtype is not None, "compile": job.opts.compile,
+                            "channels_last": job.channels_last}
     if job.opts.verify and state.is_main_process:
         manifest["verify"] = verify_cache(job.out, seed=job.opts.seed, vae=job.vae)
     return manifest

@@ -105,7 +105,8 @@ def manifest_preprocess(manifest: dict) -> Preprocess:
     """The preprocessing the cache was made with."""
     p = manifest["preprocessing"]
     return Preprocess(**{k: p[k] for k in ("mode", "resolution", "factor", "max_aspect", "flip")},
-                      buckets=tuple(tuple(b) for b in p["buckets"]))
+                      buckets=tuple(tuple(b) for b in p["buckets"]),
+                      **{k: p[k] for k in ("crops", "crop_scale", "crop_seed") if k in p})
 
 
 def sample_rows(cache: Path, limit: int, seed: int, manifest: Optional[dict] = None) -> list[tuple[str, int]]:
@@ -186,6 +187,10 @@ def verify_cache(cache: str | Path, limit: int = 8, seed: int = 0, *, vae=None, 
     data = data_path or cache_data(cache, manifest)
     src = open_source(data, s["kind"], s["split"], s["image_column"], 10**12)
     pre, draft = manifest_preprocess(manifest), manifest["preprocessing"]["jpeg_draft"]
+    if pre.mode == "crops":
+        from ..sources import CropSource
+
+        src = CropSource(src, pre.crops, pre.crop_seed)
     column = "latent_mean" if "latent_mean" in manifest["columns"] else "latent_sample"
     results = []
     for shard, row, rec, i in read_sampled_rows(cache, src, data, column, limit, seed, s, manifest):
