@@ -47,6 +47,8 @@ COMMANDS: dict[str, Command] = {
                       "against the sources"),
     "evaluate": Command(o.EvaluateOptions, "latentvae.evaluate:run", "compare autoencoders side by side: PSNR, "
                         "SSIM, LPIPS, sharpness, speed"),
+    "probe": Command(o.ProbeOptions, "latentvae.probe:run", "the second number: how easily a small diffusion "
+                     "model learns each cache's latent space"),
     "tradeoff": Command(o.TradeoffOptions, "latentvae.tradeoff:run", "the blur tradeoff: train or take several "
                         "autoencoders, evaluate, plot"),
 }
