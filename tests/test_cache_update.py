@@ -184,7 +184,7 @@ def _run_killed(kill: str, args: list[str], cwd: Path) -> None:
     assert proc.returncode == -9, (kill, proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
 
 
-@pytest.mark.parametrize("kill", ["shard:999:1", "shard:0:1", "committed"])
+@pytest.mark.parametrize("kill", ["shard:999:1", pytest.param("shard:0:1", marks=pytest.mark.slow), "committed"])
 def test_kill9_during_an_update_leaves_a_whole_generation_and_a_rerun_finishes_it(vae_dir, tmp_path, kill):
     data = captioned_folder(tmp_path / "imgs", 9)
     out = tmp_path / "cache"

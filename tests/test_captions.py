@@ -193,8 +193,14 @@ def test_decode_from_another_folder_and_a_moved_cache(vae_dir, tmp_path, monkeyp
     other = tmp_path / "other"
     for k in range(3):
         image(other / f"q{k}.png", k)
-    with pytest.raises(BadInputError, match="the source changed"):
+    with pytest.raises(BadInputError, match="no longer in its source"):  # other names
         verify_cache(moved / "cache", limit=3, data_path=str(other), vae_path=str(tmp_path / "vae-copy"))
+    same_names = tmp_path / "same-names"
+    for k in range(3):  # the same names, other pictures: caught by the recorded sha256
+        image(same_names / f"p{k}.png", 10 + k)
+    with pytest.raises(BadInputError, match="the source changed since it was encoded"):
+        verify_cache(moved / "cache", limit=3, data_path=str(same_names), vae_path=str(tmp_path / "vae-copy"))
+
 
 
 def test_a_manifest_without_locations_still_decodes(vae_dir, tmp_path):

@@ -119,7 +119,7 @@ SUBPROCESS = {
     "no-command": (["-m", "latentvae"], {}, None, None),
     "unknown-command": (["-m", "latentvae", "encdoe"], {},
                         ["latentvae: error: unknown command 'encdoe'; valid commands: train, export, encode, decode, "
-                         "evaluate, tradeoff, demo"], None),
+                         "evaluate, probe, tradeoff, demo"], None),
 }
 
 

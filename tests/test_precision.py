@@ -176,14 +176,19 @@ def test_weights_dtype_auto_and_diffusers_upcast_rule(image_folder, tmp_path):
     assert not (tmp_path / "fp16").exists()
 
 
+def _tiny_vae():
+    """The seeded two-level test AutoencoderKL (conftest.save_tiny_vae's), in memory, eval mode."""
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4,
+                         layers_per_block=1).eval()
+
+
 def test_inference_encoder_keeps_the_moments_in_fp32():
     """bf16 weights in the encoder, an fp32 quant_conv, fp32 moments; the VAE it was made from untouched."""
     from latentvae.model import InferenceEncoder, encode_moments
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4,
-                        layers_per_block=1).eval()
+    vae = _tiny_vae()
     x = _batch(2, 32)
     with torch.inference_mode():
         ref_mean, ref_logvar = encode_moments(vae, x)
@@ -200,10 +205,7 @@ def test_bf16_evaluation_matches_fp32():
     from latentvae.evaluate import hwc_uint8, reconstruct
     from latentvae.metrics import psnr
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4,
-                        layers_per_block=1).eval()
+    vae = _tiny_vae()
     x = _batch(1, 48)
     fp32 = reconstruct(vae, x, (48, 48), None)
     bf16 = reconstruct(vae, x, (48, 48), torch.bfloat16)
