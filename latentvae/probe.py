@@ -76,7 +76,7 @@ class ProbeData:
     train_mean: torch.Tensor  # (N, C, h, w) normalized units
     train_std: Optional[torch.Tensor]  # posterior std in normalized units (--store moments), else None
     val: torch.Tensor  # (M, C, h, w) held-out posterior means, normalized
-    val_keys: list[str]
+    val_keys: list[str]  # the held-out rows' source keys (crops included), in row order
     train_labels: Optional[torch.Tensor]
     val_labels: Optional[torch.Tensor]
     channel_mean: torch.Tensor  # (C,) raw units
@@ -125,8 +125,9 @@ def read_cache(cache: str, opts: ProbeOptions, label: str) -> ProbeData:
     mean = latents_from_arrow(table.column("latent_mean" if "latent_mean" in table.column_names else "latent_sample"),
                               m["dtype"], n)
     logvar = latents_from_arrow(table.column("latent_logvar"), m["dtype"], n) if m["store"] == "moments" else None
-    keys = [image_key(k if k is not None else sid) for k, sid in
-            zip(table.column("source_key").to_pylist(), table.column("source_id").to_pylist())]
+    row_keys = [k if k is not None else sid for k, sid in
+                zip(table.column("source_key").to_pylist(), table.column("source_id").to_pylist())]
+    keys = [image_key(k) for k in row_keys]
     labels = None
     if opts.class_column:
         values = table.column(opts.class_column).to_pylist()
@@ -153,7 +154,7 @@ def read_cache(cache: str, opts: ProbeOptions, label: str) -> ProbeData:
     std = None if logvar is None else torch.exp(0.5 * logvar) / cs
     tr, va = ~is_val, is_val
     return ProbeData(label, Path(cache), m, norm[tr].contiguous(), None if std is None else std[tr].contiguous(),
-                     norm[va].contiguous(), [k for k, v in zip(keys, is_val.tolist()) if v],
+                     norm[va].contiguous(), [k for k, v in zip(row_keys, is_val.tolist()) if v],
                      None if labels is None else labels[tr], None if labels is None else labels[va],
                      c_mean, c_std, where, len(set(keys)), len(held))
 
@@ -355,7 +356,7 @@ def latent_statistics(data: ProbeData, vae, count: int = 32) -> dict:
     if pre.mode == "crops":
         src = CropSource(src, pre.crops, pre.crop_seed)
     index = {src.relative_name(i): i for i in range(len(src))}
-    keys = _val_row_keys(data)[:count]
+    keys = data.val_keys[:count]
     rows = list(range(len(keys)))
     pixels = [load_preprocessed(src, index[k], pre, m["preprocessing"]["jpeg_draft"])["pixels"] for k in keys]
     images = torch.stack(pixels).float() / 127.5 - 1
@@ -364,16 +365,6 @@ def latent_statistics(data: ProbeData, vae, count: int = 32) -> dict:
     if images.shape[-1] % (2 * downsample_factor(vae)) == 0:
         out["scale_equivariance_psnr"] = latent_stats.scale_equivariance_psnr(vae, images)
     return out
-
-
-def _val_row_keys(data: ProbeData) -> list[str]:
-    """The full source keys (crops included) of the held-out rows, in row order."""
-    from .cache import LatentDataset
-
-    ds = LatentDataset(data.cache, family=None, columns=["source_key"])
-    keys = ds.data.with_format("arrow")[:].column("source_key").to_pylist()
-    held = set(data.val_keys)
-    return [k for k in keys if image_key(k) in held]
 
 
 # ----------------------------------------------------------------------------- the whole probe
@@ -401,6 +392,7 @@ def run_probe(opts: ProbeOptions, log=print) -> dict:
 
     from .cache.verify import check_same_vae, load_cache_vae
     from .images import make_grid
+    from .model import decode
     from .precision import resolve_mixed_precision
 
     opts = validated(opts)
@@ -442,7 +434,6 @@ def run_probe(opts: ProbeOptions, log=print) -> dict:
                     labels = torch.arange(opts.samples) % (int(data.train_labels.max()) + 1)
                 z = sample(model, opts.objective, data.shape, opts.samples, opts.sample_steps, seed, acc.device, labels)
                 z = z * data.channel_std.view(1, -1, 1, 1) + data.channel_mean.view(1, -1, 1, 1)
-                from .model import decode
                 imgs = decode(vae, z.to(next(vae.parameters()).dtype)).float().clamp(-1, 1)
                 cols = int(math.ceil(math.sqrt(opts.samples)))
                 rows_ = [imgs[i:i + cols] for i in range(0, len(imgs), cols)]

@@ -229,6 +229,11 @@ class Job:
         return AUTOCAST_DTYPES[self.precision] if self.weights_dtype == "fp32" else None
 
     @property
+    def schema(self) -> pa.Schema:
+        """The shards' arrow schema: our columns, the latents of --store, the passthrough columns."""
+        return arrow_schema(self.opts.dtype, self.opts.store, None if self.passthrough is None else self.passthrough.features)
+
+    @property
     def flips(self) -> tuple[bool, ...]:
         return (False, True) if self.opts.flip else (False,)
 
@@ -330,8 +335,7 @@ def encode_share(job: Job, state, todo: dict[int, list[bool]], attempt: int) -> 
     opts, rank = job.opts, state.process_index
     mine = sorted(todo)[rank::state.num_processes]
     log = FailureLog(failure_log_path(job.out, rank))
-    extra = None if job.passthrough is None else job.passthrough.features
-    writer = ShardWriter(job.out / "data", attempt, rank, opts.shard_size, arrow_schema(opts.dtype, opts.store, extra))
+    writer = ShardWriter(job.out / "data", attempt, rank, opts.shard_size, job.schema)
     loader = torch.utils.data.DataLoader(
         PreprocessedImages(job.src, mine, job.pre, opts.jpeg_draft), batch_size=opts.batch_size,
         collate_fn=collate_list, num_workers=resolve_workers(opts.num_workers), pin_memory=state.device.type == "cuda")
@@ -377,9 +381,7 @@ def write_cache(job: Job, state, t0: float) -> dict:
     shards, records = scan_shards(job.out), scan_failures(job.out)
     attempt = next_attempt(shards)
     inputs = Inputs(job.src, job.n, job.passthrough)
-    schema = arrow_schema(job.opts.dtype, job.opts.store, None if job.passthrough is None else job.passthrough.features)
-    plan = make_plan(shards, records, inputs, job.flips, schema,
-                            lambda name: pq.read_schema(job.out / "data" / name))
+    plan = make_plan(shards, records, inputs, job.flips, job.schema, lambda name: pq.read_schema(job.out / "data" / name))
     generation = manifest_generation(job.out)
     writes = plan.writes or generation == 0 or any(rec not in plan.failures for rec in records)
     if writes:
@@ -391,15 +393,19 @@ def write_cache(job: Job, state, t0: float) -> dict:
     state.wait_for_everyone()
     carried = 0
     if state.is_main_process and plan.superseded:
-        writer = ShardWriter(job.out / "data", attempt, COPY_RANK, job.opts.shard_size, schema)
+        writer = ShardWriter(job.out / "data", attempt, COPY_RANK, job.opts.shard_size, job.schema)
         carried = carry_rows(job.out, plan, inputs, writer, job.opts.dtype, list(STORES[job.opts.store]),
-                                    [] if job.passthrough is None else job.passthrough.column_names)
+                             [] if job.passthrough is None else job.passthrough.column_names)
     stats = encode_share(job, state, plan.todo, attempt)
     state.wait_for_everyone()
     if state.is_main_process and (writes or not (job.out / MANIFEST_FILE).exists()):
-        names = [p.name for p in list_shards(job.out) if p.name not in set(plan.superseded)]
-        failures = live_failures(scan_failures(job.out), inputs, encoded_keys(job.out, names))
-        manifest = build_manifest(job.out, job.settings, job.vae_id, job.opts, job.pre, inputs, names, failures,
+        # the shards of the new generation: those scanned above that stay, and this run's new ones
+        superseded, known = set(plan.superseded), {s["name"] for s in shards}
+        final = [s for s in shards if s["name"] not in superseded]
+        final += scan_shards(job.out, [p.name for p in list_shards(job.out) if p.name not in known])
+        encoded = {k for s in final for k in s["identity"].get("source_key", [])}
+        failures = live_failures(scan_failures(job.out), inputs, encoded)
+        manifest = build_manifest(job.out, job.settings, job.vae_id, job.opts, job.pre, inputs, final, failures,
                                   generation, plan.changes)
         manifest["vae"]["factors"] = factor_provenance(job.vae, job.opts.vae)
         atomic_write_json(job.out / MANIFEST_FILE, manifest)  # the commit
@@ -418,11 +424,6 @@ def write_cache(job: Job, state, t0: float) -> dict:
     if job.opts.verify and state.is_main_process:
         manifest["verify"] = verify_cache(job.out, seed=job.opts.seed, vae=job.vae)
     return manifest
-
-
-def encoded_keys(out: Path, names: list[str]) -> set:
-    """The source keys the shards `names` hold."""
-    return {k for s in scan_shards(out, names) for k in s["identity"].get("source_key", [])}
 
 
 def encode(opts: EncodeOptions) -> dict:

@@ -27,7 +27,7 @@ from ..fsutil import flatten, sha256_file
 from ..options import EncodeOptions
 from ..preprocess import Preprocess
 from .schema import DTYPE_STORAGE, FORMAT_VERSION, STORES
-from .writer import list_shards, scan_shards
+from .writer import list_shards
 
 SETTINGS_FILE = "encode-settings.json"
 MANIFEST_FILE = "manifest.json"
@@ -244,13 +244,12 @@ def measured_statistics(shards: list[dict], channels: int) -> Optional[dict]:
 
 # ----------------------------------------------------------------------------- manifest.json
 def build_manifest(out: Path, settings: dict, vae_id: dict, opts: EncodeOptions, pre: Preprocess, inputs,
-                   shard_names: list[str], failures: list[dict], generation: int, changes: dict) -> dict:
-    """Read the shards `shard_names`; check that each of the inputs now (`inputs`: update.Inputs) is in
-    exactly once, as rows or as a failure; the manifest of that generation.
+                   shards: list[dict], failures: list[dict], generation: int, changes: dict) -> dict:
+    """Check that each of the inputs now (`inputs`: update.Inputs) is in the shards `shards` (writer.scan_shards
+    records) exactly once, as rows or as a failure; the manifest of that generation.
 
     The VAE's and the source's `location` (vae_location, data_location) are the manifest's only: the
     settings a rerun compares (encode-settings.json) stay what they were."""
-    shards = scan_shards(out, shard_names)
     flips = (False, True) if pre.flip else (False,)
     seen = Counter((k, f) for s in shards for k, f in zip(s["identity"]["source_key"], s["flipped"]))
     failed = {rec["source_key"] for rec in failures}

@@ -252,11 +252,6 @@ class LatentDataset(torch.utils.data.Dataset):
             columns = self._other_columns(rows)
         return [{"latents": x, **dict(zip(self.columns, v))} for x, *v in zip(z, *columns)]
 
-    def latent_shapes_of(self, table: Optional[pa.Table], rows: np.ndarray) -> list:
-        """The [C, h, w] of `rows` (positions in the cache), from the index made at opening (`table`,
-        a gathered batch, is no longer needed)."""
-        return self._shapes[np.asarray(rows, dtype=np.int64)].tolist()
-
     def _gather(self, name: str, rows: np.ndarray, shape: tuple) -> torch.Tensor:
         """The stored values of `rows` (all of `shape`) of latent column `name`: one copy of each row's
         contiguous run of values from the memory-mapped chunk it is in, into this thread's scratch
