@@ -341,7 +341,8 @@ class EncodeOptions:
     store: Literal["mean", "moments", "sample"] = opt("mean", "latent columns of each row")
     dtype: Literal["fp16", "bf16", "fp32"] = opt("fp16", "stored dtype of the latents")
     shard_size: int = opt(1000, "rows per parquet shard")
-    batch_size: int = opt(8, "images per encoder call")
+    batch_size: int = opt(0, "images per encoder call; 0: suited to the device (CPU: 8 of 256x256, as many pixels at "
+                             "other sizes; GPU: 64 of 256x256 to start, halved on an out-of-memory error)")
     num_workers: int = opt(-1, "DataLoader workers decoding images; -1: one fewer than the CPU cores, at most 4")
     mixed_precision: Precision = opt("auto", PRECISION_HELP)
     channels_last: Optional[bool] = opt(None, "channels-last memory format of the encoder (auto: yes)")
@@ -357,7 +358,9 @@ class EncodeOptions:
     progress: bool = opt(True, "progress bar")
 
     def check(self) -> None:
-        _positive(shard_size=self.shard_size, batch_size=self.batch_size, resolution=self.resolution)
+        _positive(shard_size=self.shard_size, resolution=self.resolution)
+        if self.batch_size < 0:
+            raise OptionError(f"--batch-size must be >= 0 (0: suited to the device), got {self.batch_size}")
         if self.limit < 0:
             raise OptionError(f"--limit must be >= 0, got {self.limit}")
         if self.max_aspect < 1:

@@ -25,7 +25,7 @@ from latentvae import cli
 from latentvae.cache import encode, from_storage, verify_cache
 from latentvae.cache.manifest import weights_sha256
 from latentvae.model import decode, encode_moments
-from latentvae.options import EncodeOptions, OptionError, make_options
+from latentvae.options import EncodeOptions, OptionError, make_options, validated
 from latentvae.preprocess import Preprocess, load_preprocessed, make_buckets, nearest_bucket
 from latentvae.sources import open_source
 
@@ -179,6 +179,53 @@ def test_channels_last_encodes_the_same_latents_under_the_same_vae_id(vae_dir, t
     for r in rows(tmp_path / "cl"):
         torch.testing.assert_close(from_storage(r["latent_mean"], "fp32"),
                                    from_storage(a[r["source_index"]]["latent_mean"], "fp32"), rtol=1e-4, atol=1e-5)
+
+
+def test_auto_batch_size_follows_the_device_and_the_image_size():
+    from latentvae.cache.encode import resolve_batch_size
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [resolve_batch_size(0, cpu, r) for r in (128, 256, 512, 1024)] == [32, 8, 2, 1]
+    assert [resolve_batch_size(0, cuda, r) for r in (256, 512, 64)] == [64, 16, 128]
+    assert resolve_batch_size(5, cuda, 256) == 5  # given: kept
+    with pytest.raises(OptionError, match="--batch-size"):
+        validated(EncodeOptions(vae="v", data="d", out="o", batch_size=-1))
+
+
+def test_out_of_memory_halves_the_batch_and_encodes_every_image_once(vae_dir, tmp_path, monkeypatch, capsys):
+    """A device that cannot hold 4 images: the run goes on 2 at a time and writes the cache a run of 2 at a time
+    writes; out of memory on a single image stops the run with the allocator's error."""
+    import importlib
+
+    enc = importlib.import_module("latentvae.cache.encode")  # the module (latentvae.cache.encode is also its function)
+    data = photos(tmp_path / "imgs", 9, sizes=((40, 40),))
+    reference = encode(cfg(vae_dir, data, tmp_path / "by2", dtype="fp32", batch_size=2))
+    real, calls = enc.encode_rows, []
+
+    def small_device(encoder, rows, *args):
+        calls.append(len(rows))
+        if len(rows) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(encoder, rows, *args)
+
+    monkeypatch.setattr(enc, "encode_rows", small_device)
+    m = encode(cfg(vae_dir, data, tmp_path / "oom", dtype="fp32", batch_size=8))
+    assert "out of memory encoding 8 images at once" in capsys.readouterr().err
+    assert m["this_run"]["batch_size"] == 8 and m["this_run"]["batch_size_after_oom"] == 2
+    assert calls[:4] == [8, 4, 2, 2] and max(calls[4:]) == 2  # halved twice, then kept at 2
+    assert_exactly_once(tmp_path / "oom", [str(p) for p in sorted(data.iterdir())])
+    want = {r["source_index"]: r["latent_mean"] for r in rows(tmp_path / "by2")}
+    assert reference["counts"]["rows"] == m["counts"]["rows"] == 9
+    for r in rows(tmp_path / "oom"):
+        torch.testing.assert_close(from_storage(r["latent_mean"], "fp32"), from_storage(want[r["source_index"]], "fp32"))
+
+    def no_memory(encoder, rows, *args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(enc, "encode_rows", no_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        encode(cfg(vae_dir, data, tmp_path / "none", batch_size=8))
+    assert not (tmp_path / "none" / "manifest.json").exists()
 
 
 def test_passthrough_columns_of_a_datasets_input(vae_dir, tmp_path):

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -106,6 +107,52 @@ def resolve_workers(n: int) -> int:
 
 
 # ----------------------------------------------------------------------------- batching, encoding
+# --batch-size 0: pixels per encoder call. A CPU's throughput is flat beyond a few images a call
+# (benchmarks/RESULTS.md, Dataset encoding) while memory grows with the batch; a GPU wants as many as fit,
+# which OomBackoff finds by halving from this start on the first out-of-memory error.
+AUTO_BATCH_PIXELS = {"cpu": 8 * 256 * 256, "cuda": 64 * 256 * 256}
+MAX_AUTO_BATCH = 128
+
+
+def resolve_batch_size(requested: int, device: torch.device, resolution: int) -> int:
+    """--batch-size: as given, or (0) the device's pixel budget over resolution², 1 to MAX_AUTO_BATCH."""
+    if requested > 0:
+        return requested
+    budget = AUTO_BATCH_PIXELS.get(device.type, AUTO_BATCH_PIXELS["cpu"])
+    return max(1, min(MAX_AUTO_BATCH, budget // (resolution * resolution)))
+
+
+class OomBackoff:
+    """Calls `fn` on at most `size` rows at a time; an out-of-memory error halves `size` (for the rest of
+    the run) and retries the same rows, so every row is encoded exactly once, whatever size works. Out of
+    memory at one row is raised, naming the size that failed."""
+
+    def __init__(self, size: int, device: torch.device, log=print):
+        self.size, self.device, self.log, self.halvings = size, device, log, 0
+
+    def __call__(self, fn, rows: list) -> dict:
+        parts, i = [], 0
+        while i < len(rows):
+            chunk, failed = rows[i:i + self.size], False
+            try:
+                parts.append(fn(chunk))
+            except torch.OutOfMemoryError:
+                if len(chunk) == 1:
+                    raise
+                failed = True  # handled outside the except: its traceback holds the failed call's tensors
+            if failed:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.size, self.halvings = max(1, len(chunk) // 2), self.halvings + 1
+                self.log(f"out of memory encoding {len(chunk)} images at once on {self.device}: "
+                         f"{self.size} from now on (pass --batch-size to choose)")
+                continue
+            i += len(chunk)
+        if len(parts) == 1:
+            return parts[0]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
 class BucketBatcher:
     """Groups rows by pixel shape; `add` returns a full batch of one shape or None; `flush` the rest."""
 
@@ -336,19 +383,24 @@ def encode_share(job: Job, state, todo: dict[int, list[bool]], attempt: int) -> 
     mine = sorted(todo)[rank::state.num_processes]
     log = FailureLog(failure_log_path(job.out, rank))
     writer = ShardWriter(job.out / "data", attempt, rank, opts.shard_size, job.schema)
+    batch_size = resolve_batch_size(opts.batch_size, state.device, opts.resolution)
+    backoff = OomBackoff(batch_size, state.device, log=lambda m: tqdm.write(m, file=sys.stderr))
     loader = torch.utils.data.DataLoader(
-        PreprocessedImages(job.src, mine, job.pre, opts.jpeg_draft), batch_size=opts.batch_size,
+        PreprocessedImages(job.src, mine, job.pre, opts.jpeg_draft), batch_size=batch_size,
         collate_fn=collate_list, num_workers=resolve_workers(opts.num_workers), pin_memory=state.device.type == "cuda")
     bar = tqdm(total=sum(len(todo[i]) for i in mine), unit="img", dynamic_ncols=True,
                disable=not (opts.progress and state.is_local_main_process), desc=f"encode x{state.num_processes}")
-    batcher, encoded, t0 = BucketBatcher(opts.batch_size), 0, time.perf_counter()
+    batcher, encoded, t0 = BucketBatcher(batch_size), 0, time.perf_counter()
     timing = {"encoder_seconds": 0.0, "first_batch_seconds": 0.0, "first_batch_rows": 0}
+
+    def encode(rows: list[dict]) -> dict:
+        return encode_rows(job.encoder, rows, opts.store, opts.seed, state.device, job.autocast_dtype,
+                           job.channels_last)
 
     def store(batch: list[dict]) -> None:
         nonlocal encoded
         t = time.perf_counter()
-        latents = encode_rows(job.encoder, batch, opts.store, opts.seed, state.device, job.autocast_dtype,
-                              job.channels_last)  # the latents come back on the CPU: the time is the device's
+        latents = backoff(encode, batch)  # the latents come back on the CPU: the time is the device's
         dt = time.perf_counter() - t
         timing["encoder_seconds"] += dt
         if not timing["first_batch_rows"]:  # with --compile, the compilation is in here
@@ -365,7 +417,8 @@ def encode_share(job: Job, state, todo: dict[int, list[bool]], attempt: int) -> 
         store(batch)
     writer.close()
     bar.close()
-    return {"rows_encoded": encoded, "failures": log.count, "encode_seconds": time.perf_counter() - t0, **timing}
+    return {"rows_encoded": encoded, "failures": log.count, "encode_seconds": time.perf_counter() - t0,
+            "batch_size": batch_size, "batch_size_after_oom": backoff.size if backoff.halvings else None, **timing}
 
 
 def write_cache(job: Job, state, t0: float) -> dict:
