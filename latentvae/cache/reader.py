@@ -6,7 +6,7 @@
 
     ds = LatentDataset("latents/", family="sdxl")                  # the factors measured on this cache
     sampler = BucketBatchSampler(ds, batch_size=64, seed=0)        # one latent shape per batch; ranks split
-    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=1)
+    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate)  # in the main process: fastest (docs/encode.md)
     for epoch in range(epochs):
         sampler.set_epoch(epoch); ds.set_epoch(epoch)              # new order, new posterior noise
         for batch in loader:
