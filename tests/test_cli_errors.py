@@ -191,8 +191,8 @@ MISTAKES = {  # id -> (argv of `latentvae`, words the one line must hold)
                                                "preprocessing.resolution: 32 there, 16 now", "pass a new --out"]),
     "encode-rerun-other-vae": (["encode", "--vae", "vae8b", "--data", "imgs", "--out", "cache", "--resolution", "32"],
                                ["--out cache holds a cache made with other settings", "vae_weights_sha256"]),
-    "encode-bad-batch-size": (["encode", "--vae", "vae8", "--data", "imgs", "--out", "new", "--batch-size", "0"],
-                              ["--batch-size must be >= 1, got 0"]),
+    "encode-bad-batch-size": (["encode", "--vae", "vae8", "--data", "imgs", "--out", "new", "--batch-size", "-1"],
+                              ["--batch-size must be >= 0 (0: suited to the device), got -1"]),
     "encode-negative-limit": (["encode", "--vae", "vae8", "--data", "imgs", "--out", "new", "--limit", "-1"],
                               ["--limit must be >= 0, got -1"]),
     # decode
