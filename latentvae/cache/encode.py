@@ -125,7 +125,7 @@ def resolve_batch_size(requested: int, device: torch.device, resolution: int) ->
 class OomBackoff:
     """Calls `fn` on at most `size` rows at a time; an out-of-memory error halves `size` (for the rest of
     the run) and retries the same rows, so every row is encoded exactly once, whatever size works. Out of
-    memory at one row is raised, naming the size that failed."""
+    memory with one row is the allocator's error, raised as it is."""
 
     def __init__(self, size: int, device: torch.device, log=print):
         self.size, self.device, self.log, self.halvings = size, device, log, 0
