@@ -398,7 +398,7 @@ def test_tiling_bounds_peak_memory():
     assert out[0] == str({"tile_sample_min_size": 128, "tile_latent_min_size": 64, "tile_overlap_factor": 0.25})
     peak_tiled, peak_full = map(int, out[1].split())
     # whole: several 8-16 channel fp32 activations of 768² (19-38 MB each) alive at once; tiled: the output, the
-    # decoded tiles waiting to be blended (each about the image's size) and one tile's activations (~1 MB each)
+    # decoded tiles waiting to be blended (together about the image's size) and one tile's activations (~1 MB each)
     assert peak_full > 60e6 and peak_tiled < peak_full / 3, (peak_tiled, peak_full)
 
 
