@@ -2,6 +2,7 @@
 
     python benchmarks/cache_read.py                      # caches of 10,000 and 20,000 rows, 4x64x64 fp16
     python benchmarks/cache_read.py --rows 10000 --rows 40000 --work /tmp/cache-read
+    python benchmarks/cache_read.py --rows 20000 --only latentvae,latentvae:loader,latentvae:loader:fp16
 
 Synthesizes each cache directly (parquet shards written with latentvae.cache.schema/writer helpers and
 a manifest; no VAE), lets `datasets` convert it to its arrow files once, then, each in a fresh process
@@ -11,6 +12,12 @@ a manifest; no VAE), lets `datasets` convert it to its arrow files once, then, e
               DataLoader(batch_sampler=..., collate_fn=collate, num_workers=1), one whole epoch,
               worker start included
   (0 workers) the same, read in the main process
+  LatentLoader  LatentLoader(ds, sampler=...): the same batches read ahead by one thread of the main
+              process (no DataLoader, no shared memory handover)
+  + step      the loop does a CPU "training step" per batch (fp32 matmuls, one torch thread, ~--step-ms
+              ms, calibrated at start): rows/s of LatentLoader or of the 0-worker DataLoader against
+              "step alone" (the same steps on one ready batch) says how much of the reading the
+              loop still waits for
   fp16        the same with LatentDataset(dtype=torch.float16): half the bytes per batch
   datasets path  the same with the reader's fast arrow index switched off (each batch gathered by
               `datasets`' arrow formatting, the reader before the index): what the index alone gains
@@ -93,7 +100,7 @@ def status_kib(key: str) -> int:
     return 0
 
 
-OPTIONS = {"0": "in-process (0 workers)", "fp16": "dtype=float16", "datasets": "datasets path (no arrow index)",
+OPTIONS = {"0": "in-process (0 workers)", "step": "+ step", "fp16": "dtype=float16", "datasets": "datasets path (no arrow index)",
            "fs": "sharing file_system", "pf4": "prefetch_factor=4", "persist": "persistent_workers, 2nd epoch"}
 
 
@@ -164,23 +171,58 @@ def worker_cpu_ms() -> Optional[float]:
     return (c1 - c0) / (n1 - n0) * 1e3 if n1 > n0 else None
 
 
-def run_latentvae(cache: Path, hf_cache: str, batch_size: int, options: list) -> dict:
+def make_step(step_ms: float):
+    """A CPU "training step" of about step_ms ms: fp32 matmuls (calibrated here, one torch thread)."""
+    a = torch.randn(384, 384)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a @ a
+    repeats = max(1, round(step_ms / ((time.perf_counter() - t0) / 20 * 1e3)))
+
+    def step(latents: torch.Tensor) -> None:
+        for _ in range(repeats):
+            a @ a
+        float(latents[0, 0, 0, 0])
+    return step
+
+
+def run_step_alone(batch_size: int, step_ms: float, batches: int) -> dict:
+    """The steps alone, on one ready batch: the loop's rate when reading costs it nothing."""
+    step, z = make_step(step_ms), torch.zeros(batch_size, *SHAPE)
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
+    for _ in range(batches):
+        step(z)
+    seconds = time.perf_counter() - t0
+    return {"rows": batches * batch_size, "seconds": seconds, "steady_rows_s": None,
+            "rss_mib": status_kib("VmHWM") / 1024, "worker_rss_mib": None, "worker_anon_mib": None,
+            "main_cpu_ms": (cpu_seconds() - cpu0) / batches * 1e3, "worker_cpu_ms": None}
+
+
+def run_latentvae(cache: Path, hf_cache: str, batch_size: int, options: list, step_ms: float = 0) -> dict:
     from torch.utils.data import DataLoader
 
-    from latentvae import BucketBatchSampler, LatentDataset, collate
+    from latentvae import BucketBatchSampler, LatentDataset, LatentLoader, collate
 
     class Sampled(LatentDataset):
-        """Records the worker's peak anonymous RSS every 8 batches (the benchmark's probe, not the reader)."""
+        """Records the reading process's peak anonymous RSS every 8 batches (the benchmark's probe, not the reader)."""
         calls, peak = 0, 0
+
+        def read_batch(self, indices):
+            out = super().read_batch(indices)
+            self._probe()
+            return out
 
         def __getitems__(self, indices):
             out = super().__getitems__(indices)
+            self._probe()
+            return out
+
+        def _probe(self):
             Sampled.calls += 1
             probe_cpu(Sampled.calls)
             if Sampled.calls % 8 == 1:
                 Sampled.peak = max(Sampled.peak, status_kib("RssAnon"))
                 Path(os.environ["PROBE"]).write_text(f"{Sampled.peak} {status_kib('VmHWM')}")
-            return out
 
     dtype = torch.float16 if "fp16" in options else torch.float32
     ds = Sampled(cache, family="sd", cache_dir=hf_cache, dtype=dtype)
@@ -188,7 +230,11 @@ def run_latentvae(cache: Path, hf_cache: str, batch_size: int, options: list) ->
         ds._values = None  # the reader's fast arrow index off: batches gathered through `datasets`
     sampler = BucketBatchSampler(ds, batch_size=batch_size, seed=0)
     kw = loader_options(options)
-    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, **kw)
+    if "loader" in options:
+        loader, kw = LatentLoader(ds, sampler=sampler), {"num_workers": 0}
+    else:
+        loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, **kw)
+    step = make_step(step_ms) if "step" in options else None
     for epoch in range(2 if "persist" in options else 1):  # persistent: the 2nd epoch's workers are warm
         sampler.set_epoch(epoch)
         t0, cpu0 = time.perf_counter(), cpu_seconds()
@@ -198,11 +244,13 @@ def run_latentvae(cache: Path, hf_cache: str, batch_size: int, options: list) ->
                 first = (time.perf_counter(), batch["latents"].shape[0])
             rows += batch["latents"].shape[0]
             assert batch["latents"].shape[1:] == SHAPE and batch["latents"].dtype == dtype
+            if step is not None:
+                step(batch["latents"])
         seconds, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     del loader
     anon, hwm = (int(v) / 1024 for v in Path(os.environ["PROBE"]).read_text().split())
-    if not kw["num_workers"]:
-        anon, hwm = None, None
+    if not kw["num_workers"]:  # read in this process: its own anonymous memory, no worker
+        anon, hwm = status_kib("RssAnon") / 1024 if "loader" in options else None, None
     steady = (rows - first[1]) / (t0 + seconds - first[0])
     return {"rows": rows, "seconds": seconds, "steady_rows_s": steady, "rss_mib": status_kib("VmHWM") / 1024,
             "worker_rss_mib": hwm,
@@ -236,7 +284,12 @@ def child(args) -> None:
         datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=hf_cache)
         result = {}
     elif args.child.split(":")[0] == "latentvae":
-        result = run_latentvae(cache, hf_cache, args.batch_size, args.child.split(":")[1:])
+        result = run_latentvae(cache, hf_cache, args.batch_size, args.child.split(":")[1:], args.step_ms)
+    elif args.child == "step":
+        import datasets
+        files = sorted(str(p) for p in (cache / "data").glob("*.parquet"))
+        rows = len(datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=hf_cache))
+        result = run_step_alone(args.batch_size, args.step_ms, -(-rows // args.batch_size))
     elif args.child.split(":")[0] == "transport":
         result = run_transport(args.batch_size, args.child.split(":")[1:])
     else:
@@ -246,7 +299,8 @@ def child(args) -> None:
 
 def in_child(kind: str, cache: Path, hf_cache: Path, args, probe: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--cache", str(cache), "--hf-cache", str(hf_cache),
-           "--batch-size", str(args.batch_size), "--baseline-rows", str(args.baseline_rows)]
+           "--batch-size", str(args.batch_size), "--baseline-rows", str(args.baseline_rows),
+           "--step-ms", str(args.step_ms)]
     env = {**os.environ, "PROBE": str(probe), "OMP_NUM_THREADS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -262,6 +316,8 @@ def main() -> None:
     p.add_argument("--baseline-rows", type=int, default=2000, help="rows the per-row datasets baselines read")
     p.add_argument("--sweep", action="store_true", help="also DataLoader settings: file_system sharing, "
                    "prefetch_factor 4, persistent_workers")
+    p.add_argument("--step-ms", type=float, default=8.0, help="the + step rows' CPU step per batch, ms")
+    p.add_argument("--only", help="comma-separated kinds to run (default: all; e.g. latentvae:loader,datasets:numpy)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
     p.add_argument("--hf-cache", help=argparse.SUPPRESS)
@@ -279,11 +335,20 @@ def main() -> None:
             print(f"synthesized {n} rows in {time.perf_counter() - t0:.1f} s", flush=True)
         in_child("prepare", cache, hf_cache, args, work / "probe")
         kinds = ["latentvae", "latentvae:fp16", "latentvae:datasets", "latentvae:0", "latentvae:0:fp16",
+                 "latentvae:loader", "latentvae:loader:fp16", "step", "latentvae:loader:step", "latentvae:0:step",
                  "transport", "transport:fp16"]
         if args.sweep:
             kinds += ["transport:fp16:fs", "transport:fp16:pf4", "latentvae:fp16:fs", "latentvae:fp16:pf4",
                       "latentvae:fp16:persist"]
-        for kind in kinds + ["datasets:python", "datasets:numpy"]:
+        kinds += ["datasets:python", "datasets:numpy"]
+        if args.only:
+            unknown = set(args.only.split(",")) - set(kinds) - {"transport:fp16:fs", "transport:fp16:pf4",
+                                                               "latentvae:fp16:fs", "latentvae:fp16:pf4",
+                                                               "latentvae:fp16:persist"}
+            if unknown:
+                raise SystemExit(f"--only: unknown kinds {sorted(unknown)}; valid: {', '.join(kinds)}")
+            kinds = args.only.split(",")
+        for kind in kinds:
             r = in_child(kind, cache, hf_cache, args, work / "probe")
             table.append((n, kind, r))
             print(n, kind, json.dumps(r), flush=True)
@@ -293,13 +358,17 @@ def main() -> None:
     print(f"\ncpu capability: {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores, torch {torch.__version__}; "
           f"{'x'.join(map(str, SHAPE))} fp16 latents, batches of {args.batch_size}")
     print("\n| cache rows | reader | rows read | rows/s | rows/s after the first batch | peak RSS MiB (main) | "
-          "peak RSS MiB (worker) | worker peak anon MiB | CPU ms/batch main | CPU ms/batch worker |")
+          "peak RSS MiB (worker) | peak anon MiB (reading process) | CPU ms/batch main | CPU ms/batch worker |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     names = {"datasets:python": "datasets `ds[i]` per row (python lists)",
-             "datasets:numpy": "datasets `ds.with_format(\"numpy\")[i]` per row"}
+             "datasets:numpy": "datasets `ds.with_format(\"numpy\")[i]` per row",
+             "step": f"step alone (~{args.step_ms:g} ms CPU per batch, no reading)"}
     for _, kind, _ in table:
         options = kind.split(":")[1:]
-        if kind.startswith("latentvae"):
+        if kind.startswith("latentvae:loader"):
+            names[kind] = "LatentDataset + BucketBatchSampler, LatentLoader (1 reader thread)" + "".join(
+                ", " + OPTIONS[o] for o in options if o != "loader")
+        elif kind.startswith("latentvae"):
             names[kind] = "LatentDataset + BucketBatchSampler, DataLoader " + (
                 ", ".join(OPTIONS[o] for o in options) if "0" in options else
                 ", ".join(["1 worker"] + [OPTIONS[o] for o in options]))

@@ -1,6 +1,7 @@
 """Encoding speed: `latentvae.cache.encode` against a naive caching loop, and against this machine's peaks.
 
     python benchmarks/encode_speed.py                                   # sd preset, 256x256, 8 dev images x 2
+    python benchmarks/encode_speed.py --rows naive,naive@1,latentvae    # the naive loop at batch 4 and at batch 1
     python benchmarks/encode_speed.py --rows naive,latentvae,latentvae+autocast,latentvae+fp32,latentvae+compile
     python benchmarks/encode_speed.py --resolution 512 --out benchmarks/results/encode-gpu.json   # on a GPU
 
@@ -8,13 +9,18 @@ Runs on CUDA where there is a GPU, else on the CPU, unchanged. Same images (../s
 same randomly initialised `sd`-preset AutoencoderKL, same center crop, in one run, in ABBA order:
   naive      for each batch: PIL full decode, torchvision Resize + CenterCrop + ToTensor + Normalize,
              `vae.encode(x).latent_dist.mean` in fp32 under no_grad, one torch.save file per image;
+             batches of --batch-size images (`naive@K`: of K; the ratios are against the row `naive`);
   latentvae  encode(EncodeOptions(...)) end to end with its defaults: loading the VAE and hashing its
-             weights, DataLoader worker decoding (JPEG draft mode) overlapped with encoder-only inference
+             weights, image decoding (JPEG draft mode; in the main process on a CPU, in DataLoader workers on a
+             GPU: the row says how many workers, "(0w)") and encoder-only inference
              (`auto`: bf16 weights where bf16 is fast, fp32 elsewhere; channels_last), parquet shards,
-             manifest. Reported over the whole call and over its encoding loop alone;
+             manifest, at its default batch size (`--batch-size 0`: suited to the device; the row says
+             what it resolved to; --library-batch-size N pins it). Reported over the whole call and over
+             its encoding loop alone;
   latentvae+LEVER[+LEVER]  the same with EncodeOptions changed (LEVERS): compile (torch.compile of the
              encoder: its compile time and break-even number of images are reported separately), nocl,
-             autocast (fp32 weights under bf16 autocast), fp32, bf16 / fp16 (weights).
+             autocast (fp32 weights under bf16 autocast), fp32, bf16 / fp16 (weights), w0 / w1 (images decoded in
+             the main process / in one DataLoader worker: --num-workers 0 / 1; the default is 0 on a CPU).
 The header names the hardware (CPU capability as torch reports it, or the GPU) and the peaks measured
 here: bf16 and fp32 matmul, and the encoder's own convolutions (every Conv2d shape it runs, forward,
 channels_last, timed alone). Each row names the precision it actually ran in and its achieved FLOP/s
@@ -91,16 +97,32 @@ def library_inputs(data: Path, res: int, factor: int) -> float:
 LEVERS = {"compile": {"compile": True}, "nocl": {"channels_last": False},
           "autocast": {"weights_dtype": "fp32"},  # fp32 weights under --mixed-precision's autocast (bf16 where auto is)
           "fp32": {"mixed_precision": "no", "weights_dtype": "fp32"},
-          "bf16": {"weights_dtype": "bf16"}, "fp16": {"weights_dtype": "fp16"}}
+          "bf16": {"weights_dtype": "bf16"}, "fp16": {"weights_dtype": "fp16"},
+          "w0": {"num_workers": 0}, "w1": {"num_workers": 1}}  # images decoded in the main process / one worker
 
 
 def row_options(row: str) -> dict:
     opts = {}
+    if row.split("@")[0] == "naive":
+        return opts
     for lever in row.split("+")[1:]:
         if lever not in LEVERS:
             raise SystemExit(f"unknown lever {lever!r} in --rows {row}; valid levers: {', '.join(LEVERS)}")
         opts.update(LEVERS[lever])
     return opts
+
+
+def naive_batch(row: str, default: int) -> int:
+    """`naive` -> --batch-size; `naive@K` -> K."""
+    if "@" not in row:
+        return default
+    try:
+        k = int(row.split("@", 1)[1])
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise SystemExit(f"--rows {row}: naive@K needs a batch size K >= 1")
+    return k
 
 
 def library(vae_dir: Path, data: Path, res: int, batch_size: int, out: Path, overrides: dict) -> tuple[float, dict]:
@@ -148,7 +170,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="sd")
     p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="the naive loop's batch")
+    p.add_argument("--library-batch-size", type=int, default=0,
+                   help="latentvae's --batch-size (0: its default, suited to the device)")
     p.add_argument("--images", type=int, default=8, help="use the first N dev images, sorted (0: all 18); a multiple "
                                                          "of --batch-size keeps one batch shape (one compilation)")
     p.add_argument("--images-dir", default=str(DEV_IMAGES), help="where the images are (default: the dev images)")
@@ -156,12 +180,14 @@ def main() -> None:
                                                          "large enough for a GPU")
     p.add_argument("--rounds", type=int, default=2, help="passes per method, in ABBA order")
     p.add_argument("--rows", default="naive,latentvae,latentvae+compile",
-                   help=f"naive, latentvae, latentvae+LEVER[+LEVER]; levers: {', '.join(LEVERS)}")
+                   help=f"naive, naive@K, latentvae, latentvae+LEVER[+LEVER]; levers: {', '.join(LEVERS)}")
     p.add_argument("--out", help="also write the results here as JSON")
     args = p.parse_args()
     rows = args.rows.split(",")
     for row in rows:
         row_options(row)  # a misspelled lever fails before anything runs
+        if row.startswith("naive"):
+            naive_batch(row, args.batch_size)
 
     from latentvae.config import load_config
     from latentvae.cache.encode import resolve_workers
@@ -191,10 +217,11 @@ def main() -> None:
         for r in range(args.rounds):
             for row in (rows if r % 2 == 0 else rows[::-1]):
                 dst = tmp / f"{row}-{r}"
-                if row == "naive":
-                    whole[row].append(naive_loop(vae, files, args.resolution, args.batch_size, dst, device))
+                if row.startswith("naive"):
+                    whole[row].append(naive_loop(vae, files, args.resolution, naive_batch(row, args.batch_size),
+                                                 dst, device))
                     continue
-                t, m = library(tmp / "vae", data, args.resolution, args.batch_size, dst, row_options(row))
+                t, m = library(tmp / "vae", data, args.resolution, args.library_batch_size, dst, row_options(row))
                 assert m["counts"]["rows"] == n, m["counts"]
                 whole[row].append(t)
                 loop[row].append(m["this_run"]["encode_seconds"])
@@ -203,26 +230,30 @@ def main() -> None:
     print(f"\n{hardware_line(hw)}")
     print(peaks_line(peak) + (f" (fp32 conv again after the rows: {conv_fp32_after / 1e9:.1f})" if conv_fp32_after else ""))
     print(f"{args.preset} encoder at {args.resolution}x{args.resolution}, {n} dev images x {args.rounds} rounds (ABBA), "
-          f"batch {args.batch_size}, {flops / 1e9:.1f} GFLOP/image, {resolve_workers(-1)} DataLoader worker(s), "
+          f"naive batch {args.batch_size}, {flops / 1e9:.1f} GFLOP/image, latentvae's DataLoader workers by default: "
+          f"{resolve_workers(-1, device)}, "
           f"device {device}")
     mm = "of matmul" if device == "cuda" else "(of matmul)"
-    print(f"{'method':<44} {'precision':<14} {'img/s':>7} {'per round':>15} {'x naive':>8} {'GFLOP/s':>8} "
+    print(f"{'method':<44} {'precision':<14} {'batch':>5} {'img/s':>7} {'per round':>15} {'x naive':>8} {'GFLOP/s':>8} "
           f"{'of conv':>8} {mm:>11}")
-    table, naive_ips = [], None
+    table = []
+    naive_ips = n * len(whole["naive"]) / sum(whole["naive"]) if whole.get("naive") else None
     for row in rows:
         for part, times in (("whole call", whole[row]), ("encoding loop", loop[row])):
             if not times:
                 continue
             ips = n * len(times) / sum(times)
-            naive_ips = naive_ips or (ips if row == "naive" else None)
             prec = row_precision(runs[row][0] if runs[row] else None)
+            batch = runs[row][0]["batch_size"] if runs[row] else naive_batch(row, args.batch_size)
             key = peak_key(prec.split()[0])
             achieved = ips * flops
-            name = row if row == "naive" else f"{row}, {part}"
-            table.append({"row": row, "part": part, "precision": prec, "images_per_second": ips,
+            name = row if row.startswith("naive") else f"{row}, {part}"
+            if runs[row] and "num_workers" in runs[row][0]:
+                name += f" ({runs[row][0]['num_workers']}w)"
+            table.append({"row": row, "part": part, "precision": prec, "batch_size": batch, "images_per_second": ips,
                           "per_round": [n / t for t in times], "gflops": achieved / 1e9,
                           "of_conv_peak": achieved / peak["conv"][key], "of_matmul_peak": achieved / peak["matmul"][key]})
-            print(f"{name:<44} {prec:<14} {ips:7.3f} {'/'.join(f'{n / t:.3f}' for t in times):>15} "
+            print(f"{name:<44} {prec:<14} {batch:5d} {ips:7.3f} {'/'.join(f'{n / t:.3f}' for t in times):>15} "
                   f"{ips / naive_ips if naive_ips else float('nan'):8.2f} {achieved / 1e9:8.1f} "
                   f"{achieved / peak['conv'][key]:8.1%} {achieved / peak['matmul'][key]:11.1%}")
     compiled = compile_report(runs, rows)

@@ -19,7 +19,8 @@ OUT=benchmarks/results
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/gpu-$STAMP-nvidia-smi.txt" 2>&1
 
-# encoding: 128 images (the dev images repeated) at 512x512, batch 32; each row twice, ABBA
+# encoding: 128 images (the dev images repeated) at 512x512, the naive loop at batch 32, latentvae at its
+# default (--batch-size 0: 16 at 512x512 on a GPU); each row twice, ABBA
 timeout 270 python benchmarks/encode_speed.py --resolution 512 --batch-size 32 --images 16 --repeat 8 --rounds 2 \
     --images-dir "$IMAGES" --rows naive,latentvae,latentvae+autocast,latentvae+compile \
     --out "$OUT/encode-$STAMP-sd512.json" 2>&1 | tee "$OUT/encode-$STAMP-sd512.txt"

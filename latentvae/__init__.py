@@ -3,8 +3,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    """`from latentvae import LatentDataset` (and BucketBatchSampler, collate): loaded on first use."""
-    if name in ("LatentDataset", "BucketBatchSampler", "collate"):
+    """`from latentvae import LatentDataset` (and LatentLoader, BucketBatchSampler, collate): loaded on first use."""
+    if name in ("LatentDataset", "LatentLoader", "BucketBatchSampler", "collate"):
         from .cache import reader
         return getattr(reader, name)
     raise AttributeError(f"module 'latentvae' has no attribute {name!r}")

@@ -341,9 +341,10 @@ class EncodeOptions:
     store: Literal["mean", "moments", "sample"] = opt("mean", "latent columns of each row")
     dtype: Literal["fp16", "bf16", "fp32"] = opt("fp16", "stored dtype of the latents")
     shard_size: int = opt(1000, "rows per parquet shard")
-    batch_size: int = opt(0, "images per encoder call; 0: suited to the device (CPU: 8 of 256x256, as many pixels at "
+    batch_size: int = opt(0, "images per encoder call; 0: suited to the device (CPU: 1 of 256x256, as many pixels at "
                              "other sizes; GPU: 64 of 256x256 to start, halved on an out-of-memory error)")
-    num_workers: int = opt(-1, "DataLoader workers decoding images; -1: one fewer than the CPU cores, at most 4")
+    num_workers: int = opt(-1, "DataLoader workers decoding images; -1: none when encoding on the CPU (decoding is "
+                                   "a small part of the time there), else one fewer than the CPU cores, at most 4")
     mixed_precision: Precision = opt("auto", PRECISION_HELP)
     channels_last: Optional[bool] = opt(None, "channels-last memory format of the encoder (auto: yes)")
     weights_dtype: Literal["auto", "fp32", "bf16", "fp16"] = opt(

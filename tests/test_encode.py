@@ -185,11 +185,21 @@ def test_auto_batch_size_follows_the_device_and_the_image_size():
     from latentvae.cache.encode import resolve_batch_size
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert [resolve_batch_size(0, cpu, r) for r in (128, 256, 512, 1024)] == [32, 8, 2, 1]
+    assert [resolve_batch_size(0, cpu, r) for r in (64, 128, 256, 512)] == [16, 4, 1, 1]
     assert [resolve_batch_size(0, cuda, r) for r in (256, 512, 64)] == [64, 16, 128]
     assert resolve_batch_size(5, cuda, 256) == 5  # given: kept
     with pytest.raises(OptionError, match="--batch-size"):
         validated(EncodeOptions(vae="v", data="d", out="o", batch_size=-1))
+
+
+def test_auto_workers_decode_in_the_main_process_when_the_cpu_encodes(monkeypatch):
+    """--num-workers -1: a worker process would compete with the encoder's threads for the CPU's cores."""
+    from latentvae.cache.encode import resolve_workers
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert (resolve_workers(-1, "cpu"), resolve_workers(-1, "cuda")) == (0, 4)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert (resolve_workers(-1, "cuda"), resolve_workers(3, "cpu")) == (1, 3)  # given: kept
 
 
 def test_out_of_memory_halves_the_batch_and_encodes_every_image_once(vae_dir, tmp_path, monkeypatch, capsys):

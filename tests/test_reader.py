@@ -315,3 +315,118 @@ def test_pickled_dataset_leaves_the_arrow_views_behind(tmp_path):
     again = pickle.loads(blob)
     assert again._values is not None
     assert_same_rows(again.__getitems__([4, 2, 9]), ds.__getitems__([4, 2, 9]))
+
+
+# ----------------------------------------------------------------------------- LatentLoader
+def reference_batches(ds, sampler) -> list[dict]:
+    """What DataLoader(ds, batch_sampler=sampler, collate_fn=collate) gives, in the main process."""
+    return list(torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate))
+
+
+def assert_same_batches(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert set(a) == set(b)
+        assert torch.equal(a["latents"], b["latents"]) and a["latents"].dtype == b["latents"].dtype
+        assert all(a[k] == b[k] for k in a if k != "latents")
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_latent_loader_gives_the_dataloaders_batches_in_its_order(tmp_path, threads):
+    from latentvae import LatentLoader
+
+    cache = write_cache(tmp_path / "c", shapes=((4, 4, 4),) * 20 + ((4, 2, 6),) * 9, store="moments",
+                        logvar=2 * np.log(0.3))
+    ds = dataset(cache, family="sdxl", seed=4)
+    loader = LatentLoader(ds, batch_size=4, seed=2, threads=threads, prefetch=2)
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        ref_ds = dataset(cache, family="sdxl", seed=4)
+        ref_ds.set_epoch(epoch)
+        sampler = BucketBatchSampler(ref_ds, 4, seed=2)
+        sampler.set_epoch(epoch)
+        got = list(loader)
+        assert len(got) == len(loader) == 5 + 3
+        assert_same_batches(got, reference_batches(ref_ds, sampler))  # same order, same noise, same columns
+    # the two epochs differ in order and in posterior noise; every row is read once per epoch
+    loader.set_epoch(0)
+    first = list(loader)
+    loader.set_epoch(1)
+    second = list(loader)
+    assert [b["source_index"] for b in first] != [b["source_index"] for b in second]
+    assert sorted(i for b in first for i in b["source_index"]) == list(range(29))
+
+
+def test_latent_loader_keeps_the_epoch_it_started_with(tmp_path):
+    from latentvae import LatentLoader
+
+    cache = write_cache(tmp_path / "c", shapes=((4, 4, 4),) * 24, store="moments", logvar=0.0)
+    loader = LatentLoader(dataset(cache, family=None), batch_size=4, prefetch=1)
+    whole = list(loader)
+    it = iter(loader)
+    got = [next(it)]
+    loader.set_epoch(3)  # as with DataLoader workers: takes effect at the next iteration
+    got += list(it)
+    assert_same_batches(got, whole)
+    assert not torch.equal(next(iter(loader))["latents"], whole[0]["latents"])
+
+
+def test_latent_loader_ranks_read_disjoint_rows(tmp_path):
+    from latentvae import LatentLoader
+
+    ds = dataset(write_cache(tmp_path / "c", shapes=((4, 4, 4),) * 16 + ((4, 2, 6),) * 8))
+    parts = [[i for b in LatentLoader(ds, 4, seed=1, num_replicas=2, rank=r) for i in b["source_index"]]
+             for r in range(2)]
+    assert not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == list(range(24))
+
+
+def test_latent_loader_raises_a_read_error_at_its_batch_and_stops_its_threads(tmp_path, monkeypatch):
+    import threading
+
+    from latentvae import LatentLoader
+
+    ds = dataset(write_cache(tmp_path / "c", shapes=((4, 4, 4),) * 40))
+    loader = LatentLoader(ds, batch_size=4, shuffle=False, threads=2, prefetch=3)
+    real = LatentDataset.read_batch
+
+    def failing(self, indices):
+        if 20 in indices:
+            raise OSError("shard unreadable")
+        return real(self, indices)
+
+    monkeypatch.setattr(LatentDataset, "read_batch", failing)
+    seen = []
+    with pytest.raises(OSError, match="shard unreadable"):
+        for batch in loader:
+            seen.append(batch["source_index"])
+    assert seen == [list(range(k, k + 4)) for k in range(0, 20, 4)]  # every batch before the failing one
+
+    def readers() -> list:
+        return [t for t in threading.enumerate() if t.name.startswith("latentvae-reader")]
+
+    assert not readers()
+    monkeypatch.setattr(LatentDataset, "read_batch", real)
+    for batch in loader:  # leaving the loop early stops the reading too
+        break
+    del batch
+    import gc
+    gc.collect()
+    assert not readers()
+
+
+def test_latent_loader_refuses_mixed_shapes_and_bad_arguments(tmp_path):
+    from latentvae import LatentLoader
+
+    ds = dataset(write_cache(tmp_path / "c"))
+    mixed = [[0, 1, 12]]  # rows 0-11 are 4x4x4, 12-18 are 4x2x6
+    with pytest.raises(UserError, match=r"mixes latent shapes \[\(4, 2, 6\), \(4, 4, 4\)\].*BucketBatchSampler"):
+        list(LatentLoader(ds, sampler=mixed))
+    with pytest.raises(UserError, match="batch_size"):
+        LatentLoader(ds)
+    with pytest.raises(UserError, match="not both"):
+        LatentLoader(ds, 4, sampler=mixed)
+    with pytest.raises(UserError, match="threads"):
+        LatentLoader(ds, 4, threads=0)
+    if not torch.cuda.is_available():
+        with pytest.warns(UserWarning, match="pin_memory"):
+            assert not LatentLoader(ds, 4, pin_memory=True).pin_memory

@@ -15,7 +15,7 @@ A cache folder:
 The modules: schema (the columns and storage dtypes, what readers import), writer (shards written
 exactly once, failure logs), manifest (settings, manifest, dataset card, VAE identity), encode
 (the pipeline and `latentvae encode`), verify (decode and compare, `latentvae decode`), reader
-(LatentDataset, BucketBatchSampler, collate: a cache read back for a diffusion training loop).
+(LatentDataset, LatentLoader, BucketBatchSampler, collate: a cache read back for a diffusion training loop).
 docs/encode.md describes the columns and how a trainer reads them.
 
 `latentvae.cache.encode` is the function; the module of that name is
@@ -24,9 +24,9 @@ Importing the package loads no model library (diffusers is imported when a job r
 """
 from .encode import encode
 from .manifest import read_manifest
-from .reader import BucketBatchSampler, LatentDataset, collate
+from .reader import BucketBatchSampler, LatentDataset, LatentLoader, collate
 from .schema import DTYPES, FORMAT_VERSION, OWN_COLUMNS, STORES, from_storage, to_storage
 from .verify import verify_cache
 
-__all__ = ["encode", "verify_cache", "read_manifest", "LatentDataset", "BucketBatchSampler", "collate", "from_storage", "to_storage", "STORES", "DTYPES",
+__all__ = ["encode", "verify_cache", "read_manifest", "LatentDataset", "LatentLoader", "BucketBatchSampler", "collate", "from_storage", "to_storage", "STORES", "DTYPES",
            "OWN_COLUMNS", "FORMAT_VERSION"]

@@ -99,18 +99,28 @@ def collate_list(items: list[dict]) -> list[dict]:
     return items
 
 
-def resolve_workers(n: int) -> int:
-    """--num-workers: -1 is one fewer than the CPU cores, at most 4."""
+def resolve_workers(n: int, device: str = "cuda") -> int:
+    """--num-workers: -1 is 0 when the encoder runs on the CPU, else one fewer than the CPU cores, at most 4.
+
+    On the CPU the encoder's threads use every core, and decoding is a small part of the time (a JPEG
+    at 256x256 decodes 100-150x faster than the `sd` encoder encodes it), so a worker process has
+    little to overlap and competes with those threads for the cores: on the 2-core AVX2 development
+    CPU decoding in the main process ran 1.18x, 0.98x and 1.06x the speed with one worker in three
+    paired runs (benchmarks/RESULTS.md, "Batch size on the CPU"), and it saves starting a process."""
     if n >= 0:
         return n
+    if device == "cpu":
+        return 0
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
 # ----------------------------------------------------------------------------- batching, encoding
-# --batch-size 0: pixels per encoder call. A CPU's throughput is flat beyond a few images a call
-# (benchmarks/RESULTS.md, Dataset encoding) while memory grows with the batch; a GPU wants as many as fit,
-# which OomBackoff finds by halving from this start on the first out-of-memory error.
-AUTO_BATCH_PIXELS = {"cpu": 8 * 256 * 256, "cuda": 64 * 256 * 256}
+# --batch-size 0: pixels per encoder call. On a CPU small calls are a little faster: the `sd` encoder
+# alone ran 1-3% faster at one 256x256 image a call than at 4 and 11% faster than at 8, the naive loop
+# 12-14% faster at 1 than at 4 (the activations of a small call stay in the caches; measured on the
+# AVX2 development CPU, benchmarks/RESULTS.md, "Batch size on the CPU"), and memory grows with the batch. A GPU
+# wants as many as fit, which OomBackoff finds by halving from this start on the first out-of-memory error.
+AUTO_BATCH_PIXELS = {"cpu": 1 * 256 * 256, "cuda": 64 * 256 * 256}
 MAX_AUTO_BATCH = 128
 
 
@@ -387,7 +397,8 @@ def encode_share(job: Job, state, todo: dict[int, list[bool]], attempt: int) -> 
     backoff = OomBackoff(batch_size, state.device, log=lambda m: tqdm.write(m, file=sys.stderr))
     loader = torch.utils.data.DataLoader(
         PreprocessedImages(job.src, mine, job.pre, opts.jpeg_draft), batch_size=batch_size,
-        collate_fn=collate_list, num_workers=resolve_workers(opts.num_workers), pin_memory=state.device.type == "cuda")
+        collate_fn=collate_list, num_workers=resolve_workers(opts.num_workers, state.device.type),
+        pin_memory=state.device.type == "cuda")
     bar = tqdm(total=sum(len(todo[i]) for i in mine), unit="img", dynamic_ncols=True,
                disable=not (opts.progress and state.is_local_main_process), desc=f"encode x{state.num_processes}")
     batcher, encoded, t0 = BucketBatcher(batch_size), 0, time.perf_counter()
@@ -418,7 +429,8 @@ def encode_share(job: Job, state, todo: dict[int, list[bool]], attempt: int) -> 
     writer.close()
     bar.close()
     return {"rows_encoded": encoded, "failures": log.count, "encode_seconds": time.perf_counter() - t0,
-            "batch_size": batch_size, "batch_size_after_oom": backoff.size if backoff.halvings else None, **timing}
+            "batch_size": batch_size, "batch_size_after_oom": backoff.size if backoff.halvings else None,
+            "num_workers": loader.num_workers, **timing}
 
 
 def write_cache(job: Job, state, t0: float) -> dict:

@@ -1,16 +1,16 @@
 """Reading a latent cache the way a diffusion training loop needs it: normalized latents, batched by shape.
 
-    from torch.utils.data import DataLoader
-    from latentvae import LatentDataset
-    from latentvae.cache.reader import BucketBatchSampler, collate
+    from latentvae import LatentDataset, LatentLoader
 
     ds = LatentDataset("latents/", family="sdxl")                  # the factors measured on this cache
-    sampler = BucketBatchSampler(ds, batch_size=64, seed=0)        # one latent shape per batch; ranks split
-    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate)  # in the main process: fastest (docs/encode.md)
+    loader = LatentLoader(ds, batch_size=64, seed=0)               # one latent shape per batch; ranks split
     for epoch in range(epochs):
-        sampler.set_epoch(epoch); ds.set_epoch(epoch)              # new order, new posterior noise
-        for batch in loader:
+        loader.set_epoch(epoch)                                    # new order, new posterior noise
+        for batch in loader:                                       # read ahead by a thread of this process
             x = batch["latents"]                                   # float32 (B, C, h, w), ~N(0, 1)
+
+`DataLoader(ds, batch_sampler=BucketBatchSampler(ds, 64), collate_fn=collate)` gives the same batches
+(then call `set_epoch` on the sampler and on the dataset).
 
 The shards are read through `datasets` (arrow files, memory-mapped: the cache is never held in
 memory). When the dataset opens, each memory-mapped arrow chunk of a latent column is viewed as one
@@ -34,9 +34,12 @@ with `latentvae encode --flip` (rows with `flipped = true`). `flip=False` leaves
 """
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -232,25 +235,45 @@ class LatentDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices: Sequence[int]) -> list[dict]:
         """Rows of one latent shape (a BucketBatchSampler batch) read as one arrow gather; DataLoader
         calls this for a whole batch."""
-        n = len(self.rows)
-        idx = [int(i) + n if int(i) < 0 else int(i) for i in indices]
-        if any(not 0 <= i < n for i in idx):
-            raise IndexError(f"index out of range for {n} rows")
-        rows = self.rows[idx]
+        rows = self._rows_of(indices)
         if not len(rows):
             return []
         shapes = self._shapes[rows]
         if (shapes != shapes[0]).any():  # not one shape: read one row at a time
-            return [self.__getitems__([i])[0] for i in idx]
+            return [self.__getitems__([i])[0] for i in indices]
+        z, columns = self._read(rows)
+        return [{"latents": x, **dict(zip(self.columns, v))} for x, *v in zip(z, *columns)]
+
+    def read_batch(self, indices: Sequence[int]) -> dict[str, Any]:
+        """The rows `indices` (one latent shape) as one batch, what `collate(self.__getitems__(indices))`
+        gives without the per-row dicts: `latents` (B, C, h, w), every other column a list."""
+        rows = self._rows_of(indices)
+        if not len(rows):
+            raise BadInputError("an empty batch of rows")
+        shapes = self._shapes[rows]
+        if (shapes != shapes[0]).any():
+            found = sorted({tuple(int(v) for v in s) for s in shapes})
+            raise BadInputError(f"a batch mixes latent shapes {found}: batch the rows with BucketBatchSampler "
+                                "(one latent shape per batch)")
+        z, columns = self._read(rows)
+        return {"latents": z, **dict(zip(self.columns, columns))}
+
+    def _rows_of(self, indices: Sequence[int]) -> np.ndarray:
+        n = len(self.rows)
+        idx = [int(i) + n if int(i) < 0 else int(i) for i in indices]
+        if any(not 0 <= i < n for i in idx):
+            raise IndexError(f"index out of range for {n} rows")
+        return self.rows[idx]
+
+    def _read(self, rows: np.ndarray) -> tuple[torch.Tensor, list[list]]:
+        """`rows` (all of one shape): their (B, C, h, w) latents and the other columns as lists."""
         if self._values is None:  # through `datasets`: one arrow gather of the rows
             table = self._arrow[rows.tolist()]
             z = self._latents(lambda name: stored_latents(table.column(name), self.dtype, len(rows)), rows)
-            columns = [table.column(c).to_pylist() for c in self.columns]
-        else:
-            shape = tuple(int(v) for v in shapes[0])
-            z = self._latents(lambda name: self._gather(name, rows, shape), rows)
-            columns = self._other_columns(rows)
-        return [{"latents": x, **dict(zip(self.columns, v))} for x, *v in zip(z, *columns)]
+            return z, [table.column(c).to_pylist() for c in self.columns]
+        shape = tuple(int(v) for v in self._shapes[rows[0]])
+        z = self._latents(lambda name: self._gather(name, rows, shape), rows)
+        return z, self._other_columns(rows)
 
     def _gather(self, name: str, rows: np.ndarray, shape: tuple) -> torch.Tensor:
         """The stored values of `rows` (all of `shape`) of latent column `name`: one copy of each row's
@@ -487,3 +510,87 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.num_batches
+
+
+class LatentLoader:
+    """Batches of a LatentDataset for a training loop, read ahead by threads of this process.
+
+        loader = LatentLoader(ds, batch_size=64, seed=0)     # one reader thread, 4 batches ahead
+        for epoch in range(epochs):
+            loader.set_epoch(epoch)                          # the sampler's order and the dataset's noise
+            for batch in loader:                             # what DataLoader(..., collate_fn=collate) gives
+                x0 = batch["latents"].to(device, non_blocking=True)
+
+    The batches are those of `sampler` (default: a BucketBatchSampler built from batch_size, shuffle,
+    seed, drop_last, num_replicas and rank: one latent shape per batch, disjoint shares of the ranks),
+    in its order, whatever `threads` is. Each is read by `dataset.read_batch` on one of `threads`
+    threads, at most `prefetch` batches ahead of the loop; an error reading one is raised by the loop
+    at that batch. Leaving the loop early stops the reading (the threads finish the batch in hand).
+
+    Why threads and not DataLoader workers: a worker must hand every batch to the training process in
+    new shared memory, and new memory costs page faults (on the 2-core development CPU, a worker
+    delivers 8-11k rows/s, of which ~30% is that handover; benchmarks/RESULTS.md). A thread hands
+    over a pointer. The gather, the normalization and the copies run in numpy/torch/arrow code that
+    releases the GIL; the per-batch Python (row indexing, the other columns) holds it for ~1 ms a
+    batch of 64, so the reading overlaps a training step that spends its time in torch ops.
+
+    pin_memory  put each batch's latents in page-locked memory (for `.to("cuda", non_blocking=True)`);
+                ignored with a warning where CUDA is not available, as DataLoader does.
+    """
+
+    def __init__(self, dataset: LatentDataset, batch_size: Optional[int] = None, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = False, num_replicas: Optional[int] = None,
+                 rank: Optional[int] = None, sampler: Optional[torch.utils.data.Sampler] = None,
+                 threads: int = 1, prefetch: int = 4, pin_memory: bool = False):
+        if not isinstance(dataset, LatentDataset):
+            raise BadInputError(f"LatentLoader reads a LatentDataset, got {type(dataset).__name__}")
+        if sampler is None:
+            if batch_size is None:
+                raise BadInputError("LatentLoader needs batch_size (or a batch sampler as sampler=)")
+            sampler = BucketBatchSampler(dataset, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                                         num_replicas=num_replicas, rank=rank)
+        elif batch_size is not None:
+            raise BadInputError("LatentLoader takes batch_size or sampler, not both")
+        if int(threads) < 1:
+            raise BadInputError(f"threads must be >= 1, got {threads}")
+        if int(prefetch) < 1:
+            raise BadInputError(f"prefetch must be >= 1, got {prefetch}")
+        self.dataset, self.sampler = dataset, sampler
+        self.threads, self.prefetch = int(threads), int(prefetch)
+        self.pin_memory = bool(pin_memory)
+        if self.pin_memory and not torch.cuda.is_available():
+            warnings.warn("LatentLoader: pin_memory=True but CUDA is not available: not pinning", stacklevel=2)
+            self.pin_memory = False
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next iteration reads: the sampler's order and the posterior noise (--store moments)."""
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def _read(self, dataset: LatentDataset, indices: list[int]) -> dict[str, Any]:
+        batch = dataset.read_batch(indices)
+        if self.pin_memory:
+            batch["latents"] = batch["latents"].pin_memory()
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # the epoch as it is now, as a DataLoader worker's copy of the dataset would keep it
+        dataset = copy.copy(self.dataset)
+        batches = iter(list(self.sampler))
+        pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="latentvae-reader")
+        pending: deque = deque()
+        try:
+            for indices in batches:
+                pending.append(pool.submit(self._read, dataset, list(indices)))
+                if len(pending) > self.prefetch:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
