@@ -12,19 +12,7 @@ VAE=${1:-taesd:sd}
 WORK=${2:-/tmp/tiled-memory}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 SRC=${DEV_IMAGE:-$HERE/../shared/data/dev-images/kde_Path.jpg}
-mkdir -p "$WORK"
-python - "$SRC" "$WORK" <<'PY'
-import sys
-from pathlib import Path
-from PIL import Image
-src, work = sys.argv[1], Path(sys.argv[2])
-im = Image.open(src).convert("RGB")
-for side in (2048, 4096):
-    (work / f"img{side}").mkdir(exist_ok=True)
-    out = work / f"img{side}" / f"image{side}.png"
-    if not out.exists():
-        im.resize((side, side), Image.BICUBIC).save(out)
-PY
+python "$HERE/benchmarks/large_images.py" "$SRC" "$WORK"
 python -c "import torch; print('cpu capability:', torch.backends.cpu.get_cpu_capability())"
 for run in "2048 --tiling" "2048 " "4096 --tiling"; do
   set -- $run

@@ -46,7 +46,7 @@ from .errors import BadInputError
 from .fsutil import fsync_dir, publish_folder, write_durable
 from .images import BadImage, center_crop_to_multiple, cover_crop, downscale_long_side, load_rgb, to_tensor, to_uint8
 from .loading import NotAnAutoencoder, load_autoencoder, with_flag
-from .model import decode, downsample_factor, encode_moments, latent_channels
+from .model import configure_tiling, decode, downsample_factor, encode_moments, latent_channels
 from .options import EvaluateOptions
 from .perceptual import load_lpips
 from .precision import AUTOCAST_DTYPES, cpu_capability, resolve_mixed_precision
@@ -298,24 +298,6 @@ def latent_summary(result: VaeResult) -> dict:
             "latent_hf_share": float(np.mean(result.latent_hf)), "image_hf_share": float(np.mean(result.image_hf)),
             "scale_equivariance_psnr": metrics.pooled_psnr(sq, n) if n else None,
             "scale_equivariance_images": len(result.equivariance)}
-
-
-def configure_tiling(label: str, vae, tiling: bool, tile_size: int = 0) -> Optional[dict]:
-    """--tiling: diffusers' own tiled encode/decode (vae.enable_tiling()), `tile_size` replacing the model's
-    tile_sample_min_size (and tile_latent_min_size = tile_size / factor); returns the tiles for the settings."""
-    if not tiling:
-        return None
-    factor = downsample_factor(vae)
-    if isinstance(vae, AutoencoderTiny) and latent_channels(vae) != 4:
-        raise BadInputError(f"--tiling: {label} has {latent_channels(vae)} latent channels, but diffusers' "
-                            "AutoencoderTiny tiled encode writes 4 only; evaluate it without --tiling")
-    if tile_size and tile_size % factor:
-        raise BadInputError(f"--tile-size {tile_size}: must be a multiple of {label}'s downsampling factor {factor}")
-    vae.enable_tiling()
-    if tile_size:
-        vae.tile_sample_min_size, vae.tile_latent_min_size = tile_size, tile_size // factor
-    return {"tile_sample_min_size": vae.tile_sample_min_size, "tile_latent_min_size": vae.tile_latent_min_size,
-            "tile_overlap_factor": vae.tile_overlap_factor}
 
 
 def trained_stochastic(spec: str, vae) -> bool:

@@ -17,6 +17,7 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 
 from .config import ModelConfig
+from .errors import BadInputError
 
 AUTOENCODER_CLASSES = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
 
@@ -114,6 +115,29 @@ class InferenceEncoder(torch.nn.Module):
                 h = self.quant_conv(h)
             mean, logvar = h.chunk(2, dim=1)
             return mean, logvar.clamp(-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
+
+
+def configure_tiling(label: str, vae, tiling: bool, tile_size: int = 0, encode: bool = True) -> Optional[dict]:
+    """--tiling (evaluate, decode): diffusers' own tiled encode/decode (vae.enable_tiling()), `tile_size`
+    replacing the model's tile_sample_min_size (and tile_latent_min_size = tile_size / factor); returns
+    the tiles for the settings, None without `tiling`. `encode=False`: only decoding will be tiled (diffusers'
+    AutoencoderTiny tiles latents of any channel count when decoding, of 4 only when encoding)."""
+    if not tiling:
+        return None
+    factor = downsample_factor(vae)
+    if encode and isinstance(vae, AutoencoderTiny) and latent_channels(vae) != 4:
+        raise BadInputError(f"--tiling: {label} has {latent_channels(vae)} latent channels, but diffusers' "
+                            "AutoencoderTiny tiled encode writes 4 only; evaluate it without --tiling")
+    if isinstance(vae, AutoencoderTiny) and getattr(vae, "spatial_scale_factor", factor) != factor:
+        raise BadInputError(f"--tiling: {label} downsamples by {factor}, but diffusers' AutoencoderTiny tiles assume "
+                            f"{vae.spatial_scale_factor}; run it without --tiling")
+    if tile_size and tile_size % factor:
+        raise BadInputError(f"--tile-size {tile_size}: must be a multiple of {label}'s downsampling factor {factor}")
+    vae.enable_tiling()
+    if tile_size:
+        vae.tile_sample_min_size, vae.tile_latent_min_size = tile_size, tile_size // factor
+    return {"tile_sample_min_size": vae.tile_sample_min_size, "tile_latent_min_size": vae.tile_latent_min_size,
+            "tile_overlap_factor": vae.tile_overlap_factor}
 
 
 def decode(vae, z: torch.Tensor) -> torch.Tensor:

@@ -384,9 +384,14 @@ class DecodeOptions:
     seed: int = opt(0, "which rows")
     out: Optional[str] = opt(None, "write source | decoded PNG pairs into this folder")
     min_psnr: Optional[float] = opt(None, "exit 1 if the mean PSNR is below this")
+    tiling: bool = opt(False, "diffusers' tiled decode (vae.enable_tiling()): memory bounded by the tile, for "
+                              "latents of large images")
+    tile_size: int = opt(0, "with --tiling: tile side in pixels (0: the model's own)")
 
     def check(self) -> None:
         _positive(limit=self.limit)
+        if self.tile_size < 0 or (self.tile_size and not self.tiling):
+            raise OptionError(f"--tile-size {self.tile_size}: must be > 0 and needs --tiling (0: the model's own)")
 
 
 @dataclass(frozen=True)

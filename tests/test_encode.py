@@ -154,6 +154,33 @@ def test_encode_buckets_flip_manifest_failures_and_decode_round_trip(vae_dir, tm
     assert "is below --min-psnr 99" in str(e.value.code)
 
 
+def test_decode_tiling_decodes_in_tiles_close_to_whole(vae_dir, tmp_path, capsys, monkeypatch):
+    """`latentvae decode --tiling`: diffusers' tiled decode (bounded memory for large latents), the tiles reported."""
+    from latentvae.errors import BadInputError
+
+    data = photos(tmp_path / "imgs", 3)
+    out = tmp_path / "cache"
+    encode(cfg(vae_dir, data, out, dtype="fp32"))  # 32x32 images, 16x16 latents
+    whole = verify_cache(out, limit=3, seed=0)
+    tiled_latents = []
+    tiled_decode = AutoencoderKL.tiled_decode
+    monkeypatch.setattr(AutoencoderKL, "tiled_decode",
+                        lambda self, z, *a, **k: tiled_latents.append(z.shape) or tiled_decode(self, z, *a, **k))
+    tiled = verify_cache(out, limit=3, seed=0, tiling=True, tile_size=16)  # 8x8 latent tiles, overlapping
+    assert len(tiled_latents) == 3 and whole["tiles"] is None
+    assert tiled["tiles"] == {"tile_sample_min_size": 16, "tile_latent_min_size": 8, "tile_overlap_factor": 0.25}
+    for a, b in zip(whole["samples"], tiled["samples"]):
+        assert a["source_id"] == b["source_id"] and b["psnr"] == pytest.approx(a["psnr"], abs=1.5)
+    assert [a["psnr"] for a in whole["samples"]] != [b["psnr"] for b in tiled["samples"]]  # blended seams differ
+    cli.main(["decode", str(out), "--limit", "1", "--tiling", "--tile-size", "16"])
+    assert "decoded in tiles of 16 px (8 latent, overlap 0.25)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cli.main(["decode", str(out), "--tile-size", "16"])
+    assert e.value.code == 2 and "needs --tiling" in capsys.readouterr().err
+    with pytest.raises(BadInputError, match="--tile-size 15: must be a multiple of .* downsampling factor 2"):
+        verify_cache(out, limit=1, tiling=True, tile_size=15)
+
+
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_half_precision_storage_round_trips_to_the_fp32_latent(vae_dir, tmp_path, dtype):
     data = photos(tmp_path / "imgs", 3)

@@ -420,3 +420,5 @@ def test_tiled_psnr_is_close_to_untiled(vae_folder, image_folder, tmp_path):
                              num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=16)
     with pytest.raises(BadInputError, match="--tiling.*16 latent channels"):
         configure_tiling("taesd16", tiny16, True)  # diffusers' AutoencoderTiny tiles 4-channel latents only
+    with pytest.raises(BadInputError, match="--tiling: taesd16 downsamples by 2, but .* assume 8"):
+        configure_tiling("taesd16", tiny16, True, encode=False)  # decoding only: any channels, but its tiles assume /8

@@ -167,13 +167,16 @@ def save_pair(folder: Path, k: int, source_id: str, x: torch.Tensor, x_hat: torc
 
 
 def verify_cache(cache: str | Path, limit: int = 8, seed: int = 0, *, vae=None, vae_path: Optional[str] = None,
-                 pairs_dir: Optional[str | Path] = None, data_path: Optional[str] = None) -> dict:
+                 pairs_dir: Optional[str | Path] = None, data_path: Optional[str] = None, tiling: bool = False,
+                 tile_size: int = 0) -> dict:
     """Decode `limit` random stored latents; PSNR against the source images preprocessed the same way.
 
     `vae`: the loaded VAE (else `vae_path`, else the manifest's: cache_vae_spec); `data_path`: where the
     source is now (else the manifest's: cache_data); `pairs_dir`: also write each
-    source | decoded pair there as a PNG. Returns {"samples": [...], "column", "mean_psnr", "min_psnr"}."""
+    source | decoded pair there as a PNG; `tiling`, `tile_size`: decode in diffusers' tiles (model.configure_tiling).
+    Returns {"samples": [...], "column", "mean_psnr", "min_psnr", "tiles"}."""
     from ..metrics import psnr
+    from ..model import configure_tiling
     from ..sources import open_source
 
     cache = Path(cache)
@@ -183,6 +186,7 @@ def verify_cache(cache: str | Path, limit: int = 8, seed: int = 0, *, vae=None, 
     if vae is None:
         vae = load_cache_vae(cache, manifest, vae_path)
     check_same_vae(vae, cache, manifest, vae_path)
+    tiles = configure_tiling("the cache's VAE", vae, tiling, tile_size, encode=False)
     s = manifest["source"]
     data = data_path or cache_data(cache, manifest)
     src = open_source(data, s["kind"], s["split"], s["image_column"], 10**12)
@@ -207,7 +211,7 @@ def verify_cache(cache: str | Path, limit: int = 8, seed: int = 0, *, vae=None, 
             save_pair(Path(pairs_dir), len(results) - 1, sid, x, x_hat)
     values = [r["psnr"] for r in results]
     return {"samples": results, "column": column, "mean_psnr": float(np.mean(values)) if values else float("nan"),
-            "min_psnr": float(np.min(values)) if values else float("nan")}
+            "min_psnr": float(np.min(values)) if values else float("nan"), "tiles": tiles}
 
 
 def print_report(report: dict) -> None:
@@ -215,14 +219,17 @@ def print_report(report: dict) -> None:
     print(f"{'shard:row':<28} {'flip':<5} {'PSNR dB':>8}  source")
     for r in report["samples"]:
         print(f"{r['shard'] + ':' + str(r['row']):<28} {str(r['flipped']):<5} {r['psnr']:8.2f}  {r['source_id']}")
+    t = report.get("tiles")
+    tiled = (f", decoded in tiles of {t['tile_sample_min_size']} px ({t['tile_latent_min_size']} latent, overlap "
+             f"{t['tile_overlap_factor']:g})") if t else ""
     print(f"mean PSNR {report['mean_psnr']:.2f} dB, min {report['min_psnr']:.2f} dB over {len(report['samples'])} "
-          f"rows of {report['column']}")
+          f"rows of {report['column']}{tiled}")
 
 
 def run(opts: DecodeOptions) -> dict:
     """`latentvae decode CACHE`: the report as a table; exit status 1 if the mean PSNR is below --min-psnr."""
     report = verify_cache(opts.cache, limit=opts.limit, seed=opts.seed, vae_path=opts.vae, pairs_dir=opts.out,
-                          data_path=opts.data)
+                          data_path=opts.data, tiling=opts.tiling, tile_size=opts.tile_size)
     print_report(report)
     if opts.min_psnr is not None and report["mean_psnr"] < opts.min_psnr:
         sys.exit(f"mean PSNR {report['mean_psnr']:.2f} dB is below --min-psnr {opts.min_psnr:g}")
