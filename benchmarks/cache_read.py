@@ -100,6 +100,8 @@ def status_kib(key: str) -> int:
     return 0
 
 
+# --sweep's extra kinds: DataLoader settings
+SWEEP = ["transport:fp16:fs", "transport:fp16:pf4", "latentvae:fp16:fs", "latentvae:fp16:pf4", "latentvae:fp16:persist"]
 OPTIONS = {"0": "in-process (0 workers)", "step": "+ step", "fp16": "dtype=float16", "datasets": "datasets path (no arrow index)",
            "fs": "sharing file_system", "pf4": "prefetch_factor=4", "persist": "persistent_workers, 2nd epoch"}
 
@@ -337,14 +339,10 @@ def main() -> None:
         kinds = ["latentvae", "latentvae:fp16", "latentvae:datasets", "latentvae:0", "latentvae:0:fp16",
                  "latentvae:loader", "latentvae:loader:fp16", "step", "latentvae:loader:step", "latentvae:0:step",
                  "transport", "transport:fp16"]
-        if args.sweep:
-            kinds += ["transport:fp16:fs", "transport:fp16:pf4", "latentvae:fp16:fs", "latentvae:fp16:pf4",
-                      "latentvae:fp16:persist"]
+        kinds += SWEEP if args.sweep else []
         kinds += ["datasets:python", "datasets:numpy"]
         if args.only:
-            unknown = set(args.only.split(",")) - set(kinds) - {"transport:fp16:fs", "transport:fp16:pf4",
-                                                               "latentvae:fp16:fs", "latentvae:fp16:pf4",
-                                                               "latentvae:fp16:persist"}
+            unknown = set(args.only.split(",")) - set(kinds) - set(SWEEP)
             if unknown:
                 raise SystemExit(f"--only: unknown kinds {sorted(unknown)}; valid: {', '.join(kinds)}")
             kinds = args.only.split(",")

@@ -264,6 +264,12 @@ def _positive(**values: float) -> None:
             raise OptionError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
 
 
+def _check_tile_size(tiling: bool, tile_size: int) -> None:
+    """--tile-size (evaluate, decode): 0 (the model's own) or > 0, and only with --tiling."""
+    if tile_size < 0 or (tile_size and not tiling):
+        raise OptionError(f"--tile-size {tile_size}: must be > 0 and needs --tiling (0: the model's own)")
+
+
 @dataclass(frozen=True)
 class TrainOptions:
     """Train a KL-regularized VAE (or a plain autoencoder) with Accelerate. Every config key is listed
@@ -390,8 +396,7 @@ class DecodeOptions:
 
     def check(self) -> None:
         _positive(limit=self.limit)
-        if self.tile_size < 0 or (self.tile_size and not self.tiling):
-            raise OptionError(f"--tile-size {self.tile_size}: must be > 0 and needs --tiling (0: the model's own)")
+        _check_tile_size(self.tiling, self.tile_size)
 
 
 @dataclass(frozen=True)
@@ -430,8 +435,7 @@ class EvaluateOptions:
         if self.max_side and self.protocol != "full":
             raise OptionError(f"--max-side applies to --protocol full only; --protocol {self.protocol} resizes "
                               "every image to 256 itself")
-        if self.tile_size < 0 or (self.tile_size and not self.tiling):
-            raise OptionError(f"--tile-size {self.tile_size}: must be > 0 and needs --tiling (0: the model's own)")
+        _check_tile_size(self.tiling, self.tile_size)
 
 
 @dataclass(frozen=True)

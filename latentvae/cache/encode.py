@@ -99,7 +99,7 @@ def collate_list(items: list[dict]) -> list[dict]:
     return items
 
 
-def resolve_workers(n: int, device: str = "cuda") -> int:
+def resolve_workers(n: int, device: str) -> int:
     """--num-workers: -1 is 0 when the encoder runs on the CPU, else one fewer than the CPU cores, at most 4.
 
     On the CPU the encoder's threads use every core, and decoding is a small part of the time (a JPEG
