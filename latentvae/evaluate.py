@@ -540,9 +540,10 @@ def run_evaluation(opts: EvaluateOptions, log=print, vae_flag: str = "--vae") ->
     dev = resolve_device(opts.device)
     vaes = load_all(opts.vae, dev, vae_flag)
     src = open_images(opts)
+    # the tiles checked against each VAE before the LPIPS networks load (a bad --tile-size fails at once)
+    tiles = {label: configure_tiling(label, vae, opts.tiling, opts.tile_size) for label, (_, vae) in vaes.items()}
     nets = () if opts.lpips == "none" else tuple(opts.lpips.split(","))
     lpips_models = {net: load_lpips(net, opts.lpips_dir, option="--lpips-dir") for net in nets}
-    tiles = {label: configure_tiling(label, vae, opts.tiling, opts.tile_size) for label, (_, vae) in vaes.items()}
     rfid = load_rfid(opts, dev, log)
     results, summary = [], {}
     for label, (spec, vae) in vaes.items():
