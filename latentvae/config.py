@@ -146,6 +146,8 @@ class TrainConfig:
     preview_count: int = opt(8, "validation images shown in the preview grids (the first N)")
     max_nonfinite_in_row: int = opt(20, "stop after this many consecutive non-finite updates")
     compile: bool = opt(False, "torch.compile the autoencoder")
+    compile_lpips: bool = opt(False, "torch.compile the LPIPS network of the loss (forward and the backward to the "
+                                     "reconstruction; validation keeps the plain one)")
     cpu_threads: int = opt(0, "CPU threads per process; 0: this machine's cores / processes on it "
                               "(`accelerate launch` alone sets OMP_NUM_THREADS=1)")
 

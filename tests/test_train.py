@@ -129,3 +129,38 @@ def test_init_from_a_diffusers_folder_starts_from_its_weights(tiny_config, tmp_p
         assert torch.allclose(v, trained[k], atol=1e-6), k  # lr ~ 0: still the pretrained weights
     state = ckpt.read_state(ckpt.final_dir(tmp_path / "r", 1))
     assert state["vae_config"]["block_out_channels"] == [8, 16]
+
+
+
+def _compiled(module) -> bool:
+    return isinstance(module, torch._dynamo.eval_frame.OptimizedModule)
+
+
+def test_compile_lpips_compiles_the_loss_network_and_validation_keeps_the_plain_one(tiny_config, tmp_path):
+    """train.compile_lpips: the loss's LPIPS is compiled; validation, which sees images of many sizes
+    (each would compile again), keeps the plain network."""
+    for on in (False, True):
+        cfg = tiny_config(**{"train.compile_lpips": "true" if on else "false", "train.eval_every": "2"})
+        p = (trainer := fresh_trainer(cfg, tmp_path / f"run-{on}")).parts
+        assert _compiled(p.lpips) is on and not _compiled(p.lpips_eval)
+        assert getattr(p.lpips, "_orig_mod", p.lpips) is p.lpips_eval
+        assert trainer.validator is not None and any(m is p.lpips_eval for m in trainer.validator.lpips.values())
+
+
+@pytest.mark.slow
+def test_compiled_lpips_trains_as_the_plain_network_does(tiny_config, tmp_path):
+    """The compiled LPIPS's forward and its backward to the reconstruction: the first step's loss and
+    gradient norm as the plain network gives them, and the next steps' losses."""
+    from latentvae.train.step import train_step
+
+    runs = {}
+    for on in (False, True):
+        cfg = tiny_config(**{"train.compile_lpips": "true" if on else "false", "train.eval_every": "0"})
+        trainer = fresh_trainer(cfg, tmp_path / f"run-{on}")
+        torch.manual_seed(0)
+        x = torch.rand(2, 3, 32, 32) * 2 - 1
+        logs = [train_step(trainer.parts, trainer.state, x) for _ in range(3)]
+        runs[on] = [(float(g["loss"]), float(g["grad_norm"])) for g in logs]
+    (loss0, grad0), (loss1, grad1) = runs[False][0], runs[True][0]
+    assert loss1 == pytest.approx(loss0, rel=1e-5) and grad1 == pytest.approx(grad0, rel=1e-4), runs
+    assert [r[0] for r in runs[True]] == pytest.approx([r[0] for r in runs[False]], rel=1e-3), runs

@@ -66,7 +66,8 @@ class Parts:
     scaler: torch.amp.GradScaler  # enabled for fp16 only
     precision: str  # resolved: "no", "bf16" or "fp16"
     channels_last: bool
-    lpips: Optional[nn.Module] = None
+    lpips: Optional[nn.Module] = None  # the loss's LPIPS (compiled with train.compile_lpips)
+    lpips_eval: Optional[nn.Module] = None  # the same network uncompiled, for validation's many image sizes
     disc: Optional[nn.Module] = None  # prepared PatchDiscriminator, when loss.gan
     opt_d: Optional[torch.optim.Optimizer] = None
     ema: Optional[EMA] = None
