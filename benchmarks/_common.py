@@ -36,6 +36,16 @@ def matmul_flops(dtype: torch.dtype, device: str = "cpu", n: int = 2048, seconds
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
+def preset_vae(preset: str, device: str) -> torch.nn.Module:
+    """The AutoencoderKL of a model preset, initialised with seed 0, in eval mode on `device`: what the
+    benchmarks time (the speed of a network does not depend on its weights' values)."""
+    from latentvae.config import load_config
+    from latentvae.model import build_vae
+
+    torch.manual_seed(0)
+    return build_vae(load_config(None, [f"model.preset={preset}"]).model).eval().to(device)
+
+
 # ----------------------------------------------------------------------------- what the figures ran on
 def pick_device() -> str:
     """cuda where there is one, else cpu: both scripts run unchanged on either."""

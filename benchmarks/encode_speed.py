@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from _common import conv_shapes, hardware, hardware_line, peak_key, peaks, peaks_line, pick_device
+from _common import conv_shapes, hardware, hardware_line, peak_key, peaks, peaks_line, pick_device, preset_vae
 
 REPO = Path(__file__).resolve().parents[1]
 DEV_IMAGES = REPO.parent / "shared" / "data" / "dev-images"
@@ -189,17 +189,14 @@ def main() -> None:
         if row.startswith("naive"):
             naive_batch(row, args.batch_size)
 
-    from latentvae.config import load_config
     from latentvae.cache.encode import resolve_workers
     from latentvae.images import list_images
-    from latentvae.model import build_vae
 
     device = pick_device()
     hw = hardware(device)
     files = list_images(Path(args.images_dir))[: args.images or None] * args.repeat
     n = len(files)
-    torch.manual_seed(0)
-    vae = build_vae(load_config(None, [f"model.preset={args.preset}"]).model).eval().to(device)
+    vae = preset_vae(args.preset, device)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = tmp / "images"

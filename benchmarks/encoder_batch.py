@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import hardware, hardware_line, pick_device  # noqa: E402
+from _common import hardware, hardware_line, pick_device, preset_vae  # noqa: E402
 
 CONFIGS = [(128, 4), (128, 8), (128, 16), (128, 32), (256, 1), (256, 2), (256, 4), (256, 8), (512, 1), (512, 2)]
 
@@ -32,12 +32,10 @@ def main() -> None:
     p.add_argument("--out", help="also write the printed table here")
     args = p.parse_args()
 
-    from latentvae.config import load_config
-    from latentvae.model import InferenceEncoder, build_vae
+    from latentvae.model import InferenceEncoder
 
     device = pick_device()
-    torch.manual_seed(0)
-    vae = build_vae(load_config(None, [f"model.preset={args.preset}"]).model).eval().to(device)
+    vae = preset_vae(args.preset, device)
     vae = vae.to(memory_format=torch.channels_last)
     encoder = InferenceEncoder(vae).eval()
     pixels_per_round = 8 * 256 * 256

@@ -10,7 +10,7 @@ CUDA) is its own. Rows, for the same recipe (L1 + LPIPS-vgg + KL; then with the 
   latentvae  train.step.train_step with the default TrainConfig (what train/train.py runs);
   latentvae+LEVER[+LEVER]  the same with levers switched on, one row each, to measure what each gives:
            ckpt (model.gradient_checkpointing), bf16 (bf16 autocast), cl (channels_last),
-           compile (torch.compile of the model), crop64 (LPIPS on one 64x64 crop per image).
+           compile (torch.compile of the model), compile-lpips (of the loss's LPIPS network), crop64 (LPIPS on one 64x64 crop per image).
 A `-gan` suffix on the base name (naive-gan, latentvae-gan+cl) turns the PatchGAN on.
 Runs on CUDA where there is a GPU (else, or with --cpu, on the CPU), unchanged. The header names the
 hardware (CPU capability as torch reports it, or the GPU) and the peaks measured here: bf16 and fp32
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from _common import conv_shapes, hardware, hardware_line, peak_key, peaks, peaks_line, sync as _sync
+from _common import conv_shapes, hardware, hardware_line, peak_key, peaks, peaks_line, preset_vae, sync as _sync
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,8 @@ def _batches(args, device):
 
 
 LEVERS = {"ckpt": ["model.gradient_checkpointing=true"], "bf16": ["train.mixed_precision=bf16"],
-          "cl": ["train.channels_last=true"], "compile": ["train.compile=true"], "crop64": ["loss.lpips_crop=64"]}
+          "cl": ["train.channels_last=true"], "compile": ["train.compile=true"],
+          "compile-lpips": ["train.compile_lpips=true"], "crop64": ["loss.lpips_crop=64"]}
 
 
 def lever_overrides(lever: str) -> list[str]:
@@ -172,9 +173,7 @@ def _latentvae_step(args, cfg):
 
 def vae_conv_shapes(args, device: str) -> list[dict]:
     """The VAE's Conv2d shapes in one encode + decode at the benchmark's resolution (batch 1; timed at --batch)."""
-    from latentvae.config import load_config
-    from latentvae.model import build_vae
-    vae = build_vae(load_config(None, [f"model.preset={args.preset}"]).model).eval().to(device)
+    vae = preset_vae(args.preset, device)
     return conv_shapes(vae, torch.randn(1, 3, args.resolution, args.resolution, device=device))
 
 
