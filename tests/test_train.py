@@ -131,7 +131,6 @@ def test_init_from_a_diffusers_folder_starts_from_its_weights(tiny_config, tmp_p
     assert state["vae_config"]["block_out_channels"] == [8, 16]
 
 
-
 def _compiled(module) -> bool:
     return isinstance(module, torch._dynamo.eval_frame.OptimizedModule)
 

@@ -147,9 +147,10 @@ def train_step(p: Parts, st: TrainState, x: torch.Tensor) -> Optional[dict[str, 
         for name, opt, model in updates:
             p.scaler.unscale_(opt)  # a no-op without fp16
             logs[name] = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).detach()
+        finite = bool(torch.isfinite(logs["grad_norm"]))  # the update's host sync (one more for the GAN's)
         for name, opt, _ in updates:
             # the scaler skips a step whose gradients hold inf/nan; without it, we do
-            if p.scaler.is_enabled() or bool(torch.isfinite(logs[name])):  # one host sync per update
+            if p.scaler.is_enabled() or (finite if name == "grad_norm" else bool(torch.isfinite(logs[name]))):
                 p.scaler.step(opt)
             opt.zero_grad(set_to_none=True)
         if p.opt_d is not None and not gan:
@@ -157,7 +158,7 @@ def train_step(p: Parts, st: TrainState, x: torch.Tensor) -> Optional[dict[str, 
         p.scaler.update()
         if p.scaler.is_enabled():
             logs["grad_scale"] = torch.tensor(p.scaler.get_scale())
-        if not torch.isfinite(logs["grad_norm"]):
+        if not finite:
             st.nonfinite_total += 1
             st.nonfinite_in_row += 1
             return logs
