@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -44,6 +45,14 @@ def preset_vae(preset: str, device: str) -> torch.nn.Module:
 
     torch.manual_seed(0)
     return build_vae(load_config(None, [f"model.preset={preset}"]).model).eval().to(device)
+
+
+def report(lines: list[str], out: str | None) -> None:
+    """Print a benchmark's lines, and write them to `out` too when given (its folder made)."""
+    print("\n".join(lines))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text("\n".join(lines) + "\n")
 
 
 # ----------------------------------------------------------------------------- what the figures ran on

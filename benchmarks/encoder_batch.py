@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import hardware, hardware_line, pick_device, preset_vae  # noqa: E402
+from _common import hardware, hardware_line, pick_device, preset_vae, report  # noqa: E402
 
 CONFIGS = [(128, 4), (128, 8), (128, 16), (128, 32), (256, 1), (256, 2), (256, 4), (256, 8), (512, 1), (512, 2)]
 
@@ -67,10 +67,8 @@ def main() -> None:
              "| resolution | images per call | MP/s (mean) | per round |", "|---:|---:|---:|---|"]
     for (res, batch), v in rates.items():
         lines.append(f"| {res}² | {batch} | {statistics.mean(v):.4f} | {' / '.join(f'{x:.4f}' for x in v)} |")
-    print("\n" + "\n".join(lines))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(lines) + "\n")
+    print()
+    report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import hardware, hardware_line, pick_device, preset_vae, sync  # noqa: E402
+from _common import hardware, hardware_line, pick_device, preset_vae, report, sync  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -75,10 +75,7 @@ def main() -> None:
         if args.profile:
             lines += profile_lines(fns["eager"], x, device)
         if not args.rounds:  # --profile --rounds 0: the profile alone
-            print("\n".join(lines))
-            if args.out:
-                Path(args.out).write_text("\n".join(lines) + "\n")
-            return
+            return report(lines, args.out)
         for name, freezing in (("compile", False), ("compile+freezing", True)):
             # options= makes each its own backend: dynamo does not reuse the other's graph (the fp32
             # encoders share vae's modules, and a patched global config would not tell them apart)
@@ -109,9 +106,7 @@ def main() -> None:
             line += (f"; pays back its compile after {compile_s[name] / saved:,.0f} images" if saved > 0
                      else "; never pays back")
         lines.append(line)
-    print("\n".join(lines))
-    if args.out:
-        Path(args.out).write_text("\n".join(lines) + "\n")
+    report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import hardware, hardware_line, pick_device, preset_vae, sync  # noqa: E402
+from _common import hardware, hardware_line, pick_device, preset_vae, report, sync  # noqa: E402
 
 KINDS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
@@ -64,9 +64,7 @@ def main() -> None:
             diff = max(float((a - b).abs().max()) for a, b in zip(params[kind], params["for-loop"]))
             lines.append(f"  {kind:9s} median {med * 1e3:8.1f} ms  fastest {best * 1e3:8.1f} ms  "
                          f"{med / fused:5.2f}x fused's time  max |w - w_for-loop| {diff:.1e}")
-    print("\n".join(lines))
-    if args.out:
-        Path(args.out).write_text("\n".join(lines) + "\n")
+    report(lines, args.out)
 
 
 if __name__ == "__main__":

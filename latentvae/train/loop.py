@@ -157,11 +157,12 @@ def build_parts(cfg: Config, acc) -> Parts:
         ae, opt_g = acc.prepare(ae, opt_g)
     if t.compile:
         ae = torch.compile(ae)
-    lpips_loss = torch.compile(lpips) if lpips is not None and t.compile_lpips else lpips
+    if lpips is not None and t.compile_lpips:
+        lpips = torch.compile(lpips)  # Parts.lpips_eval is the plain network
     scaler = torch.amp.GradScaler(acc.device.type, init_scale=t.fp16_init_scale, enabled=precision == "fp16")
     ema = EMA(acc.unwrap_model(ae).vae, t.ema_decay) if t.ema_decay > 0 else None
     return Parts(cfg=cfg, acc=acc, ae=ae, opt_g=opt_g, sched_g=sched_g, scaler=scaler, precision=precision,
-                 channels_last=channels_last, lpips=lpips_loss, lpips_eval=lpips, disc=disc, opt_d=opt_d, ema=ema)
+                 channels_last=channels_last, lpips=lpips, disc=disc, opt_d=opt_d, ema=ema)
 
 
 # ----------------------------------------------------------------------------- the run

@@ -67,7 +67,6 @@ class Parts:
     precision: str  # resolved: "no", "bf16" or "fp16"
     channels_last: bool
     lpips: Optional[nn.Module] = None  # the loss's LPIPS (compiled with train.compile_lpips)
-    lpips_eval: Optional[nn.Module] = None  # the same network uncompiled, for validation's many image sizes
     disc: Optional[nn.Module] = None  # prepared PatchDiscriminator, when loss.gan
     opt_d: Optional[torch.optim.Optimizer] = None
     ema: Optional[EMA] = None
@@ -75,6 +74,11 @@ class Parts:
     @property
     def vae(self):
         return self.acc.unwrap_model(self.ae).vae
+
+    @property
+    def lpips_eval(self) -> Optional[nn.Module]:
+        """The loss's LPIPS network uncompiled, for validation's many image sizes (each would compile again)."""
+        return getattr(self.lpips, "_orig_mod", self.lpips)
 
     def disc_module(self):
         return self.acc.unwrap_model(self.disc)
