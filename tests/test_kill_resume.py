@@ -23,7 +23,9 @@ from latentvae import runs as ckpt
 WORKER = Path(__file__).with_name("kill_worker.py")
 SETTINGS = {"train.steps": "8", "train.save_every": "2", "train.keep_last": "1", "train.grad_accum": "2",
             "loss.gan": "true", "loss.gan_start": "2", "train.ema_decay": "0.9", "loss.lpips_weight": "0",
-            "train.cpu_threads": "1", "train.image_every": "100"}
+            "train.cpu_threads": "1", "train.image_every": "100",
+            # pinned: NHWC is `auto` on CUDA and bf16 CPUs, and the layout a restore must keep (fused AdamW)
+            "train.channels_last": "true", "train.mixed_precision": "no"}
 # kill point -> (complete checkpoints left, files in the staging folder of the next one, or None)
 KILLS = {
     "written:model.safetensors:2": ([2], {"model.safetensors", "rng-rank0.safetensors", "rng-rank0.json"}),

@@ -117,3 +117,36 @@ def test_checkpoint_files_are_fsynced_before_the_rename_that_publishes_them(cfg,
         assert str(staged / f.name) in synced_before, f.name  # every file, state.json included
     assert str(staged) in synced_before  # the folder's entries
     assert ("fsync", str(final.parent)) in events[publish:]  # and the rename itself
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_fused_adamw_restored_from_its_files_steps_bit_for_bit_like_the_live_one(tmp_path, layout):
+    """The fused kernels pair param, grad and moments by flat memory: a restored state must keep the
+    parameter's layout (channels_last here, as `auto` picks on CUDA and bf16 CPUs), whatever the CPU."""
+    from latentvae.train.checkpoint import restore_optimizer
+
+    def grads(params, gen):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(memory_format=layout if p.dim() == 4 else
+                                                             torch.contiguous_format)
+
+    torch.manual_seed(0)
+    live = [torch.nn.Parameter(torch.randn(16, 8, 3, 3).to(memory_format=layout)), torch.nn.Parameter(torch.randn(16))]
+    opt = torch.optim.AdamW(live, lr=1e-2, fused=True)
+    grads(live, torch.Generator().manual_seed(1))
+    opt.step()
+    tensors, meta = ckpt.optimizer_to_files(opt.state_dict())
+    ckpt.save_tensors(tmp_path / "optim.safetensors", tensors)
+    restored = [torch.nn.Parameter(p.detach().clone()) for p in live]
+    opt2 = torch.optim.AdamW(restored, lr=1e-2, fused=True)
+    restore_optimizer(opt2, ckpt.load_tensors(tmp_path / "optim.safetensors"), meta)
+    for p in restored:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert opt2.state[p][key].stride() == p.stride(), key
+    for params, o in ((live, opt), (restored, opt2)):
+        gen = torch.Generator().manual_seed(2)
+        for _ in range(3):
+            grads(params, gen)
+            o.step()
+    for a, b in zip(live, restored):
+        assert torch.equal(a, b)

@@ -36,5 +36,10 @@ class EMA:
         missing = [n for n in self.names if n not in tensors]
         if missing:
             raise KeyError(f"EMA weights lack {missing[:3]}{'...' if len(missing) > 3 else ''}")
-        self.shadow = [tensors[n].float().to(s.device).clone() for n, s in zip(self.names, self.shadow)]
+        wrong = [n for n, s in zip(self.names, self.shadow) if tensors[n].shape != s.shape]
+        if wrong:
+            raise ValueError(f"EMA weight {wrong[0]} has shape {tuple(tensors[wrong[0]].shape)}, the model's is "
+                           f"{tuple(self.shadow[self.names.index(wrong[0])].shape)}")
+        # into copies of the live shadow (its device and memory layout), not views of the file
+        self.shadow = [torch.empty_like(s).copy_(tensors[n]) for n, s in zip(self.names, self.shadow)]
         self.updates = updates
