@@ -71,12 +71,30 @@ def one_line(message: str) -> str:
 
 def run_command(name: str, func: Callable[[Optional[Sequence[str]]], None], argv=None) -> None:
     """Run `func(argv)`; a UserError becomes `latentvae NAME: error: MESSAGE` on stderr (one line) and
-    exit status 2. Other exceptions propagate with their traceback."""
+    exit status 2. SIGINT, SIGTERM and SIGUSR1 raise interrupts.Interrupted (a job may stop at a safe point
+    first), which becomes `latentvae NAME: interrupted by SIGNAL: MESSAGE` (one line; none on processes
+    other than the first) and exit status 128 + the signal's number. Other exceptions propagate with
+    their traceback."""
+    from .interrupts import Interrupted, on_signals_raise
+
     try:
-        func(argv)
+        with on_signals_raise():
+            func(argv)
     except UserError as e:
         print(f"{PROG} {name}: error: {one_line(str(e)) or type(e).__name__}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        if e.message or is_first_process():
+            sys.stdout.flush()
+            print(f"{PROG} {name}: interrupted by {e.name}" + (f": {one_line(e.message)}" if e.message else ""),
+                  file=sys.stderr, flush=True)
+        sys.exit(e.status)
+
+
+def is_first_process() -> bool:
+    """RANK 0, or no launcher: the process that speaks for a multi-process command."""
+    import os
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _invoke(cmd: Command, prog: str, argv: Sequence[str]) -> None:

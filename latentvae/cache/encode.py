@@ -37,6 +37,7 @@ import torch
 from ..errors import BadInputError, MissingInputError
 from ..fsutil import atomic_write_bytes, atomic_write_json
 from ..images import BadImage
+from ..interrupts import ignore_in_worker
 from ..options import EncodeOptions, validated
 from ..precision import AUTOCAST_DTYPES
 from ..preprocess import Preprocess, load_preprocessed
@@ -398,7 +399,7 @@ def encode_share(job: Job, state, todo: dict[int, list[bool]], attempt: int) -> 
     loader = torch.utils.data.DataLoader(
         PreprocessedImages(job.src, mine, job.pre, opts.jpeg_draft), batch_size=batch_size,
         collate_fn=collate_list, num_workers=resolve_workers(opts.num_workers, state.device.type),
-        pin_memory=state.device.type == "cuda")
+        pin_memory=state.device.type == "cuda", worker_init_fn=ignore_in_worker)  # stopped by us (interrupts.py)
     bar = tqdm(total=sum(len(todo[i]) for i in mine), unit="img", dynamic_ncols=True,
                disable=not (opts.progress and state.is_local_main_process), desc=f"encode x{state.num_processes}")
     batcher, encoded, t0 = BucketBatcher(batch_size), 0, time.perf_counter()

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..config import DataConfig
 from ..errors import MissingInputError
 from ..images import BadImage, crop_center, resize_short_side, to_tensor
+from ..interrupts import ignore_in_worker
 from ..sources import ImageSource, open_source, split_holdout
 
 
@@ -111,7 +112,8 @@ def make_loader(stream: CropStream, batch_size: int, start_micro_step: int, rank
     g = torch.Generator().manual_seed(mix_seed(stream.seed, -10**9 - rank))
     return DataLoader(stream, batch_size=batch_size, sampler=StreamSampler(batch_size, start_micro_step, rank, world),
                       collate_fn=collate, num_workers=num_workers, pin_memory=torch.cuda.is_available(), generator=g,
-                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)
+                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None,
+                      worker_init_fn=ignore_in_worker)  # the trainer stops them (interrupts.py)
 
 
 def load_val_batch(src: ImageSource, res: int) -> tuple[torch.Tensor, list[str]]:
