@@ -10,12 +10,20 @@ KILL is one of
     publish:N             in the N-th checkpoint commit, just before the rename that publishes it
     published:N           in the N-th checkpoint commit, just after that rename (before old ones rotate out)
 The kill is a real SIGKILL: no exception handler, `finally` or atexit runs.
+
+SIGNALS@KILL instead sends real signals to this process at that moment and trains through the command
+line (`latentvae train`), as a user's run would: SIGNALS is one name or several joined by "+" (TERM, INT,
+USR1), and several SIGNALS@KILL joined by "," arm several moments. interrupts.GRACE_S is made 0, so a
+second signal counts however soon it follows the first. Under torchrun, "SPEC0;SPEC1" gives rank r its
+own spec ("" = none).
 """
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
+from latentvae import cli, interrupts
 from latentvae import runs as ckpt
 from latentvae.config import load_config
 from latentvae.train import Trainer, step
@@ -25,14 +33,24 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def arm(kill: str) -> None:
+def signaller(names: str):
+    """send(): the named signals to this process, one after another."""
+    def send() -> None:
+        for i, name in enumerate(names.split("+")):
+            if i:
+                time.sleep(0.05)
+            os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
+    return send
+
+
+def arm(kill: str, act=die) -> None:
     kind, *args = kill.split(":")
     count = {"n": 0}
 
     def hit(n: int) -> None:
         count["n"] += 1
         if count["n"] == n:
-            die()
+            act()
 
     if kind == "step":
         real = step.generator_step
@@ -55,9 +73,9 @@ def arm(kill: str) -> None:
             calls["n"] += 1
             if kind == "publish" and calls["n"] == 2 * int(args[0]) - 1:
                 real_fsync(path)
-                die()
+                act()
             if kind == "published" and calls["n"] == 2 * int(args[0]):
-                die()
+                act()
             real_fsync(path)
         ckpt.fsync_dir = fsync_dir
     elif kind != "none":
@@ -66,7 +84,17 @@ def arm(kill: str) -> None:
 
 if __name__ == "__main__":
     out, kill = Path(sys.argv[1]), sys.argv[2]
-    arm(kill)
-    trainer = Trainer(load_config(None, [a for a in sys.argv[3:] if a != "--set"]), out, resume="latest",
-                      show_progress=False)
-    trainer.run()
+    if ";" in kill:
+        kill = kill.split(";")[int(os.environ.get("RANK", "0"))] or "none"
+    overrides = [a for a in sys.argv[3:] if a != "--set"]
+    if "@" in kill:
+        interrupts.GRACE_S = 0.0
+        for part in kill.split(","):
+            names, point = part.split("@", 1)
+            arm(point, signaller(names))
+        sets = [w for item in overrides for w in ("--set", item)]
+        cli.main(["train", "--out", str(out), "--resume", "latest", "--no-progress", *sets])
+    else:
+        arm(kill)
+        trainer = Trainer(load_config(None, overrides), out, resume="latest", show_progress=False)
+        trainer.run()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +24,7 @@ from .. import runs
 from ..config import Config
 from ..errors import UserError
 from ..fsutil import atomic_write_bytes, atomic_write_json
+from ..interrupts import Interrupted, StopRequest
 from ..loading import load_autoencoder
 from ..model import build_vae, configure_for_training, describe
 from ..perceptual import load_lpips
@@ -247,36 +249,58 @@ class Trainer:
             from tqdm.auto import tqdm
             bar = tqdm(total=t.steps, initial=st.step, desc="train", dynamic_ncols=True)
         window = LogWindow(st.micro_step)
+        say = (lambda m: bar.write(m, file=sys.stderr)) if bar is not None else acc.print
         try:
-            for batch in loader:
-                self.record_bad_images(batch["bad"])
-                logs = train_step(p, st, batch["pixels"])
-                if logs is None:
-                    continue
-                if st.nonfinite_in_row:
-                    self.on_nonfinite()
-                    continue
-                window.add(logs)
-                if bar is not None:
-                    bar.update(1)
-                if st.step % t.log_every == 0 or st.step == t.steps:
-                    window.flush(p, st, bar)
-                if st.step % t.image_every == 0 or st.step == t.steps:
-                    save_preview(p, self.val, self.out, st.step)
-                evaluate = bool(self.eval_every) and (st.step % self.eval_every == 0 or st.step == t.steps)
-                improved = self.validate() if evaluate else False
-                saved = st.step % t.save_every == 0 or st.step == t.steps
-                if saved:
-                    self.save()
-                if improved:
-                    save_best(p, st, self.out, self.best_info, runs.final_dir(self.out, st.step) if saved else None)
-                if st.step >= t.steps:
-                    break
+            with StopRequest(say if acc.is_main_process else (lambda m: None), "the current optimizer step") as stop:
+                for batch in loader:
+                    self.record_bad_images(batch["bad"])
+                    logs = train_step(p, st, batch["pixels"])
+                    if logs is None:
+                        continue
+                    stopping = stop.agreed(acc) and st.step < t.steps  # every process, once per update
+                    if st.nonfinite_in_row:
+                        self.on_nonfinite()
+                        if stopping:
+                            self.stop_here(stop, window, bar, saved=False)
+                        continue
+                    window.add(logs)
+                    if bar is not None:
+                        bar.update(1)
+                    if st.step % t.log_every == 0 or st.step == t.steps:
+                        window.flush(p, st, bar)
+                    # a due preview and validation still run when stopping: the run stays the uninterrupted one
+                    if st.step % t.image_every == 0 or st.step == t.steps:
+                        save_preview(p, self.val, self.out, st.step)
+                    evaluate = bool(self.eval_every) and (st.step % self.eval_every == 0 or st.step == t.steps)
+                    improved = self.validate() if evaluate else False
+                    saved = st.step % t.save_every == 0 or st.step == t.steps
+                    if saved:
+                        self.save()
+                    if improved:
+                        save_best(p, st, self.out, self.best_info, runs.final_dir(self.out, st.step) if saved else None)
+                    if not stopping and (saved or evaluate or acc.num_processes == 1):
+                        # a signal during the checkpoint or validation: stop now, not one update later
+                        stopping = stop.agreed(acc) and st.step < t.steps
+                    if stopping:
+                        self.stop_here(stop, window, bar, saved)
+                    if st.step >= t.steps:
+                        break
         finally:
             if bar is not None:
                 bar.close()
             acc.end_training()
         return st
+
+    def stop_here(self, stop: StopRequest, window: LogWindow, bar, saved: bool) -> None:
+        """After a signal (every process, at the same update): the logs so far, a checkpoint of this step
+        unless it has one, then Interrupted (the command line adds how to resume)."""
+        p, st = self.parts, self.state
+        window.flush(p, st, bar)
+        if not saved:
+            self.save()
+        raise stop.interrupted(
+            f"stopped at step {st.step} of {self.cfg.train.steps}; checkpoint {runs.final_dir(self.out, st.step)}"
+            if self.acc.is_main_process else "")
 
     def save(self) -> Optional[Path]:
         return save_checkpoint(self.parts, self.state, self.out, self.cfg.train.keep_last)
@@ -354,8 +378,26 @@ class Trainer:
 
 
 def run(opts) -> TrainState:
-    """`latentvae train` (options.TrainOptions): load the config, build the Trainer, train."""
+    """`latentvae train` (options.TrainOptions): load the config, build the Trainer, train. Stopped by a
+    signal, it says how to resume (the same command with `--resume latest`)."""
     from ..config import load_config
 
     cfg = load_config(opts.config, opts.set)
-    return Trainer(cfg, opts.out, resume=opts.resume, show_progress=opts.progress).run()
+    try:
+        return Trainer(cfg, opts.out, resume=opts.resume, show_progress=opts.progress).run()
+    except Interrupted as e:
+        if not e.message:
+            raise
+        raise Interrupted(e.signum, f"{e.message}; resume with: {resume_command(opts)}") from None
+
+
+def resume_command(opts) -> str:
+    """The command line that continues this run exactly (under the same launcher, with as many processes)."""
+    import shlex
+
+    words = ["latentvae", "train", "--out", opts.out]
+    if opts.config:
+        words += ["--config", opts.config]
+    for item in opts.set:
+        words += ["--set", item]
+    return shlex.join([*words, "--resume", "latest"])
