@@ -18,8 +18,9 @@ rFID (fid.py, torch-fidelity's Inception) is reported where its weights are foun
 table side by side) and `spectrum.png` (radial power spectrum of the
 reconstructions over the originals). Every input is checked before the work starts; the report is
 written under a hidden name beside REPORT and renamed into place, so REPORT is always a whole
-report (an earlier one is replaced only then), and a folder that is not a report is never written
-into. docs/evaluation.md states the conventions. This module owns the evaluation loop and the report.
+report (an earlier one is replaced only then; a signal's line says whether it was), and a folder that
+is not a report is never written into. docs/evaluation.md states the conventions. This module owns the
+evaluation loop and the report.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from diffusers import AutoencoderTiny
 
 from . import fid, metrics, runs
 from .errors import BadInputError
-from .fsutil import fsync_dir, publish_folder, write_durable
+from .fsutil import entry_id, fsync_dir, publish_folder, write_durable
 from .images import BadImage, center_crop_to_multiple, cover_crop, downscale_long_side, load_rgb, to_tensor, to_uint8
 from .loading import NotAnAutoencoder, load_autoencoder, with_flag
 from .model import configure_tiling, decode, downsample_factor, encode_moments, latent_channels
@@ -417,8 +418,8 @@ def write_report(out: Path, results: list[VaeResult], summary: dict, settings: d
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed evaluation: never published
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         write_report_files(tmp, results, summary, settings)
         fsync_dir(tmp)
         publish_folder(tmp, out)
@@ -557,8 +558,15 @@ def run_evaluation(opts: EvaluateOptions, log=print, vae_flag: str = "--vae") ->
 
 
 def run(opts: EvaluateOptions) -> dict:
-    """`latentvae evaluate`: the evaluation, progress on stderr, the table on stdout."""
-    summary = run_evaluation(opts, log=lambda m: print(m, file=sys.stderr))
+    """`latentvae evaluate`: the evaluation, progress on stderr, the table on stdout. A signal: one line
+    saying whether REPORT was written (interrupts.unpublished)."""
+    from .interrupts import Interrupted, unpublished
+
+    before = entry_id(opts.out)
+    try:
+        summary = run_evaluation(opts, log=lambda m: print(m, file=sys.stderr))
+    except Interrupted as e:
+        raise unpublished(e, opts.out, before, "report") from None
     print(markdown_table(summary["vaes"]))
     print(f"report: {opts.out}/report.md")
     return summary

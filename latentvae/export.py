@@ -19,7 +19,8 @@ single-file` writes OUT as one .safetensors file in the original LDM key layout 
 A1111 and kohya load as a VAE), the record and the diffusers config in its metadata; it is checked
 with diffusers' own converter and `AutoencoderKL.from_single_file` before it is written
 atomically. Every argument is checked before that (OUT is neither inside SRC nor SRC inside OUT;
-an existing OUT needs --overwrite), and a failed export leaves nothing behind. See docs/export.md.
+an existing OUT needs --overwrite), and a failed or interrupted export leaves nothing behind (but the
+parent folders of OUT it created); a signal's line says whether OUT was written. See docs/export.md.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from .calibrate import (CalibrationConfig, Fp16Report, LatentStats, calibrate, f
 from .config import config_from_dict
 from .conventions import FAMILIES
 from .errors import BadInputError, MissingInputError, UserError
-from .fsutil import atomic_write_bytes, atomic_write_json, flatten, publish_folder
+from .fsutil import atomic_write_bytes, atomic_write_json, entry_id, flatten, publish_folder
 from .loading import load_autoencoder, load_from_checkpoint
 from .model import DETERMINISTIC_LOGVAR, decode, downsample_factor, encode_moments
 from .options import ExportOptions, validated
@@ -720,5 +721,11 @@ def export(options: ExportOptions, log=print) -> ExportResult:
 
 def run(options: ExportOptions) -> ExportResult:
     """`latentvae export SRC --out OUT` (a failed verification, ExportError, is not a user's mistake
-    and keeps its traceback)."""
-    return export(options)
+    and keeps its traceback). A signal: one line saying whether OUT was written (interrupts.unpublished)."""
+    from .interrupts import Interrupted, unpublished
+
+    before = entry_id(options.out)
+    try:
+        return export(options)
+    except Interrupted as e:
+        raise unpublished(e, options.out, before, "export") from None

@@ -5,6 +5,8 @@
     atomic_write(path, lambda f: ...)       # anything written to a binary file object
     atomic_save_image(pil_image, path)      # a PIL image, format from the suffix
     publish_folder(staging, target)         # a finished staging folder replaces `target` in one rename
+    entry_id(path)                          # (device, inode) of what `path` names now, None if nothing:
+                                            #   whether a rename published something new since
     sha256_file(path)                       # hex digest, streamed
     flatten(record)                         # {"a": {"b": 1}} -> {"a.b": 1}, for JSON records in messages
 
@@ -82,8 +84,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 
 def publish_folder(staging: str | Path, target: str | Path) -> None:
     """Rename a finished staging folder to `target`, replacing an old `target` only once that worked
-    (a failure puts the old one back); then fsync the parent and remove the old one."""
+    (a failure puts the old one back); then fsync the parent and remove the old one (and the hidden old
+    ones an earlier publish stopped after its rename left)."""
     staging, target = Path(staging), Path(target)
+    for stale in target.parent.glob(f".{target.name}.old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     old = target.parent / f".{target.name}.old-{os.getpid()}"
     if target.exists():
         os.replace(target, old)
@@ -95,6 +100,16 @@ def publish_folder(staging: str | Path, target: str | Path) -> None:
         raise
     fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def entry_id(path: str | Path) -> tuple[int, int] | None:
+    """(device, inode) of the file or folder `path` names now; None if there is none. A rename into place
+    (atomic_write, publish_folder) changes it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def flatten(record: Any, prefix: str = "") -> dict[str, Any]:

@@ -28,8 +28,12 @@ the cache; the report puts the caches side by side. The recipe (docs/probe.md):
 It reuses the training machinery: accelerate for processes and precision, the run folder layout,
 checksummed checkpoints and resume of latentvae/runs.py (OUT/runs/LABEL-seedS/checkpoints/...), the
 EMA of train/ema.py, the tracker (tensorboard). A rerun of the same command resumes every
-(cache, seed) from its newest checkpoint, and the batches of step n are a pure function of
-(seed, n), so a resumed probe gives the same figures as an uninterrupted one.
+(cache, seed) from its newest checkpoint, saying from which step and how many are left, and the
+batches of step n are a pure function of (seed, n), so a resumed probe gives the same figures as an
+uninterrupted one. A signal (SIGINT, SIGTERM, SIGUSR1) during training finishes the step it is in and
+writes a checkpoint first (interrupts.StopRequest; elsewhere it stops at once); its one line says how far
+each run got. An earlier summary.json and report.md are removed when a probe starts its work and written
+again at its end, summary.json last, so neither is ever beside sample grids of another run.
 """
 from __future__ import annotations
 
@@ -63,6 +67,7 @@ PRESETS = {
     "test": dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
                  down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D")),
 }
+REPORT_FILES = ("summary.json", "report.md")  # removed when a (re)run starts, written when it ends
 EVAL_NOISE_SEED = 20_250_101  # the held-out noise: the same for every cache and every training seed
 
 
@@ -264,8 +269,28 @@ def save_probe_checkpoint(run: Path, step: int, model, ema: EMA, opt, acc, extra
     runs.commit(run, step, keep_last=1)
 
 
+def resume_from(run: Path, recipe: dict, model, ema: EMA, opt, steps: int, what: str, log=print) -> tuple[int, float]:
+    """Load the run's newest checkpoint that verifies into model, EMA and optimizer, saying so with the
+    steps done and to do; (its step, its training seconds), or (0, 0.0) for a new run."""
+    runs.clean_staging(run)  # the hidden staging folder of a checkpoint a signal or kill cut short
+    for ckpt in runs.resume_candidates(run, log):
+        state = runs.read_state(ckpt)
+        if state.get("recipe") != recipe:
+            raise BadInputError(f"{run}: holds a probe run with another recipe or cache ({ckpt.name}); use a new --out")
+        model.load_state_dict(runs.load_tensors(ckpt / "model.safetensors"))
+        ema.load_state_dict(runs.load_tensors(ckpt / "ema.safetensors"), state["ema_updates"])
+        runs.restore_optimizer(opt, runs.load_tensors(ckpt / "optim-g.safetensors"),
+                               json.loads((ckpt / "optim-g.json").read_text()))
+        start = state["step"]
+        log(f"{what}: trained to step {start} already, reusing {ckpt}" if start >= steps else
+            f"{what}: resuming from step {start} of {steps}, {steps - start} to do ({ckpt})")
+        return start, state.get("train_seconds", 0.0)
+    return 0, 0.0
+
+
 def train_one(data: ProbeData, opts: ProbeOptions, seed: int, run: Path, acc, log=print) -> dict:
-    """Train (or resume) the probe model on one cache with one seed; the held-out scores of its EMA."""
+    """Train (or resume) the probe model on one cache with one seed; the held-out scores of its EMA.
+    A signal during training stops it after the current step, with a checkpoint (interrupts.StopRequest)."""
     from accelerate.utils import set_seed
 
     set_seed(seed)
@@ -277,57 +302,75 @@ def train_one(data: ProbeData, opts: ProbeOptions, seed: int, run: Path, acc, lo
     recipe = {"preset": opts.preset, "objective": opts.objective, "lr": opts.lr, "batch_size": opts.batch_size,
               "processes": acc.num_processes, "ema_decay": opts.ema_decay, "seed": seed,
               "cache": str(data.cache), "weights_sha256": data.manifest["vae"]["weights_sha256"]}
-    start, seconds = 0, 0.0
-    for ckpt in runs.resume_candidates(run, log):
-        state = runs.read_state(ckpt)
-        if state.get("recipe") != recipe:
-            raise BadInputError(f"{run}: holds a probe run with another recipe or cache ({ckpt.name}); use a new --out")
-        model.load_state_dict(runs.load_tensors(ckpt / "model.safetensors"))
-        ema.load_state_dict(runs.load_tensors(ckpt / "ema.safetensors"), state["ema_updates"])
-        opt.load_state_dict(runs.optimizer_from_files(runs.load_tensors(ckpt / "optim-g.safetensors"),
-                                                      json.loads((ckpt / "optim-g.json").read_text())))
-        start, seconds = state["step"], state.get("train_seconds", 0.0)
-        log(f"{data.label} seed {seed}: resumed at step {start} ({ckpt})")
-        break
+    start, seconds = resume_from(run, recipe, model, ema, opt, opts.steps, f"{data.label} seed {seed}", log)
     model, opt = acc.prepare(model, opt)
     ema.shadow = [s.to(acc.device) for s in ema.shadow]
-    warmup = max(1, min(opts.warmup_steps, opts.steps))
-    curve, t0 = [], time.perf_counter()
-    model.train()
-    for step in range(start, opts.steps):
-        for group in opt.param_groups:
-            group["lr"] = opts.lr * min(1.0, (step + 1) / warmup)
-        x0, eps, t, labels = batch_for(data, opts.objective, seed, step, opts.batch_size, acc.process_index,
-                                       acc.num_processes)
-        x0, eps, t = x0.to(acc.device), eps.to(acc.device), t.to(acc.device)
-        labels = None if labels is None else labels.to(acc.device)
-        x_t, target = noisy(opts.objective, x0, eps, t)
-        with acc.autocast():
-            loss = F.mse_loss(predict(model, x_t, t, labels).float(), target)
-        acc.backward(loss)
-        acc.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(acc.unwrap_model(model))
-        if (step + 1) % opts.log_every == 0:
-            value = float(loss.detach())
-            curve.append([step + 1, value])
-            acc.log({f"probe/{data.label}/seed{seed}/train_loss": value}, step=step + 1)
-        if opts.save_every and (step + 1) % opts.save_every == 0 and step + 1 < opts.steps:
-            if acc.is_main_process:
-                save_probe_checkpoint(run, step + 1, model, ema, opt, acc,
-                                      {"recipe": recipe, "train_seconds": seconds + time.perf_counter() - t0})
-            acc.wait_for_everyone()
+    t0 = time.perf_counter()
+
+    def save(step: int) -> None:
+        if acc.is_main_process:
+            save_probe_checkpoint(run, step, model, ema, opt, acc,
+                                  {"recipe": recipe, "train_seconds": seconds + time.perf_counter() - t0})
+        acc.wait_for_everyone()
+
+    curve = train_steps(model, ema, opt, data, opts, seed, start, acc, save, log)
     seconds += time.perf_counter() - t0
-    if acc.is_main_process and start < opts.steps:
-        save_probe_checkpoint(run, opts.steps, model, ema, opt, acc, {"recipe": recipe, "train_seconds": seconds})
-    acc.wait_for_everyone()
     scorer = build_unet(opts.preset, data.shape, num_classes).to(acc.device).eval()
     scorer.load_state_dict({**scorer.state_dict(), **{k: v.to(acc.device) for k, v in ema.state_dict().items()}})
     scores = held_out_loss(scorer, data, opts.objective, opts.noise_levels, acc.device)
     acc.log({f"probe/{data.label}/seed{seed}/heldout_loss": scores["loss"]}, step=opts.steps)
     return {**scores, "seed": seed, "train_seconds": seconds, "steps": opts.steps,
             "images_seen": opts.steps * opts.batch_size * acc.num_processes, "train_curve": curve, "model": scorer}
+
+
+def train_steps(model, ema: EMA, opt, data: ProbeData, opts: ProbeOptions, seed: int, start: int, acc, save,
+                log=print) -> list:
+    """Steps `start` to --steps; `save(step)` checkpoints (every --save-every, at the end, and when a signal
+    asks to stop: then after the step it is in, and Interrupted). The logged training curve."""
+    from .interrupts import StopRequest
+
+    warmup = max(1, min(opts.warmup_steps, opts.steps))
+    curve = []
+    model.train()
+    with StopRequest(log, "the current step") as stop:
+        for step in range(start, opts.steps):
+            for group in opt.param_groups:
+                group["lr"] = opts.lr * min(1.0, (step + 1) / warmup)
+            x0, eps, t, labels = batch_for(data, opts.objective, seed, step, opts.batch_size, acc.process_index,
+                                           acc.num_processes)
+            x0, eps, t = x0.to(acc.device), eps.to(acc.device), t.to(acc.device)
+            labels = None if labels is None else labels.to(acc.device)
+            x_t, target = noisy(opts.objective, x0, eps, t)
+            with acc.autocast():
+                loss = F.mse_loss(predict(model, x_t, t, labels).float(), target)
+            acc.backward(loss)
+            acc.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema.update(acc.unwrap_model(model))
+            if (step + 1) % opts.log_every == 0:
+                value = float(loss.detach())
+                curve.append([step + 1, value])
+                acc.log({f"probe/{data.label}/seed{seed}/train_loss": value}, step=step + 1)
+            if stop.agreed(acc):
+                save(step + 1)
+                raise stop.interrupted("")  # run() says which runs are where
+            if (opts.save_every and (step + 1) % opts.save_every == 0) or step + 1 == opts.steps:
+                save(step + 1)
+    return curve
+
+
+def stopped_message(opts: ProbeOptions) -> str:
+    """The interrupt's line: how far the checkpoints of OUT/runs/LABEL-seedS got."""
+    taken: set = set()
+    labels = [cache_label(c, taken) for c in opts.cache]
+    where = {(label, opts.seed + k): runs.list_checkpoints(Path(opts.out) / "runs" / f"{label}-seed{opts.seed + k}")
+             for label in labels for k in range(opts.seeds)}
+    steps = {key: int(runs.CKPT_RE.match(found[-1].name).group(1)) if found else 0 for key, found in where.items()}
+    done = sum(1 for n in steps.values() if n >= opts.steps)
+    partial = [f"{label} seed {seed} at step {n}" for (label, seed), n in steps.items() if 0 < n < opts.steps]
+    return (f"{opts.out}: {done} of {len(steps)} probe run(s) trained to step {opts.steps}"
+            + (f", checkpoints of {', '.join(partial)}" if partial else "") + "; rerun the same command to resume")
 
 
 # ----------------------------------------------------------------------------- latent statistics
@@ -411,6 +454,8 @@ def run_probe(opts: ProbeOptions, log=print) -> dict:
                       project_dir=str(out), cpu=cpu)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        for name in REPORT_FILES:  # an earlier report goes before new sample grids could sit beside it
+            (out / name).unlink(missing_ok=True)
         acc.init_trackers("probe", config={k: str(v) for k, v in vars(opts).items()})
     acc.wait_for_everyone()
     seeds = [opts.seed + k for k in range(opts.seeds)]
@@ -443,13 +488,13 @@ def run_probe(opts: ProbeOptions, log=print) -> dict:
                 atomic_save_image(make_grid(rows_), path)
                 grids[data.label] = path.name
                 results[data.label][-1]["latent_statistics"] = latent_statistics(data, vae)
-    acc.end_training()
     summary = summarize(datas, results, opts, precision, acc.num_processes)
     summary["sample_grids"] = grids
-    if acc.is_main_process:
-        atomic_write_json(out / "summary.json", summary)
+    if acc.is_main_process:  # summary.json last: where it is, the report and grids beside it are this run's
         atomic_write_bytes(out / "report.md", report_markdown(summary).encode())
+        atomic_write_json(out / "summary.json", summary)
     acc.wait_for_everyone()
+    acc.end_training()  # last: it ends the process group that wait_for_everyone needs
     return summary
 
 
@@ -518,7 +563,13 @@ def report_markdown(s: dict) -> str:
 
 
 def run(opts: ProbeOptions) -> dict:
-    """`latentvae probe`: the report, and its table on stdout."""
-    summary = run_probe(opts)
+    """`latentvae probe`: the report, and its table on stdout; a signal's line says how far each run got."""
+    from .interrupts import Interrupted
+
+    try:
+        summary = run_probe(opts)
+    except Interrupted as e:
+        from .cli import is_first_process
+        raise Interrupted(e.signum, stopped_message(validated(opts)) if is_first_process() else "") from None
     print(report_markdown(summary))
     return summary

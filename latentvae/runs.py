@@ -143,6 +143,25 @@ def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": groups}
 
 
+def restore_optimizer(opt, tensors: dict, meta: dict) -> None:
+    """Load an optimizer's saved state, each per-parameter tensor in its parameter's memory layout.
+
+    safetensors stores tensors contiguous (NCHW), and torch's `load_state_dict` keeps them so. The fused
+    AdamW kernels (CPU and CUDA) walk param, grad, exp_avg and exp_avg_sq as flat memory, element i of
+    each with element i of the others, without comparing strides: with channels_last parameters (the
+    `auto` choice on CUDA and on CPUs with bf16 kernels) an NCHW exp_avg pairs each weight with another
+    weight's moments, and the resumed run silently diverges. So every state tensor of the parameter's
+    shape is copied into `empty_like(param)`, which also takes it out of the file's memory map."""
+    opt.load_state_dict(optimizer_from_files(tensors, meta))
+    inner = getattr(opt, "optimizer", opt)  # accelerate's AcceleratedOptimizer wraps the torch one
+    for group in inner.param_groups:
+        for param in group["params"]:
+            state = inner.state.get(param, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 # ----------------------------------------------------------------------------- RNG state
 def rng_to_files() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {"torch": torch.get_rng_state()}

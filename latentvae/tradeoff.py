@@ -14,22 +14,29 @@ configs/quickstart.yaml --out OUT/runs/NAME --set ...` (= `latentvae train ...`)
 (log in OUT/runs/NAME.log; a finished run is reused, an interrupted one resumed). All of them are
 evaluated with latentvae.evaluate (report in OUT/eval), then OUT gets perception_distortion.png
 (PSNR against LPIPS and against sharpness), rate_distortion.png (KL per latent element against
-PSNR), tradeoff.md and tradeoff.json. This module owns the sweep's variants and the plots; the
-numbers come from latentvae/evaluate.py.
+PSNR), tradeoff.json and, last, tradeoff.md; the earlier ones are removed as soon as the new evaluation
+is in place, so what is there is of one sweep. A signal while a variant trains is passed on to its training, which
+stops after its current step with a checkpoint (the rerun resumes it) before the sweep stops. This
+module owns the sweep's variants and the plots; the numbers come from latentvae/evaluate.py.
 """
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .errors import BadInputError, UserError
 from .evaluate import markdown_table, run_evaluation
 from .fsutil import atomic_write, atomic_write_bytes
+from .interrupts import Interrupted
 from .options import EvaluateOptions, TradeoffOptions, make_options
+from .runs import list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]  # train/train.py and configs/ live here
+OUTPUTS = ("tradeoff.md", "tradeoff.json", "perception_distortion.png", "rate_distortion.png")  # md written last
 
 # shared by every variant: the quickstart config shrunk to the `tiny` preset and 64 px crops
 BASE = {"model.preset": "tiny", "data.resolution": 64, "data.short_side_min": 96, "data.short_side_max": 256,
@@ -92,13 +99,50 @@ def train_variant(out: Path, variant: str, steps: int, config: str) -> Path:
         print(f"{variant}: reusing {run}", file=sys.stderr)
         return run
     run.parent.mkdir(parents=True, exist_ok=True)
-    print(f"{variant}: training {steps} steps -> {run}", file=sys.stderr)
-    with open(run.parent / f"{run.name}.log", "a") as log:
-        proc = subprocess.run(train_command(run, variant, steps, config), stdout=log, stderr=subprocess.STDOUT,
-                              cwd=REPO)
-    if proc.returncode != 0 or not finished(run, steps):
-        raise TrainingFailed(f"{variant}: training failed (exit {proc.returncode}); see {run.parent / run.name}.log")
+    found = list_checkpoints(run)
+    print(f"{variant}: resuming {run} from {found[-1].name} to step {steps}" if found else
+          f"{variant}: training {steps} steps -> {run}", file=sys.stderr)
+    log_path = run.parent / f"{run.name}.log"
+    with open(log_path, "a") as log:
+        # its own process group: a signal is passed on to the launcher and the training alike (stop_training)
+        proc = subprocess.Popen(train_command(run, variant, steps, config), stdout=log, stderr=subprocess.STDOUT,
+                                cwd=REPO, start_new_session=True)
+        try:
+            code = proc.wait()
+        except Interrupted as e:
+            stop_training(proc, e.signum)
+            found = list_checkpoints(run)
+            kept = f"its {found[-1].name} is kept" if found else "before its first checkpoint"
+            raise Interrupted(e.signum, f"{run}: {variant} stopped, {kept} (log: {log_path}); rerun the same "
+                                        "command to resume") from None
+    if code != 0 or not finished(run, steps):
+        raise TrainingFailed(f"{variant}: training failed (exit {code}); see {log_path}")
     return run
+
+
+def stop_training(proc: subprocess.Popen, signum: int) -> None:
+    """Pass the signal on to the training's process group and wait until every process of it is gone: the
+    training finishes its step and writes a checkpoint (`accelerate launch` passes no signal on, and may
+    exit before the training it started). A second signal here is passed on too: the training then exits
+    at once (interrupts.StopRequest)."""
+    try:
+        os.killpg(proc.pid, signum)
+        wait_for_group(proc)
+    except Interrupted as again:
+        os.killpg(proc.pid, again.signum)
+        wait_for_group(proc)
+        raise
+
+
+def wait_for_group(proc: subprocess.Popen) -> None:
+    """Until the process and all it started in its process group have exited."""
+    proc.wait()
+    while True:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
 
 
 def train_sweep(opts: TradeoffOptions) -> tuple[list[str], dict[str, str]]:
@@ -189,9 +233,11 @@ def run(opts: TradeoffOptions) -> dict:
                                                 "max_side": opts.max_side, "lpips_dir": opts.lpips_dir})
     report = run_evaluation(evaluation, log=lambda m: print(m, file=sys.stderr),
                             vae_flag="--runs" if opts.runs else "--vae")
+    for name in OUTPUTS:  # the earlier sweep's, beside the evaluation that just replaced theirs
+        (out / name).unlink(missing_ok=True)
     plot_tradeoffs(report["vaes"], out)
-    write_table(report["vaes"], report["settings"], labels, out, opts.steps)
     atomic_write_bytes(out / "tradeoff.json", (json.dumps(report, indent=2) + "\n").encode())
+    write_table(report["vaes"], report["settings"], labels, out, opts.steps)  # last: the sweep is whole
     print(markdown_table(report["vaes"]))
     print(f"wrote {out}/tradeoff.md, perception_distortion.png, rate_distortion.png")
     return report

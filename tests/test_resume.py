@@ -123,8 +123,6 @@ def test_checkpoint_files_are_fsynced_before_the_rename_that_publishes_them(cfg,
 def test_fused_adamw_restored_from_its_files_steps_bit_for_bit_like_the_live_one(tmp_path, layout):
     """The fused kernels pair param, grad and moments by flat memory: a restored state must keep the
     parameter's layout (channels_last here, as `auto` picks on CUDA and bf16 CPUs), whatever the CPU."""
-    from latentvae.train.checkpoint import restore_optimizer
-
     def grads(params, gen):
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen).to(memory_format=layout if p.dim() == 4 else
@@ -139,7 +137,7 @@ def test_fused_adamw_restored_from_its_files_steps_bit_for_bit_like_the_live_one
     ckpt.save_tensors(tmp_path / "optim.safetensors", tensors)
     restored = [torch.nn.Parameter(p.detach().clone()) for p in live]
     opt2 = torch.optim.AdamW(restored, lr=1e-2, fused=True)
-    restore_optimizer(opt2, ckpt.load_tensors(tmp_path / "optim.safetensors"), meta)
+    ckpt.restore_optimizer(opt2, ckpt.load_tensors(tmp_path / "optim.safetensors"), meta)
     for p in restored:
         for key in ("exp_avg", "exp_avg_sq"):
             assert opt2.state[p][key].stride() == p.stride(), key

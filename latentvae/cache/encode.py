@@ -17,6 +17,12 @@ checks that every input is in exactly once and writes the manifest.
 A rerun into a finished cache is an update: rows record their sources (size, mtime, sha256 of the
 decoded bytes, metadata hash), and update.py works out what is new, changed or gone; new shards and
 a new manifest generation replace the old ones atomically (see update.py).
+
+A signal (SIGINT, SIGTERM, SIGUSR1: interrupts.py) stops the run at once: the shard being written
+is a hidden temporary, removed (writer.py), the finished ones stay, and the one line says how many
+inputs they hold (stopped_message). A rerun that continues a run which did not finish says so first,
+with the inputs done and to do; one into a finished cache whose inputs changed says it updated; both,
+after an interrupted update (update.continuation decides, once).
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ import torch
 from ..errors import BadInputError, MissingInputError
 from ..fsutil import atomic_write_bytes, atomic_write_json
 from ..images import BadImage
-from ..interrupts import ignore_in_worker
+from ..interrupts import Interrupted, ignore_in_worker
 from ..options import EncodeOptions, validated
 from ..precision import AUTOCAST_DTYPES
 from ..preprocess import Preprocess, load_preprocessed
@@ -46,7 +52,7 @@ from .manifest import (MANIFEST_FILE, factor_provenance, README_FILE, SETTINGS_F
 from .schema import OWN_COLUMNS, STORES, arrow_schema, make_table
 from .verify import print_report, verify_cache
 from .writer import (COPY_RANK, FailureLog, ShardWriter, failure_log_path, list_shards, next_attempt,
-                     remove_stale_temporaries, row_moments, scan_failures, scan_shards)
+                     remove_stale_temporaries, row_moments, scan_failures, scan_shards, shard_attempt_rank)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -348,11 +354,13 @@ def first_missing(path: Path) -> Optional[Path]:
     return path
 
 
-def discard_if_unstarted(out: Path, created: Path) -> None:
+def discard_if_unstarted(out: Path, created: Path) -> bool:
     """Remove what this run created (DST, and any parent folders it made) when no shard made it:
-    a failed first run leaves nothing behind."""
+    a failed or interrupted first run leaves nothing behind. Whether it removed anything."""
     if created.exists() and not list_shards(out):
         shutil.rmtree(created, ignore_errors=True)
+        return True
+    return False
 
 
 # ----------------------------------------------------------------------------- the run
@@ -434,11 +442,33 @@ def encode_share(job: Job, state, todo: dict[int, list[bool]], attempt: int) -> 
             "num_workers": loader.num_workers, **timing}
 
 
+def stopped_message(out: Path, plan, inputs, attempt: int, generation: int) -> str:
+    """The interrupt's line: the inputs the finished shards and failure logs hold now (the todo of the
+    plan less what this run's shards and new failures cover), or that the new generation was committed."""
+    from .update import live_failures, manifest_generation
+
+    if generation and manifest_generation(out) == generation:  # stopped after the commit (tidying, --verify)
+        return f"{out}: generation {generation} was complete and committed when the signal came; nothing is lost"
+    shards = [(p.name, *shard_attempt_rank(p.name)) for p in list_shards(out)]
+    new = [name for name, a, rank in shards if a == attempt and rank != COPY_RANK]  # this run's, every process's
+    got = {(k, f) for s in scan_shards(out, new) for k, f in zip(s["identity"]["source_key"], s["flipped"])}
+    failed = {rec["source_key"] for rec in live_failures(scan_failures(out), inputs, set())}
+    left = sum(1 for i, copies in plan.todo.items()
+               if inputs.keys[i] not in failed and any((inputs.keys[i], f) not in got for f in copies))
+    encoded = inputs.n - left - len(failed)
+    failures = f" (and {len(failed)} failed)" if failed else ""
+    previous = manifest_generation(out)
+    readers = f"; readers still see generation {previous}, whole" if previous else ""
+    return (f"{out}: {encoded} of {inputs.n} inputs are encoded{failures} in {len(shards)} shard(s), kept"
+            f"{readers}; rerun the same command to resume")
+
+
 def write_cache(job: Job, state, t0: float) -> dict:
-    """Finish an interrupted update, compare what is there with the inputs now (update.make_plan), carry
-    over and encode what is needed on every process, then the next manifest generation (first process)."""
-    from .update import (Inputs, begin, carry_rows, compact_failures, finish, live_failures, make_plan,
-                         manifest_generation, recover)
+    """Finish an interrupted update, compare what is there with the inputs now (update.make_plan), say
+    whether this resumes or updates (update.continuation), carry over and encode what is needed on every
+    process, then the next manifest generation (first process). A signal from here on raises Interrupted
+    with stopped_message (first process)."""
+    from .update import Inputs, continuation, make_plan, manifest_generation, recover, resume_message
 
     if state.is_main_process and job.out.is_dir():
         recover(job.out)
@@ -447,11 +477,33 @@ def write_cache(job: Job, state, t0: float) -> dict:
     shards, records = scan_shards(job.out), scan_failures(job.out)
     attempt = next_attempt(shards)
     inputs = Inputs(job.src, job.n, job.passthrough)
-    plan = make_plan(shards, records, inputs, job.flips, job.schema, lambda name: pq.read_schema(job.out / "data" / name))
+
+    def schema_of(name: str) -> pa.Schema:
+        return pq.read_schema(job.out / "data" / name)
+
+    plan = make_plan(shards, records, inputs, job.flips, job.schema, schema_of)
+    cont = continuation(job.out, shards, plan, inputs, job.flips, job.schema, schema_of)
     generation = manifest_generation(job.out)
-    writes = plan.writes or generation == 0 or any(rec not in plan.failures for rec in records)
+    # a resume writes a manifest even with nothing left to encode: its shards are not in the last one yet
+    writes = plan.writes or generation == 0 or cont.resumed or any(rec not in plan.failures for rec in records)
     if writes:
         generation += 1
+    if state.is_main_process and cont.resumed:
+        print(resume_message(job.out, cont), flush=True)
+    try:
+        return write_generation(job, state, t0, shards, inputs, plan, cont, attempt, generation, writes)
+    except Interrupted as e:
+        if not state.is_main_process or e.message:
+            raise
+        line = stopped_message(job.out, plan, inputs, attempt, generation if writes else 0)
+        raise Interrupted(e.signum, line) from None
+
+
+def write_generation(job: Job, state, t0: float, shards: list[dict], inputs, plan, cont, attempt: int,
+                     generation: int, writes: bool) -> dict:
+    """write_cache's writing part: carry, encode, commit the manifest of `generation` (when `writes`)."""
+    from .update import begin, carry_rows, compact_failures, finish, live_failures
+
     if state.is_main_process:
         open_cache(job)
         if plan.superseded:
@@ -472,7 +524,7 @@ def write_cache(job: Job, state, t0: float) -> dict:
         encoded = {k for s in final for k in s["identity"].get("source_key", [])}
         failures = live_failures(scan_failures(job.out), inputs, encoded)
         manifest = build_manifest(job.out, job.settings, job.vae_id, job.opts, job.pre, inputs, final, failures,
-                                  generation, plan.changes)
+                                  generation, cont.changes)
         manifest["vae"]["factors"] = factor_provenance(job.vae, job.opts.vae)
         atomic_write_json(job.out / MANIFEST_FILE, manifest)  # the commit
         finish(job.out, plan.superseded)
@@ -481,7 +533,9 @@ def write_cache(job: Job, state, t0: float) -> dict:
     manifest = json.loads((job.out / MANIFEST_FILE).read_text())
     seconds = stats["encode_seconds"]
     manifest["this_run"] = {"process": state.process_index, "processes": state.num_processes, "attempt": attempt,
-                            **stats, "rows_carried": carried, "changes": plan.changes,
+                            **stats, "rows_carried": carried, "changes": cont.changes,
+                            "resumed": {"inputs": cont.inputs, "encoded": cont.encoded, "failed": cont.failed,
+                                        "todo": cont.todo} if cont.resumed else None, "update": cont.update,
                             "total_seconds": time.perf_counter() - t0,
                             "images_per_second": stats["rows_encoded"] / seconds if seconds > 0 else 0.0,
                             "mixed_precision": job.precision, "weights_dtype": job.weights_dtype,
@@ -506,17 +560,24 @@ def encode(opts: EncodeOptions) -> dict:
     out = Path(opts.out)
     created = first_missing(out)
     t0 = time.perf_counter()
-    job = prepare_job(opts, state.device)  # on every process, before anyone writes: all fail alike
     try:
+        job = prepare_job(opts, state.device)  # on every process, before anyone writes: all fail alike
         return write_cache(job, state, t0)
-    except BaseException:
-        if created is not None and state.is_main_process:
-            discard_if_unstarted(out, created)
+    except BaseException as e:
+        removed = created is not None and state.is_main_process and discard_if_unstarted(out, created)
+        # no message yet: the signal came before write_cache's plan (not a second one while it made the line)
+        if isinstance(e, Interrupted) and state.is_main_process and (removed or not (e.message or e.__context__)):
+            what = ("before its first shard; the new folder is removed" if removed else
+                    "before encoding; nothing was written")
+            raise Interrupted(e.signum, f"{out}: stopped {what}; rerun the same command") from None
         raise
 
 
 def run(opts: EncodeOptions) -> dict:
-    """`latentvae encode`: encode, then one summary line (and the --verify table) from the first process."""
+    """`latentvae encode`: encode, then one summary line (and the --verify table) from the first process;
+    a line that it updated the cache when its inputs changed since the last finished generation."""
+    from .update import update_message
+
     manifest = encode(opts)
     this = manifest["this_run"]
     if this["process"] == 0:
@@ -524,11 +585,8 @@ def run(opts: EncodeOptions) -> dict:
         print(f"{opts.out}: {c['rows']} rows of {c['encoded_inputs']}/{c['inputs']} inputs in {c['shards']} shards, "
               f"{c['failures']} failures; this run {this['rows_encoded']} rows at {this['images_per_second']:.2f} img/s "
               f"on {this['processes']} process(es)")
-        ch = this["changes"]
-        if any(ch.values()) and c["rows"] != this["rows_encoded"]:
-            print(f"{opts.out}: updated to generation {manifest['generation']}: {ch['added']} new, {ch['changed']} "
-                  f"changed, {ch['removed']} removed input(s), {ch['metadata_changed']} with new metadata; "
-                  f"{ch['rows_dropped']} row(s) dropped, {ch['rows_carried']} carried over without re-encoding")
+        if this["update"]:  # a resume said so when it started (update.continuation)
+            print(update_message(Path(opts.out), manifest["generation"], this["changes"]))
         if "verify" in manifest:
             print_report(manifest["verify"])
         if manifest["vae"]["factors"].startswith("NOT measured"):

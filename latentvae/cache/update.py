@@ -23,6 +23,19 @@ delete the carried copies; the freshly encoded rows are valid rows of the curren
 kept) by the next run, before it looks at anything (recover). Until the commit, manifest.json is
 the previous generation, whose shards all still exist: a reader going by the manifest
 (LatentDataset, `latentvae decode`) always sees one whole generation.
+
+Resume or update (continuation, one rule, decided before anything is encoded):
+
+    resumed    the previous run did not finish: data/ holds shards that manifest.json does not list
+               (or shards and no manifest.json yet). Its rows are kept; the rerun says so first, with
+               the inputs done and to do (resume_message)
+    update     there is a finished generation (manifest.json) and the inputs changed since: the plan
+               of that generation's own shards and failures against the inputs now has something to
+               write. Its counts (changes since that generation) are what the summary reports
+               (update_message) and the next manifest records as `last_update`
+
+Both hold after an update that was interrupted: the rerun says it resumes, then that it updated.
+Without a finished generation a resume also names the rows whose sources changed since it stopped.
 """
 from __future__ import annotations
 
@@ -208,6 +221,74 @@ def live_failures(records: list[dict], inputs: Inputs, encoded_keys: set) -> lis
         if now is not None and {k: now.get(k) for k in rec["identity"]} == rec["identity"]:
             out.append(rec)
     return sorted(out, key=lambda rec: inputs.index[rec["source_key"]])
+
+
+# ----------------------------------------------------------------------------- resume or update
+@dataclass
+class Continuation:
+    """What a run continues (module doc): a resume, an update, both, or neither (a first run, a rerun
+    with nothing changed)."""
+    resumed: bool  # the previous run stopped before its manifest: shards on disk the manifest does not list
+    finished: bool  # there is a finished generation (manifest.json)
+    update: bool  # ... and the inputs changed since it
+    inputs: int
+    todo: int  # inputs with a copy still to encode
+    failed: int  # inputs that count as done as failures
+    changes: dict  # since the finished generation (else since the shards on disk): Plan.changes' keys
+
+    @property
+    def encoded(self) -> int:
+        return self.inputs - self.todo - self.failed
+
+
+def manifest_listing(out: Path) -> Optional[tuple[set[str], list[dict]]]:
+    """(shard names, failure records) of the finished generation manifest.json describes; None without one."""
+    try:
+        manifest = json.loads((out / MANIFEST_FILE).read_text())
+        return {Path(s["file"]).name for s in manifest["shards"]}, list(manifest.get("failures") or [])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def continuation(out: Path, shards: list[dict], plan: Plan, inputs: Inputs, flips: tuple[bool, ...],
+                 current_schema: Optional[pa.Schema] = None,
+                 schema_of: Optional[Callable[[str], pa.Schema]] = None) -> Continuation:
+    """Resume, update or both (module doc), from the shards on disk (after recover), their plan, and the
+    manifest: a resume's update is measured against the finished generation's own shards."""
+    listing = manifest_listing(out)
+    listed = listing[0] if listing else set()
+    resumed = any(s["name"] not in listed for s in shards)
+    since = plan
+    if listing is not None and resumed:  # what changed since the finished generation, not since the stop
+        since = make_plan([s for s in shards if s["name"] in listed], listing[1], inputs, flips, current_schema,
+                          schema_of)
+    return Continuation(resumed, listing is not None, listing is not None and since.writes, inputs.n,
+                        len(plan.todo), len(plan.failures), since.changes)
+
+
+def count_line(encoded: int, inputs: int, failed: int, todo: int) -> str:
+    """`4 of 10 inputs already encoded, 1 failed, 5 to do`"""
+    failures = f", {failed} failed" if failed else ""
+    return f"{encoded} of {inputs} inputs already encoded{failures}, {todo} to do"
+
+
+def resume_message(out: Path, c: Continuation) -> Optional[str]:
+    """The line a resume starts with (None unless `c.resumed`)."""
+    if not c.resumed:
+        return None
+    ch = c.changes
+    since = ""
+    if not c.finished and (ch["changed"] or ch["removed"] or ch["metadata_changed"]):
+        since = (f"; since it stopped {ch['changed']} input(s) changed, {ch['removed']} removed, "
+                 f"{ch['metadata_changed']} with new metadata")
+    return f"{out}: resuming an interrupted run: {count_line(c.encoded, c.inputs, c.failed, c.todo)}{since}"
+
+
+def update_message(out: Path, generation: int, ch: dict) -> str:
+    """The summary of an update: what changed since the previous generation."""
+    return (f"{out}: updated to generation {generation}: {ch['added']} new, {ch['changed']} changed, {ch['removed']} "
+            f"removed input(s), {ch['metadata_changed']} with new metadata; {ch['rows_dropped']} row(s) dropped, "
+            f"{ch['rows_carried']} carried over without re-encoding")
 
 
 # ----------------------------------------------------------------------------- carrying rows over

@@ -25,8 +25,6 @@ import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
-
 from .. import runs
 from ..fsutil import fsync_dir
 from .step import Parts, TrainState
@@ -219,7 +217,7 @@ def load_checkpoint(p: Parts, path: Path, log: Callable[[str], None]) -> TrainSt
     for name, opt in (("g", p.opt_g), ("d", p.opt_d)):
         if opt is not None and (path / f"optim-{name}.safetensors").is_file():
             meta = json.loads((path / f"optim-{name}.json").read_text())
-            restore_optimizer(opt, runs.load_tensors(path / f"optim-{name}.safetensors"), meta)
+            runs.restore_optimizer(opt, runs.load_tensors(path / f"optim-{name}.safetensors"), meta)
     p.sched_g.load_state_dict({**p.sched_g.state_dict(), **state["scheduler_g"]})
     if p.scaler.is_enabled() and state.get("scaler"):
         p.scaler.load_state_dict(state["scaler"])
@@ -230,21 +228,3 @@ def load_checkpoint(p: Parts, path: Path, log: Callable[[str], None]) -> TrainSt
     return TrainState(step=state["step"], micro_step=state["micro_step"], nonfinite_total=state["nonfinite_total"],
                       nonfinite_in_row=state["nonfinite_in_row"], bad_images=list(state["bad_images"]))
 
-
-def restore_optimizer(opt, tensors: dict, meta: dict) -> None:
-    """Load an optimizer's saved state, each per-parameter tensor in its parameter's memory layout.
-
-    safetensors stores tensors contiguous (NCHW), and torch's `load_state_dict` keeps them so. The fused
-    AdamW kernels (CPU and CUDA) walk param, grad, exp_avg and exp_avg_sq as flat memory, element i of
-    each with element i of the others, without comparing strides: with channels_last parameters (the
-    `auto` choice on CUDA and on CPUs with bf16 kernels) an NCHW exp_avg pairs each weight with another
-    weight's moments, and the resumed run silently diverges. So every state tensor of the parameter's
-    shape is copied into `empty_like(param)`, which also takes it out of the file's memory map."""
-    opt.load_state_dict(runs.optimizer_from_files(tensors, meta))
-    inner = getattr(opt, "optimizer", opt)  # accelerate's AcceleratedOptimizer wraps the torch one
-    for group in inner.param_groups:
-        for param in group["params"]:
-            state = inner.state.get(param, {})
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.shape == param.shape:
-                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
