@@ -44,7 +44,7 @@ from diffusers import AutoencoderTiny
 
 from . import fid, metrics, runs
 from .errors import BadInputError
-from .fsutil import entry_id, fsync_dir, publish_folder, write_durable
+from .fsutil import fsync_dir, publish_folder, write_durable
 from .images import BadImage, center_crop_to_multiple, cover_crop, downscale_long_side, load_rgb, to_tensor, to_uint8
 from .loading import NotAnAutoencoder, load_autoencoder, with_flag
 from .model import configure_tiling, decode, downsample_factor, encode_moments, latent_channels
@@ -559,14 +559,11 @@ def run_evaluation(opts: EvaluateOptions, log=print, vae_flag: str = "--vae") ->
 
 def run(opts: EvaluateOptions) -> dict:
     """`latentvae evaluate`: the evaluation, progress on stderr, the table on stdout. A signal: one line
-    saying whether REPORT was written (interrupts.unpublished)."""
-    from .interrupts import Interrupted, unpublished
+    saying whether REPORT was written (interrupts.says_if_published)."""
+    from .interrupts import says_if_published
 
-    before = entry_id(opts.out)
-    try:
+    with says_if_published(opts.out, "report"):
         summary = run_evaluation(opts, log=lambda m: print(m, file=sys.stderr))
-    except Interrupted as e:
-        raise unpublished(e, opts.out, before, "report") from None
     print(markdown_table(summary["vaes"]))
     print(f"report: {opts.out}/report.md")
     return summary

@@ -43,7 +43,7 @@ from .calibrate import (CalibrationConfig, Fp16Report, LatentStats, calibrate, f
 from .config import config_from_dict
 from .conventions import FAMILIES
 from .errors import BadInputError, MissingInputError, UserError
-from .fsutil import atomic_write_bytes, atomic_write_json, entry_id, flatten, publish_folder
+from .fsutil import atomic_write_bytes, atomic_write_json, flatten, publish_folder
 from .loading import load_autoencoder, load_from_checkpoint
 from .model import DETERMINISTIC_LOGVAR, decode, downsample_factor, encode_moments
 from .options import ExportOptions, validated
@@ -721,11 +721,8 @@ def export(options: ExportOptions, log=print) -> ExportResult:
 
 def run(options: ExportOptions) -> ExportResult:
     """`latentvae export SRC --out OUT` (a failed verification, ExportError, is not a user's mistake
-    and keeps its traceback). A signal: one line saying whether OUT was written (interrupts.unpublished)."""
-    from .interrupts import Interrupted, unpublished
+    and keeps its traceback). A signal: one line saying whether OUT was written (interrupts.says_if_published)."""
+    from .interrupts import says_if_published
 
-    before = entry_id(options.out)
-    try:
+    with says_if_published(options.out, "export"):
         return export(options)
-    except Interrupted as e:
-        raise unpublished(e, options.out, before, "export") from None

@@ -23,8 +23,8 @@ SIGUSR1, as a shell reports a process a signal ended):
   reaches each process from the terminal and again, as SIGTERM, from the launcher.
 
 `Interrupted` derives from BaseException, as KeyboardInterrupt does, so no `except Exception` swallows it.
-A command whose output is published by one rename at its end (export, evaluate) says with `unpublished`
-whether the signal came before or after it. DataLoader worker processes ignore these signals
+A command whose output is published by one rename at its end (export, evaluate) says with
+`says_if_published` whether the signal came before or after it. DataLoader worker processes ignore these signals
 (`ignore_in_worker`): their parent stops them, and a worker killed by the SIGTERM that SLURM sends
 every process would otherwise fail the parent's step.
 """
@@ -158,17 +158,22 @@ class StopRequest:
         return Interrupted(self.signum or signal.SIGTERM, message)
 
 
-def unpublished(e: Interrupted, path, before, what: str) -> Interrupted:
-    """`e` with its line, for a command whose output (`what` at `path`: an export, a report) is renamed into
-    place whole at its very end (fsutil): whether it got there before the signal. `before`: fsutil.entry_id
-    of `path` when the command started."""
+@contextmanager
+def says_if_published(path, what: str) -> Iterator[None]:
+    """Around a command whose output (`what` at `path`: an export, a report) is renamed into place whole at
+    its very end (fsutil): an Interrupted from inside gets the line saying whether it got there before
+    the signal (the rename changes the (device, inode) of `path`)."""
     from .fsutil import entry_id
 
-    if entry_id(path) != before:
-        return Interrupted(e.signum, f"{path}: the {what} was whole and in place when the signal came")
-    kept = "; the earlier one is unchanged" if before else ""
-    return Interrupted(e.signum, f"{path}: {what} not written (it is renamed into place only once whole){kept}; "
-                                 "rerun the same command")
+    before = entry_id(path)
+    try:
+        yield
+    except Interrupted as e:
+        if entry_id(path) != before:
+            raise Interrupted(e.signum, f"{path}: the {what} was whole and in place when the signal came") from None
+        kept = "; the earlier one is unchanged" if before else ""
+        raise Interrupted(e.signum, f"{path}: {what} not written (it is renamed into place only once whole){kept}; "
+                                    "rerun the same command") from None
 
 
 def ignore_in_worker(worker_id: int = 0) -> None:

@@ -65,3 +65,17 @@ def to_ldm_state_dict(vae, prefix: str = "") -> dict[str, torch.Tensor]:
             v = v[:, :, None, None]  # LDM's AttnBlock uses Conv2d(1x1)
         out[prefix + lk] = v.clone()
     return out
+
+
+def assert_same_checkpoint(a: Path, b: Path, required: set[str]) -> None:
+    """Two checkpoints hold the same safetensors files (`required` among them) with equal tensors, bit for bit,
+    and the same data position."""
+    names = sorted(p.name for p in a.glob("*.safetensors"))
+    assert names == sorted(p.name for p in b.glob("*.safetensors"))
+    assert required <= set(names)
+    for name in names:
+        ta, tb = ckpt.load_tensors(a / name), ckpt.load_tensors(b / name)
+        assert ta.keys() == tb.keys(), name
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), (name, k)
+    assert ckpt.read_state(a)["micro_step"] == ckpt.read_state(b)["micro_step"]

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import make_photo, tiny_overrides
+from helpers_ckpt import assert_same_checkpoint
 from latentvae import runs as ckpt
 
 WORKER = Path(__file__).with_name("kill_worker.py")
@@ -52,15 +52,7 @@ def reference(images, tmp_path_factory) -> Path:
 
 
 def _same_checkpoint(a: Path, b: Path) -> None:
-    names = sorted(p.name for p in a.glob("*.safetensors"))
-    assert names == sorted(p.name for p in b.glob("*.safetensors"))
-    assert {"model.safetensors", "ema.safetensors", "disc.safetensors", "optim-g.safetensors"} <= set(names)
-    for name in names:
-        ta, tb = ckpt.load_tensors(a / name), ckpt.load_tensors(b / name)
-        assert ta.keys() == tb.keys(), name
-        for k in ta:
-            assert torch.equal(ta[k], tb[k]), (name, k)
-    assert ckpt.read_state(a)["micro_step"] == ckpt.read_state(b)["micro_step"]
+    assert_same_checkpoint(a, b, {"model.safetensors", "ema.safetensors", "disc.safetensors", "optim-g.safetensors"})
 
 
 def _interrupted_line(proc) -> str:

@@ -257,10 +257,9 @@ class Trainer:
                     logs = train_step(p, st, batch["pixels"])
                     if logs is None:
                         continue
-                    stopping = stop.agreed(acc) and st.step < t.steps  # every process, once per update
                     if st.nonfinite_in_row:
                         self.on_nonfinite()
-                        if stopping:
+                        if stop.agreed(acc) and st.step < t.steps:
                             self.stop_here(stop, window, bar, saved=False)
                         continue
                     window.add(logs)
@@ -278,10 +277,9 @@ class Trainer:
                         self.save()
                     if improved:
                         save_best(p, st, self.out, self.best_info, runs.final_dir(self.out, st.step) if saved else None)
-                    if not stopping and (saved or evaluate or acc.num_processes == 1):
-                        # a signal during the checkpoint or validation: stop now, not one update later
-                        stopping = stop.agreed(acc) and st.step < t.steps
-                    if stopping:
+                    # every process, once per update, after all of it: a signal during the step, its
+                    # validation or its checkpoint stops the run here, not one update later
+                    if stop.agreed(acc) and st.step < t.steps:
                         self.stop_here(stop, window, bar, saved)
                     if st.step >= t.steps:
                         break
