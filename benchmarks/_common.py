@@ -41,7 +41,7 @@ def preset_vae(preset: str, device: str) -> torch.nn.Module:
     """The AutoencoderKL of a model preset, initialised with seed 0, in eval mode on `device`: what the
     benchmarks time (the speed of a network does not depend on its weights' values)."""
     from latentvae.config import load_config
-    from latentvae.model import build_vae
+    from latentvae.vae.model import build_vae
 
     torch.manual_seed(0)
     return build_vae(load_config(None, [f"model.preset={preset}"]).model).eval().to(device)

@@ -58,7 +58,7 @@ def main() -> None:
     p.add_argument("--out", help="also write the printed lines here")
     args = p.parse_args()
 
-    from latentvae.model import InferenceEncoder
+    from latentvae.vae.model import InferenceEncoder
 
     device = pick_device()
     vae = preset_vae(args.preset, device)

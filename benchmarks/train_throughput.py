@@ -117,7 +117,7 @@ def run_row(args) -> dict:
 def _naive_step(args, gan: bool, device: str):
     from latentvae.config import load_config
     from latentvae.train.discriminator import PatchDiscriminator
-    from latentvae.model import build_vae
+    from latentvae.vae.model import build_vae
     from latentvae.perceptual import load_lpips
     cfg = load_config(None, _overrides(args, gan, []))
     vae = build_vae(cfg.model).to(device)

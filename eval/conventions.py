@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from latentvae.cache.schema import from_storage
-from latentvae.conventions import FAMILIES, to_diffusion
+from latentvae.vae.conventions import FAMILIES, to_diffusion
 
 
 def cache_latents(cache: Path, seed: int = 0) -> list[torch.Tensor]:

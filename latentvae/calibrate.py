@@ -19,13 +19,13 @@ from typing import Optional
 
 import torch
 
-from .conventions import FAMILIES, check_family, default_family
+from .vae.conventions import FAMILIES, check_family, default_family
 from .errors import BadInputError
 from .images import BadImage
 from .preprocess import Preprocess, load_preprocessed
 from .sources import open_source
-from .model import decode, downsample_factor, encode_moments
-from .moments import LatentMoments, batch_moments, channel_mean_std, factors, merge_moments
+from .vae.model import decode, downsample_factor, encode_moments
+from .vae.moments import LatentMoments, batch_moments, channel_mean_std, factors, merge_moments
 
 FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
 FP16_HEADROOM = 0.5  # fp32 peaks above half the fp16 range: other images may overflow -> upcast

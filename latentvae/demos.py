@@ -33,7 +33,7 @@ from .errors import BadInputError, MissingInputError
 from .evaluate import load_vae, trained_stochastic, vae_label
 from .fsutil import atomic_save_image, atomic_write_bytes
 from .images import BadImage, cover_crop, list_images, load_rgb, make_grid, to_pil, to_tensor
-from .model import decode, downsample_factor, encode_moments, latent_channels
+from .vae.model import decode, downsample_factor, encode_moments, latent_channels
 from .options import InterpolateOptions, PriorOptions, ReconGridOptions
 
 

@@ -46,8 +46,8 @@ from . import fid, metrics, runs
 from .errors import BadInputError
 from .fsutil import fsync_dir, publish_folder, write_durable
 from .images import BadImage, center_crop_to_multiple, cover_crop, downscale_long_side, load_rgb, to_tensor, to_uint8
-from .loading import NotAnAutoencoder, load_autoencoder, with_flag
-from .model import configure_tiling, decode, downsample_factor, encode_moments, latent_channels
+from .vae.loading import NotAnAutoencoder, load_autoencoder, with_flag
+from .vae.model import configure_tiling, decode, downsample_factor, encode_moments, latent_channels
 from .options import EvaluateOptions
 from .perceptual import load_lpips
 from .precision import AUTOCAST_DTYPES, cpu_capability, resolve_mixed_precision
@@ -272,7 +272,7 @@ def add_latent_statistics(result: VaeResult, vae, x: torch.Tensor, rec: Reconstr
     the high-frequency share of latent and image, and scale equivariance (decode of the 2x-downsampled
     latent against the 2x-downsampled image) where the image's sides are multiples of 2 x the factor."""
     from .latent_stats import downsample, high_frequency_share
-    from .moments import batch_moments, merge_moments
+    from .vae.moments import batch_moments, merge_moments
 
     result.moments = merge_moments(result.moments, batch_moments(rec.mean, rec.logvar if stochastic else None))
     result.latent_hf.append(high_frequency_share(rec.mean))
@@ -288,7 +288,7 @@ def add_latent_statistics(result: VaeResult, vae, x: torch.Tensor, rec: Reconstr
 
 def latent_summary(result: VaeResult) -> dict:
     """summary.json's latent-space statistics of one VAE (docs/probe.md explains them)."""
-    from .moments import channel_mean_std
+    from .vae.moments import channel_mean_std
 
     if result.moments is None:
         return {}

@@ -37,15 +37,15 @@ from typing import Any, Optional
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 
-from . import convert, runs
+from .vae import convert, runs
 from .calibrate import (CalibrationConfig, Fp16Report, LatentStats, calibrate, fp16_check,
                         format_fp16, format_stats)
 from .config import config_from_dict
-from .conventions import FAMILIES
+from .vae.conventions import FAMILIES
 from .errors import BadInputError, MissingInputError, UserError
 from .fsutil import atomic_write_bytes, atomic_write_json, flatten, publish_folder
-from .loading import load_autoencoder, load_from_checkpoint
-from .model import DETERMINISTIC_LOGVAR, decode, downsample_factor, encode_moments
+from .vae.loading import load_autoencoder, load_from_checkpoint
+from .vae.model import DETERMINISTIC_LOGVAR, decode, downsample_factor, encode_moments
 from .options import ExportOptions, validated
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

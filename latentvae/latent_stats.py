@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
-from .moments import batch_moments, channel_mean_std
+from .vae.moments import batch_moments, channel_mean_std
 
 HF_CUTOFF = metrics.HF_CUTOFF  # cycles per sample
 
@@ -74,7 +74,7 @@ def scale_equivariance_psnr(vae, images: torch.Tensor, factor: int = 2) -> float
     images (B, 3, H, W) in [-1, 1] whose sides are multiples of factor x the VAE's downsampling factor; z is
     the posterior mean. An exactly scale-equivariant autoencoder scores as high as its plain reconstruction."""
     from .images import to_uint8
-    from .model import decode, encode_moments
+    from .vae.model import decode, encode_moments
 
     param = next(vae.parameters())
     x = images.to(param.device, param.dtype)

@@ -146,7 +146,7 @@ def read_cache(cache: str, opts: ProbeOptions, label: str) -> ProbeData:
         c_mean, c_std = torch.tensor(stats["channel_mean"]), torch.tensor(stats["channel_std"])
         where = f"manifest latent_statistics ({stats.get('measured_on', 'measured on the cache')})"
     else:  # an older cache: measure on the training rows here, never use unmeasured factors
-        from .moments import batch_moments, channel_mean_std
+        from .vae.moments import batch_moments, channel_mean_std
 
         tr = ~is_val
         c_mean, c_std = channel_mean_std(batch_moments(mean[tr], None if logvar is None else logvar[tr]))
@@ -380,7 +380,7 @@ def latent_statistics(data: ProbeData, vae, count: int = 32) -> dict:
     scale equivariance of the VAE on those images (latent_stats.py)."""
     from . import latent_stats
     from .cache.verify import cache_data, manifest_preprocess
-    from .model import downsample_factor
+    from .vae.model import downsample_factor
     from .preprocess import load_preprocessed
     from .sources import CropSource, open_source
 
@@ -435,7 +435,7 @@ def run_probe(opts: ProbeOptions, log=print) -> dict:
 
     from .cache.verify import check_same_vae, load_cache_vae
     from .images import make_grid
-    from .model import decode
+    from .vae.model import decode
     from .precision import resolve_mixed_precision
 
     opts = validated(opts)

@@ -14,7 +14,7 @@ import torch
 
 from latentvae import runs as ckpt
 from latentvae.config import Config, merge
-from latentvae.model import build_vae
+from latentvae.vae.model import build_vae
 
 
 def tiny_config(**model: object) -> Config:

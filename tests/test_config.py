@@ -4,7 +4,7 @@ import yaml
 
 from latentvae.config import MODEL_PRESETS, Config, ConfigError, config_from_dict, load_config
 from latentvae.train.losses import D_LOSSES, G_LOSSES, RECON_LOSSES
-from latentvae.model import build_vae, downsample_factor
+from latentvae.vae.model import build_vae, downsample_factor
 
 
 def test_sd_and_flux_presets_match_the_real_architectures():

@@ -24,7 +24,7 @@ from conftest import make_photo
 from latentvae import cli
 from latentvae.cache import encode, from_storage, verify_cache
 from latentvae.cache.manifest import weights_sha256
-from latentvae.model import decode, encode_moments
+from latentvae.vae.model import decode, encode_moments
 from latentvae.options import EncodeOptions, OptionError, make_options, validated
 from latentvae.preprocess import Preprocess, load_preprocessed, make_buckets, nearest_bucket
 from latentvae.sources import open_source
@@ -392,7 +392,7 @@ def test_the_manifest_measures_the_latents_a_trainer_draws(vae_dir, tmp_path, st
     """Per-channel and global mean/std of what a trainer draws from the cache (the mean, posterior
     samples from the moments, or the stored sample), summed from per-shard moments across several
     shards and buckets, equal those computed from the stored rows; and each family's factors follow."""
-    from latentvae.conventions import to_diffusion
+    from latentvae.vae.conventions import to_diffusion
     data = photos(tmp_path / "imgs", 7)
     m = encode(cfg(vae_dir, data, tmp_path / "cache", dtype="fp32", store=store, preprocess="buckets", flip=True))
     assert m["counts"]["shards"] > 2

@@ -17,7 +17,7 @@ from skimage.filters import gaussian
 from conftest import REPO, make_photo
 from latentvae import cli, demos, metrics
 from latentvae.evaluate import CSV_COLUMNS, fit_pad
-from latentvae.loading import NotAnAutoencoder
+from latentvae.vae.loading import NotAnAutoencoder
 from latentvae.perceptual import load_lpips, lpips_distance
 
 SUMMARY_KEYS = {"psnr", "psnr_pooled", "ssim", "lpips_alex", "lpips_vgg", "hf_energy_ratio", "laplacian_var_ratio",
@@ -286,7 +286,7 @@ def test_demo_commands_write_their_images(vae_folder, image_folder, tmp_path):
 
 @pytest.mark.parametrize("name", ["taesd:sd", "taesd:flux"])
 def test_taesd_references_evaluate(name, tmp_path):
-    from latentvae.convert import default_taesd_dir
+    from latentvae.vae.convert import default_taesd_dir
 
     if default_taesd_dir() is None:
         pytest.skip("no TAESD weights: set LATENTVAE_TAESD_DIR or place ../shared/weights/taesd")

@@ -9,18 +9,18 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
-from latentvae import convert
+from latentvae.vae import convert
 from latentvae import runs as ckpt
 from helpers_ckpt import make_run, tiny_config, to_ldm_state_dict
 from latentvae import export as ex
 from latentvae.calibrate import CalibrationConfig, calibrate, fp16_check, health
-from latentvae.moments import batch_moments, factors, merge_moments
+from latentvae.vae.moments import batch_moments, factors, merge_moments
 from latentvae.cli import main as cli_main
 from latentvae.export import export
 from latentvae.options import ExportOptions
 from latentvae.errors import BadInputError
-from latentvae.loading import load_autoencoder, load_from_checkpoint
-from latentvae.model import build_vae, decode, encode_moments
+from latentvae.vae.loading import load_autoencoder, load_from_checkpoint
+from latentvae.vae.model import build_vae, decode, encode_moments
 
 FAST = dict(limit=3, resolution=32, fp16_images=1)  # calibration sized for a test
 
@@ -185,7 +185,7 @@ def test_sixteen_channel_models_default_to_the_sd3_convention(image_folder):
     assert stats.config["scaling_factor"] == pytest.approx(1 / g_std, rel=1e-5)
 
 
-# diffusers' own formulas, written out as the pipelines apply them (not through latentvae.conventions)
+# diffusers' own formulas, written out as the pipelines apply them (not through latentvae.vae.conventions)
 def sd_pipeline(z, c):  # pipeline_stable_diffusion*.py
     return z * c["scaling_factor"]
 
@@ -206,7 +206,7 @@ def sd3_pipeline(z, c):  # pipeline_stable_diffusion_3.py / pipeline_flux.py (in
                                                              ("sd3", sd3_pipeline, True)])
 def test_each_convention_gives_unit_latents_under_its_pipelines_own_formula(convention, pipeline, zero_mean,
                                                                             image_folder):
-    from latentvae.conventions import from_diffusion, to_diffusion
+    from latentvae.vae.conventions import from_diffusion, to_diffusion
     means, stds = [0.5, -1.0, 0.0, 2.0], [2.0, 0.5, 1.0, 1.5]
     vae = constant_posterior_vae(means, [2 * torch.tensor(s).log().item() for s in stds])
     stats = calibrate(vae, CalibrationConfig(str(image_folder), count=5, resolution=32, convention=convention))

@@ -9,12 +9,12 @@ from diffusers import AutoencoderKL, AutoencoderTiny
 from safetensors.torch import save_file
 
 from helpers_ckpt import make_run, tiny_config, to_ldm_state_dict
-from latentvae.convert import TAESD_VARIANTS, load_taesd, raw_to_taesd, taesd_to_raw
+from latentvae.vae.convert import TAESD_VARIANTS, load_taesd, raw_to_taesd, taesd_to_raw
 from PIL import Image, ImageOps
 
 from latentvae.images import load_rgb, to_tensor
-from latentvae.loading import NotAnAutoencoder, load_autoencoder
-from latentvae.model import build_vae, decode, encode_moments
+from latentvae.vae.loading import NotAnAutoencoder, load_autoencoder
+from latentvae.vae.model import build_vae, decode, encode_moments
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TAESD_DIR = SHARED / "weights" / "taesd"

@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 from conftest import make_photo
 from helpers_ckpt import make_run, tiny_config, to_ldm_state_dict
 from latentvae import runs
-from latentvae.loading import SPEC_OPTIONS, NotAnAutoencoder, load_autoencoder, parse_spec
-from latentvae.model import build_vae, encode_moments
+from latentvae.vae.loading import SPEC_OPTIONS, NotAnAutoencoder, load_autoencoder, parse_spec
+from latentvae.vae.model import build_vae, encode_moments
 
 REPO = Path(__file__).resolve().parents[1]
 SHA = "0123456789abcdef0123456789abcdef01234567"  # the one commit of every faked hub repo

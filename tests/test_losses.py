@@ -6,7 +6,7 @@ from torchvision.transforms.functional import gaussian_blur
 from latentvae.config import LossConfig, load_config
 from latentvae.train.discriminator import PatchDiscriminator
 from latentvae.train.losses import adaptive_weight, discriminator_loss, generator_loss, kl_to_standard_normal
-from latentvae.model import build_vae, last_decoder_layer
+from latentvae.vae.model import build_vae, last_decoder_layer
 from latentvae.perceptual import LPIPSWeightsError, load_lpips, lpips_distance
 from latentvae.train.step import Autoencoder, discriminator_step, generator_step
 

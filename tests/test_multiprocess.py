@@ -37,7 +37,7 @@ def test_two_ranks_hold_identical_weights_equal_to_one_rank_with_twice_the_batch
     _launch(1, tmp_path / "one", tiny_overrides(image_folder, **{**extra, "train.batch_size": "4"}), tmp_path)
     one = load_file(str(tmp_path / "one" / "final-rank0.safetensors"))
     from latentvae.config import load_config
-    from latentvae.model import build_vae
+    from latentvae.vae.model import build_vae
     torch.manual_seed(0)
     init = build_vae(load_config(None, ["model.preset=test"]).model).state_dict()
     for k in r0:

@@ -186,7 +186,7 @@ def _tiny_vae():
 
 def test_inference_encoder_keeps_the_moments_in_fp32():
     """bf16 weights in the encoder, an fp32 quant_conv, fp32 moments; the VAE it was made from untouched."""
-    from latentvae.model import InferenceEncoder, encode_moments
+    from latentvae.vae.model import InferenceEncoder, encode_moments
 
     vae = _tiny_vae()
     x = _batch(2, 32)

@@ -110,7 +110,7 @@ def test_decoder_only_training_leaves_the_encoder_untouched(tiny_config, tmp_pat
     t = _run(cfg, tmp_path / "r")
     first = _tensors(tmp_path / "r" / "checkpoints" / "checkpoint-00000003")["model.safetensors"]
     torch.manual_seed(cfg.train.seed)
-    from latentvae.model import build_vae
+    from latentvae.vae.model import build_vae
     init = build_vae(cfg.model).state_dict()
     for k, v in first.items():
         if k.startswith(("encoder.", "quant_conv.")):
@@ -121,7 +121,7 @@ def test_decoder_only_training_leaves_the_encoder_untouched(tiny_config, tmp_pat
 
 def test_init_from_a_diffusers_folder_starts_from_its_weights(tiny_config, tmp_path):
     from diffusers import AutoencoderKL
-    from latentvae.model import diffusers_kwargs
+    from latentvae.vae.model import diffusers_kwargs
     cfg = tiny_config(**{"train.steps": "1", "train.save_every": "1", "train.lr": "1e-12", "train.ema_decay": "0"})
     torch.manual_seed(123)
     pretrained = AutoencoderKL(**diffusers_kwargs(cfg.model))

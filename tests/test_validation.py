@@ -32,7 +32,7 @@ def _hwc(x_u8):
 
 def test_eval_log_has_a_line_per_evaluation_and_best_is_the_best_line_scored_as_evaluate_does(tiny_config, tmp_path):
     from latentvae import metrics
-    from latentvae.loading import load_autoencoder
+    from latentvae.vae.loading import load_autoencoder
     from latentvae.perceptual import load_lpips
 
     # NCHW pinned: the checkpoint is scored below in NCHW, and channels_last (`auto` on bf16 CPUs) rounds
@@ -214,7 +214,7 @@ def test_rfid_is_the_fid_of_fid_py_on_the_reconstructions(tiny_config, three_val
     weights = SHARED / "weights" / "inception" / fid.INCEPTION_FILE
     if not weights.is_file():
         pytest.skip(f"no offline Inception weights ({weights})")
-    from latentvae.model import build_vae
+    from latentvae.vae.model import build_vae
     torch.manual_seed(0)
     cfg = tiny_config(**{"data.val_source": str(three_val_images), "train.eval_fid_min": "3",
                          "train.inception_weights": str(weights), "train.best_metric": "rfid"})
@@ -231,7 +231,7 @@ def test_rfid_is_the_fid_of_fid_py_on_the_reconstructions(tiny_config, three_val
 
 
 def test_too_few_images_for_rfid_are_said_once_and_no_best_is_kept(tiny_config, three_val_images, tmp_path):
-    from latentvae.model import build_vae
+    from latentvae.vae.model import build_vae
     cfg = tiny_config(**{"data.val_source": str(three_val_images), "train.eval_fid_min": "4",
                          "train.best_metric": "rfid"})
     said = []
@@ -244,7 +244,7 @@ def test_too_few_images_for_rfid_are_said_once_and_no_best_is_kept(tiny_config, 
 
 
 def test_missing_inception_weights_skip_rfid_with_one_line(tiny_config, three_val_images, tmp_path):
-    from latentvae.model import build_vae
+    from latentvae.vae.model import build_vae
     cfg = tiny_config(**{"data.val_source": str(three_val_images), "train.eval_fid_min": "3",
                          "train.inception_weights": str(tmp_path / "missing.safetensors")})
     said = []

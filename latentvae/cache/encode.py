@@ -240,7 +240,7 @@ def batch_table(rows: list[dict], latents: dict, dtype: str, passthrough) -> pa.
 # ----------------------------------------------------------------------------- checks, before writing
 def prepare_vae(path: str, device, channels_last: Optional[bool]):
     """The VAE on `device`, eval mode, no gradients, in the memory format asked for; (vae, channels_last)."""
-    from ..loading import NotAnAutoencoder, load_autoencoder, with_flag
+    from ..vae.loading import NotAnAutoencoder, load_autoencoder, with_flag
     from ..precision import resolve_channels_last
 
     try:
@@ -258,7 +258,7 @@ def check_vae_fits(opts: EncodeOptions, vae) -> None:
     """What the VAE itself rules out: a resolution off its factor, a log-variance it does not have."""
     from diffusers import AutoencoderTiny
 
-    from ..model import downsample_factor
+    from ..vae.model import downsample_factor
 
     f = downsample_factor(vae)
     if opts.resolution % f:
@@ -304,7 +304,7 @@ class Job:
 
 def prepare_job(opts: EncodeOptions, device) -> Job:
     """Every check of the inputs, in an order that names the first mistake; nothing is written."""
-    from ..model import downsample_factor
+    from ..vae.model import downsample_factor
     from ..precision import resolve_mixed_precision
 
     out = Path(opts.out)
@@ -329,7 +329,7 @@ def prepare_job(opts: EncodeOptions, device) -> Job:
 def inference_encoder(opts: EncodeOptions, vae, precision: str):
     """(model.InferenceEncoder in the --weights-dtype resolved, compiled with --compile; that dtype's name).
     Not part of encode-settings.json: a cache may be resumed in another precision."""
-    from ..model import InferenceEncoder
+    from ..vae.model import InferenceEncoder
     from ..precision import WEIGHT_DTYPES, resolve_weights_dtype
 
     force_upcast = bool(vae.config.get("force_upcast", False))

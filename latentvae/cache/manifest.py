@@ -49,7 +49,7 @@ def weights_sha256(vae) -> str:
 
 def vae_identity(vae, path: str) -> dict:
     """The manifest's `vae`: where it was, its class, weights hash, files, factors and shapes."""
-    from ..model import downsample_factor, latent_channels
+    from ..vae.model import downsample_factor, latent_channels
 
     cfg = vae.config
     source = getattr(vae, "latentvae_source", None) or {}
@@ -76,7 +76,7 @@ def vae_location(given: str, source: Optional[dict], out: Path) -> dict:
     """Where the VAE was, for a `latentvae decode` from anywhere: as given, as an absolute path and
     relative to the cache folder (`options`: the spec's `[key=value,...]` part, kept apart), or a hub
     repo id and the commit it resolved to."""
-    from ..loading import parse_spec
+    from ..vae.loading import parse_spec
 
     source = source or {}
     rec: dict[str, Any] = {"given": given, "kind": source.get("kind")}
@@ -223,8 +223,8 @@ def factor_provenance(vae, path: str) -> str:
 def measured_statistics(shards: list[dict], channels: int) -> Optional[dict]:
     """Per-channel and global mean/std of the latents a trainer draws from this cache, summed from the
     shards' moments, and the factors each pipeline family would need for unit-scale latents."""
-    from ..conventions import FAMILIES
-    from ..moments import LatentMoments, channel_mean_std, factors, global_mean_std
+    from ..vae.conventions import FAMILIES
+    from ..vae.moments import LatentMoments, channel_mean_std, factors, global_mean_std
 
     parts = [s["moments"] for s in shards if s.get("moments")]
     if not parts or len(parts) < len(shards):

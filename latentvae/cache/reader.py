@@ -47,7 +47,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..conventions import check_family, to_diffusion
+from ..vae.conventions import check_family, to_diffusion
 from ..errors import BadInputError
 from .manifest import read_manifest
 from .schema import DTYPES, LATENT_COLUMNS, STORES

@@ -45,7 +45,7 @@ def _located(cache: Path, loc: dict) -> Optional[str]:
 def cache_vae_spec(cache: Path, manifest: dict) -> str:
     """The VAE the manifest names, found from any working folder: a hub VAE at its recorded commit, a
     local one where it was or beside the moved cache; a manifest without locations: its path as given."""
-    from ..loading import parse_spec
+    from ..vae.loading import parse_spec
 
     loc = manifest["vae"].get("location")
     if not loc:
@@ -82,7 +82,7 @@ def cache_data(cache: Path, manifest: dict) -> str:
 
 def load_cache_vae(cache: Path, manifest: dict, vae_path: Optional[str]):
     """`vae_path`, or the VAE the manifest names, in eval mode on the CPU; it must be the cache's VAE."""
-    from ..loading import NotAnAutoencoder, load_autoencoder, with_flag
+    from ..vae.loading import NotAnAutoencoder, load_autoencoder, with_flag
 
     try:
         vae = load_autoencoder(vae_path or cache_vae_spec(cache, manifest))
@@ -150,7 +150,7 @@ def read_sampled_rows(cache: Path, src, source_data: str, column: str, limit: in
 def decode_to_uint8(vae, z: torch.Tensor) -> torch.Tensor:
     """One float32 latent (C, h, w) -> the decoded image, uint8 (3, H, W) on the CPU."""
     from ..images import to_uint8
-    from ..model import decode
+    from ..vae.model import decode
 
     param = next(vae.parameters())
     with torch.inference_mode():
@@ -176,7 +176,7 @@ def verify_cache(cache: str | Path, limit: int = 8, seed: int = 0, *, vae=None, 
     source | decoded pair there as a PNG; `tiling`, `tile_size`: decode in diffusers' tiles (model.configure_tiling).
     Returns {"samples": [...], "column", "mean_psnr", "min_psnr", "tiles"}."""
     from ..metrics import psnr
-    from ..model import configure_tiling
+    from ..vae.model import configure_tiling
     from ..sources import open_source
 
     cache = Path(cache)

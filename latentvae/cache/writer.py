@@ -9,7 +9,7 @@ a hidden temporary name, fsynced and renamed (fsutil.atomic_write), so a shard n
 seen complete and never rewritten. Its `source_key`/`flipped` columns and the source identity
 beside them are the record of what it holds: `scan_shards` and `scan_failures` read back what is
 done, for a resume, an update (update.py) and the manifest.
-Each shard also carries, in its parquet metadata (`latentvae.moments`), the per-channel sums of the
+Each shard also carries, in its parquet metadata (`latentvae.vae.moments`), the per-channel sums of the
 latents a trainer draws from it, so the manifest's measured statistics cost no second pass.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ def list_shards(out: Path) -> list[Path]:
     return sorted(p for p in folder.glob("part-*.parquet") if SHARD_RE.match(p.name)) if folder.is_dir() else []
 
 
-MOMENTS_KEY = b"latentvae.moments"
+MOMENTS_KEY = b"latentvae.vae.moments"
 
 
 IDENTITY_COLUMNS = ("source_key", "source_size", "source_mtime_ns", "source_sha256", "source_fingerprint",
@@ -143,7 +143,7 @@ def row_moments(latents: dict):
     exactly as moments.batch_moments counts them. (B, 2, C) float64."""
     import torch
 
-    from ..moments import batch_moments
+    from ..vae.moments import batch_moments
 
     z = latents.get("latent_sample", latents.get("latent_mean"))
     logvar = None if "latent_sample" in latents else latents.get("latent_logvar")

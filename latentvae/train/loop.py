@@ -25,8 +25,8 @@ from ..config import Config
 from ..errors import UserError
 from ..fsutil import atomic_write_bytes, atomic_write_json
 from ..interrupts import Interrupted, StopRequest
-from ..loading import load_autoencoder
-from ..model import build_vae, configure_for_training, describe
+from ..vae.loading import load_autoencoder
+from ..vae.model import build_vae, configure_for_training, describe
 from ..perceptual import load_lpips
 from ..precision import resolve_channels_last, resolve_mixed_precision
 from .validation import Validator, append_record, best_metric, best_record, better, load_val_images, prune_log

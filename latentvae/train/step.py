@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..model import downsample_factor, last_decoder_layer
+from ..vae.model import downsample_factor, last_decoder_layer
 from ..precision import AUTOCAST_DTYPES
 from .equivariance import draw as draw_transform
 from .ema import EMA

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .errors import BadInputError
+from ..errors import BadInputError
 
 FAMILIES = {
     "sd": "SD 1.x/2.x (and SDXL pipelines given no latents_mean/std): z * scaling_factor",

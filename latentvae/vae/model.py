@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 
-from .config import ModelConfig
-from .errors import BadInputError
+from ..config import ModelConfig
+from ..errors import BadInputError
 
 AUTOENCODER_CLASSES = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
 

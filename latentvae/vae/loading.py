@@ -58,10 +58,10 @@ from typing import Optional
 
 from diffusers import AutoencoderKL
 
-from . import runs
+from .. import runs
 from . import convert
-from .config import config_from_dict
-from .errors import BadInputError, MissingInputError, UserError
+from ..config import config_from_dict
+from ..errors import BadInputError, MissingInputError, UserError
 from .model import AUTOENCODER_CLASSES, diffusers_kwargs, make_posterior_deterministic
 
 
