@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from latentvae.cache.schema import from_storage
-from latentvae.vae.conventions import FAMILIES, to_diffusion
+from latentvae.vae.conventions import CONVENTIONS, to_diffusion
 
 
 def cache_latents(cache: Path, seed: int = 0) -> list[torch.Tensor]:
@@ -48,13 +48,13 @@ def main() -> None:
     args = p.parse_args()
     zs = cache_latents(args.cache)
     print(f"{len(zs)} rows of {args.cache}; mean / std of what each family's diffusion model sees")
-    print("| export (convention) | " + " | ".join(f"{f} formula" for f in FAMILIES) + " |")
-    print("|---|" + "---:|" * len(FAMILIES))
+    print("| export (convention) | " + " | ".join(f"{f} formula" for f in ("sd", "sdxl", "sd3")) + " |")
+    print("|---|" + "---:|" * 3)
     for folder in args.export:
         config = json.loads((folder / "config.json").read_text())
         conv = json.loads((folder / "latentvae_export.json").read_text())["latent_statistics"]["convention"]
         cells = []
-        for family in FAMILIES:
+        for family in ("sd", "sdxl", "sd3"):
             x = torch.cat([to_diffusion(z, config, family).flatten() for z in zs])
             cells.append(f"{float(x.mean()):+.3f} / {float(x.std()):.3f}")
         print(f"| {folder.name} ({conv}) | " + " | ".join(cells) + " |")

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .vae.conventions import FAMILIES, check_family, default_family
+from .vae.conventions import CONVENTIONS, check_convention, default_convention
 from .errors import BadInputError
 from .images import BadImage
 from .preprocess import Preprocess, load_preprocessed
@@ -58,7 +58,7 @@ class CalibrationConfig:
     source: str  # image folder or `datasets` dataset (as data.source)
     count: int = 64  # images (the first `count` of the sorted source)
     resolution: int = 256  # as the cache's center-crop: resized to cover, central square
-    convention: Optional[str] = None  # a key of conventions.FAMILIES; None: sd3 for 16 channels, else sd
+    convention: Optional[str] = None  # a key of conventions.CONVENTIONS; None: sd3 for 16 channels, else sd
     batch_size: int = 4
     kind: str = "auto"
     split: str = "train"
@@ -69,7 +69,7 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class LatentStats:
-    convention: str  # a key of conventions.FAMILIES
+    convention: str  # a key of conventions.CONVENTIONS
     config: dict  # the diffusers config entries of that convention (scaling/shift factor, latents_mean/std)
     channel_mean: tuple[float, ...]  # measured, per latent channel
     channel_std: tuple[float, ...]
@@ -122,7 +122,7 @@ def calibrate(vae, cfg: CalibrationConfig) -> LatentStats:
     if cfg.resolution % factor:
         raise BadInputError(f"calibration resolution {cfg.resolution} (--resolution) is not a multiple of the VAE's "
                          f"downsampling factor {factor}")
-    convention = check_family(cfg.convention or default_family(vae.config.latent_channels),
+    convention = check_convention(cfg.convention or default_convention(vae.config.latent_channels),
                               vae.config.latent_channels)
     dtype = next(vae.parameters()).dtype
     moments, skipped, kept, n = None, [], [], 0
@@ -150,7 +150,7 @@ def format_stats(s: LatentStats) -> str:
     c = s.config
     shift = "" if c["shift_factor"] is None else f"  shift_factor={c['shift_factor']:.6g}"
     stats = "" if c["latents_mean"] is None else "  latents_mean/latents_std per channel (below)"
-    lines = [f"latent statistics ({s.convention} convention: {FAMILIES[s.convention]}; {s.images} images at "
+    lines = [f"latent statistics ({s.convention} convention: {CONVENTIONS[s.convention]}; {s.images} images at "
              f"{s.resolution}px from {s.source}):",
              f"  config: scaling_factor={c['scaling_factor']:.6g}{shift}{stats}",
              "  measured channel mean = [" + ", ".join(f"{v:.4g}" for v in s.channel_mean) + "]",

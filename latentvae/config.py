@@ -24,6 +24,9 @@ ConfigError = OptionError  # a configuration key, type or value that cannot be u
 @dataclass(frozen=True)
 class ModelConfig:
     preset: str = opt("small", "named architecture applied before every other model key (MODEL_PRESETS)")
+    family: Literal["kl", "flux2", "qwenimage", "wan"] = opt(
+        "kl", "the diffusers class built from scratch: kl (AutoencoderKL), flux2 (AutoencoderKLFlux2), qwenimage "
+        "(AutoencoderKLQwenImage), wan (AutoencoderKLWan); with init_from, the loaded VAE's class")
     block_out_channels: tuple[int, ...] = opt((32, 64, 128, 128), "channels per resolution level; /2^(n-1)")
     layers_per_block: int = opt(1, "ResNet blocks per level")
     latent_channels: int = opt(4, "channels of z (SD/SDXL 4, SD3/FLUX 16)")
@@ -39,21 +42,34 @@ class ModelConfig:
 
 # Named architectures. `sd`/`flux` are the real trunks; the others are sized for a CPU.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+    "sd": dict(family="kl", block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                norm_num_groups=32, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True),
-    "flux": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
+    "flux": dict(family="kl", block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
                  norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True),
     # CPU presets keep SD's 4 channels per GroupNorm group (see validate)
-    "small": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1, latent_channels=4,
+    "small": dict(family="kl", block_out_channels=(32, 64, 128, 128), layers_per_block=1, latent_channels=4,
                   norm_num_groups=8, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True),
-    "small-f16": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1, latent_channels=16,
+    "small-f16": dict(family="kl", block_out_channels=(32, 64, 128, 128), layers_per_block=1, latent_channels=16,
                       norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True),
-    "tiny": dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, latent_channels=4,
+    "tiny": dict(family="kl", block_out_channels=(16, 32, 64, 64), layers_per_block=1, latent_channels=4,
                  norm_num_groups=4, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True),
     # two blocks, /2: for unit tests only
-    "test": dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+    "test": dict(family="kl", block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
                  norm_num_groups=4, use_quant_conv=True, use_post_quant_conv=True,
                  mid_block_add_attention=False),
+    # the architectures of FLUX.2 (AutoencoderKLFlux2: 32 channels, BatchNorm statistics of the 2x2-patchified
+    # latent) and Qwen-Image / Wan (AutoencoderKLQwenImage / AutoencoderKLWan: causal 3-D convolutions, 16
+    # channels, base_dim * dim_mult = block_out_channels), sized for a CPU like `small`
+    "flux2-small": dict(family="flux2", block_out_channels=(32, 64, 128, 128), layers_per_block=1, latent_channels=32,
+                        norm_num_groups=8, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True),
+    "qwenimage-small": dict(family="qwenimage", block_out_channels=(32, 64, 128, 128), layers_per_block=1,
+                            latent_channels=16, norm_num_groups=8),
+    "wan-small": dict(family="wan", block_out_channels=(32, 64, 128, 128), layers_per_block=1, latent_channels=16,
+                      norm_num_groups=8),
+    "flux2-test": dict(family="flux2", block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+                       norm_num_groups=4, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=False),
+    "qwenimage-test": dict(family="qwenimage", block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+                           norm_num_groups=4),
 }
 
 

@@ -50,10 +50,10 @@ from .vae.loading import NotAnAutoencoder, load_autoencoder, with_flag
 from .vae.model import configure_tiling, decode, downsample_factor, encode_moments, latent_channels
 from .options import EvaluateOptions
 from .perceptual import load_lpips
-from .precision import AUTOCAST_DTYPES, cpu_capability, resolve_mixed_precision
+from .precision import AUTOCAST_DTYPES, autocast, cpu_capability, resolve_mixed_precision
 from .preprocess import peek_size
 from .sources import ImageSource, open_source
-from .train.losses import kl_to_standard_normal
+from .train.losses import kl_per_element as kl_to_standard_normal
 
 SPECTRUM_BINS = 32  # rings of spectrum.png, up to Nyquist
 CSV_COLUMNS = ("vae", "image", "width", "height", "eval_width", "eval_height", "latent_shape", "psnr", "ssim",
@@ -146,7 +146,7 @@ def reconstruct(vae, x: torch.Tensor, reference_hw: tuple[int, int], dtype=None,
     encoder has only its mean), and cut the output back to the reference size."""
     device = next(vae.parameters()).device
     x = x.to(device)
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    with autocast(device.type, dtype):
         t0 = time.perf_counter()
         mean, logvar = encode_moments(vae, x)
         z = mean
@@ -280,7 +280,7 @@ def add_latent_statistics(result: VaeResult, vae, x: torch.Tensor, rec: Reconstr
     if x.shape[-1] % (2 * factor) or x.shape[-2] % (2 * factor):
         return
     device = next(vae.parameters()).device
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    with autocast(device.type, dtype):
         y = decode(vae, downsample(rec.mean, 2).to(device)).float().cpu()
     a, b = to_uint8(downsample(x.float(), 2)).numpy(), to_uint8(y).numpy()
     result.equivariance.append((metrics.squared_error_sum(a, b), a.size))

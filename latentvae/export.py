@@ -37,11 +37,12 @@ from typing import Any, Optional
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 
-from .vae import convert, runs
+from . import runs
+from .vae import convert
 from .calibrate import (CalibrationConfig, Fp16Report, LatentStats, calibrate, fp16_check,
                         format_fp16, format_stats)
 from .config import config_from_dict
-from .vae.conventions import FAMILIES
+from .vae.conventions import CONVENTIONS
 from .errors import BadInputError, MissingInputError, UserError
 from .fsutil import atomic_write_bytes, atomic_write_json, flatten, publish_folder
 from .vae.loading import load_autoencoder, load_from_checkpoint
@@ -491,7 +492,7 @@ def scaling_section(meta: dict[str, Any]) -> list[str]:
                 "model: `latentvae export SRC --out OUT --calibrate IMAGES`."]
     kl = stats["health"]["kl_per_element"]
     return [f"Measured on {stats['images']} images ({stats['resolution']}px, `{stats['source']}`), written for "
-            f"the `{stats['convention']}` convention: {FAMILIES[stats['convention']]}, which gives "
+            f"the `{stats['convention']}` convention: {CONVENTIONS[stats['convention']]}, which gives "
             "unit-variance latents on those images.", "", "| config entry | value |", "|---|---|",
             *[f"| {k} | {_fmt(lc.get(k))} |" for k in LATENT_KEYS if k in lc], "",
             "Measured per channel: mean " + _fmt(stats["channel_mean"]) + "; std " + _fmt(stats["channel_std"]) + ".",

@@ -7,6 +7,8 @@ step", the bf16 lever row).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 # a resolved mixed-precision choice -> the autocast dtype (None: fp32, no autocast)
@@ -62,3 +64,8 @@ def resolve_channels_last(choice: bool | None, device_type: str, inference: bool
     if inference and device_type == "cpu":
         return True
     return device_type == "cuda" or (device_type == "cpu" and cpu_has_fast_bf16())
+
+
+def autocast(device_type: str, dtype: Optional[torch.dtype]):
+    """The one autocast context: `dtype` (bf16 or fp16) on `device_type`, or plain fp32 when dtype is None."""
+    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)

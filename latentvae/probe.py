@@ -383,6 +383,7 @@ def latent_statistics(data: ProbeData, vae, count: int = 32) -> dict:
     from .vae.model import downsample_factor
     from .preprocess import load_preprocessed
     from .sources import CropSource, open_source
+    from .vae.moments import kl_to_standard_normal
 
     m = data.manifest
     stats = m.get("latent_statistics") or {}
@@ -391,7 +392,7 @@ def latent_statistics(data: ProbeData, vae, count: int = 32) -> dict:
     if data.train_std is not None:  # KL per element of the posterior, from the stored moments
         mu = data.train_mean * data.channel_std.view(1, -1, 1, 1) + data.channel_mean.view(1, -1, 1, 1)
         var = (data.train_std * data.channel_std.view(1, -1, 1, 1)).pow(2)
-        out["kl_per_channel"] = (0.5 * (mu.pow(2) + var - 1 - var.log())).mean((0, 2, 3)).tolist()
+        out["kl_per_channel"] = kl_to_standard_normal(mu, var.log()).mean((0, 2, 3)).tolist()
     out["manifest_std"] = stats.get("std")
     s = m["source"]
     src = open_source(cache_data(data.cache, m), s["kind"], s["split"], s["image_column"], 10**12)

@@ -45,7 +45,7 @@ from ..fsutil import atomic_write_bytes, atomic_write_json
 from ..images import BadImage
 from ..interrupts import Interrupted, ignore_in_worker
 from ..options import EncodeOptions, validated
-from ..precision import AUTOCAST_DTYPES
+from ..precision import AUTOCAST_DTYPES, autocast
 from ..preprocess import Preprocess, load_preprocessed
 from .manifest import (MANIFEST_FILE, factor_provenance, README_FILE, SETTINGS_FILE, build_manifest, check_out_folder, check_settings,
                        dataset_card, run_settings, vae_identity)
@@ -202,8 +202,7 @@ def encode_rows(encoder, rows: list[dict], store: str, seed: int, device, autoca
     x = torch.stack([r["pixels"] for r in rows]).to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                                enabled=autocast_dtype is not None):
+    with torch.inference_mode(), autocast(device.type, autocast_dtype):
         mean, logvar = encoder(x)
     # fp32 from here: exp/sampling of the posterior is numerically delicate in 16 bits
     mean = mean.float().cpu().contiguous()

@@ -223,7 +223,7 @@ def factor_provenance(vae, path: str) -> str:
 def measured_statistics(shards: list[dict], channels: int) -> Optional[dict]:
     """Per-channel and global mean/std of the latents a trainer draws from this cache, summed from the
     shards' moments, and the factors each pipeline family would need for unit-scale latents."""
-    from ..vae.conventions import FAMILIES
+    from ..vae.conventions import CONVENTIONS
     from ..vae.moments import LatentMoments, channel_mean_std, factors, global_mean_std
 
     parts = [s["moments"] for s in shards if s.get("moments")]
@@ -235,7 +235,7 @@ def measured_statistics(shards: list[dict], channels: int) -> Optional[dict]:
     g_mean, g_std = global_mean_std(m)
     keys = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
     per_family = {f: {k: v for k, v in factors(m, f).items() if k in keys}
-                  for f in FAMILIES if not (f == "sdxl" and channels != 4)}
+                  for f in ("sd", "sdxl", "sd3") if not (f == "sdxl" and channels != 4)}
     rows = sum(s["rows"] for s in shards)
     return {"measured_on": f"all {rows} rows of this cache ({m.count} latent positions per channel)",
             "channel_mean": mean.tolist(), "channel_std": std.tolist(), "mean": g_mean, "std": g_std,

@@ -47,7 +47,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..vae.conventions import check_family, to_diffusion
+from ..vae.conventions import check_convention, to_diffusion
 from ..errors import BadInputError
 from .manifest import read_manifest
 from .schema import DTYPES, LATENT_COLUMNS, STORES
@@ -195,9 +195,9 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def _factors(self, family: str, factors: str) -> dict:
         if family not in ("sd", "sdxl", "sd3"):
-            check_family(family)  # the UserError naming the valid choices
+            check_convention(family)  # the UserError naming the valid choices
         try:
-            check_family(family, self.channels)
+            check_convention(family, self.channels)
         except BadInputError as e:
             raise BadInputError(f"{self.cache}: {e}") from None
         if factors == "cache":

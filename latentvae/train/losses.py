@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..vae.moments import kl_to_standard_normal
 from ..config import LossConfig
 from ..perceptual import lpips_distance
 
@@ -31,10 +32,9 @@ def mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 RECON_LOSSES: dict[str, Callable] = {"l1": l1, "mse": mse}
 
 
-def kl_to_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+def kl_per_element(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, exp(logvar)) || N(0, I)) per latent element, (B, C, H, W), in fp32 on purpose."""
-    mean, logvar = mean.float(), logvar.float()
-    return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar)
+    return kl_to_standard_normal(mean.float(), logvar.float())
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -105,7 +105,7 @@ def generator_loss(cfg: LossConfig, x: torch.Tensor, x_hat: torch.Tensor, mean: 
         p = lpips_distance(lpips, a, b).mean()
         nll = nll + cfg.lpips_weight * p
         logs["lpips"] = p.detach()
-    kl_elem = kl_to_standard_normal(mean, logvar)
+    kl_elem = kl_per_element(mean, logvar)
     pixels_per_image = x[0].numel()
     kl = kl_elem.flatten(1).sum(1).mean() / pixels_per_image
     logs["kl_per_elem"] = kl_elem.mean().detach()

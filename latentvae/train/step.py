@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import Config
 from ..vae.model import downsample_factor, last_decoder_layer
-from ..precision import AUTOCAST_DTYPES
+from ..precision import AUTOCAST_DTYPES, autocast
 from .equivariance import draw as draw_transform
 from .ema import EMA
 from .losses import discriminator_loss, equivariance_loss, generator_loss
@@ -89,7 +89,7 @@ class Parts:
     def autocast(self):
         """The networks' forward in the run's precision."""
         dtype = AUTOCAST_DTYPES[self.precision]
-        return torch.autocast(self.acc.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        return autocast(self.acc.device.type, dtype)
 
 
 def generator_step(p: Parts, x: torch.Tensor, step: int, gan: bool, micro_step: int = 0) -> tuple[torch.Tensor, dict]:

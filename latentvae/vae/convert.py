@@ -171,7 +171,7 @@ def default_taesd_dir() -> Optional[Path]:
     env = os.environ.get("LATENTVAE_TAESD_DIR")
     if env:
         return Path(env)
-    shared = Path(__file__).resolve().parents[2] / "shared" / "weights" / "taesd"
+    shared = Path(__file__).resolve().parents[3] / "shared" / "weights" / "taesd"
     return shared if shared.is_dir() else None
 
 
@@ -334,3 +334,15 @@ def apply_recorded_config(vae: AutoencoderKL, recorded: dict, source: str) -> Au
                               + ", ".join(f"{k}: {recorded[k]} vs {vae.config[k]}" for k in differ) + ")")
     vae.register_to_config(**{k: recorded[k] for k in RECORDED_ENTRIES if k in recorded})
     return vae
+
+
+def export_metadata(path: str | Path) -> Optional[dict]:
+    """The record a `latentvae export --format single-file` file carries in its metadata (scaling_origin, ...),
+    None for any other file (or one that cannot be read: loading it says why)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return json.loads(meta[EXPORT_RECORD_KEY]) if EXPORT_RECORD_KEY in meta else None
+    except Exception:  # unreadable or not JSON: not a record
+        return None

@@ -1,10 +1,8 @@
-"""The network: `diffusers.AutoencoderKL` built from a ModelConfig (loading from disk is loading.py).
+"""The network built and run, no disk: the class ModelConfig names (families.py), and a uniform interface
+over every family, so evaluation and encoding treat them alike (loading from disk is loading.py):
 
-Also a small uniform interface over the diffusers autoencoders we use (AutoencoderKL and, for
-the TAESD references, AutoencoderTiny), so evaluation and encoding treat them alike:
-
-    vae = build_vae(cfg.model)                  # random init
-    mean, logvar = encode_moments(vae, x)       # x in [-1, 1], (B, 3, H, W) -> (B, C, H/f, W/f)
+    vae = build_vae(cfg.model)                  # random init, any trainable family (model.family)
+    mean, logvar = encode_moments(vae, x)       # x in [-1, 1], (B, 3, H, W) -> (B, C, H/f, W/f), 4-D always
     x_hat = decode(vae, mean)                   # raw (unscaled) latents -> [-1, 1]
     enc = InferenceEncoder(vae, torch.bfloat16) # encoding only: bf16 weights, fp32 moments
 """
@@ -14,17 +12,28 @@ import copy
 from typing import Optional
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderTiny
 
 from ..config import ModelConfig
 from ..errors import BadInputError
-
-AUTOENCODER_CLASSES = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
+from .families import family, family_of
 
 
 def diffusers_kwargs(m: ModelConfig) -> dict:
-    """ModelConfig -> AutoencoderKL constructor arguments (= its saved config.json)."""
+    """ModelConfig -> the constructor arguments of model.family's class (= its saved config.json).
+
+    kl and flux2 take the keys as they are (flux2 adds its BatchNorm of the patchified latent); qwenimage
+    and wan read block_out_channels as base_dim * dim_mult, layers_per_block as num_res_blocks and
+    latent_channels as z_dim, with no temporal downsampling (an image VAE) and identity statistics until
+    calibration measures them."""
     n = len(m.block_out_channels)
+    if m.family in ("qwenimage", "wan"):
+        base = m.block_out_channels[0]
+        if any(c % base for c in m.block_out_channels):
+            raise BadInputError(f"model.block_out_channels={list(m.block_out_channels)}: {m.family} builds every level "
+                                f"as a multiple of the first ({base})")
+        return dict(base_dim=base, z_dim=m.latent_channels, dim_mult=[c // base for c in m.block_out_channels],
+                    num_res_blocks=m.layers_per_block, temperal_downsample=[False] * (n - 1),
+                    latents_mean=[0.0] * m.latent_channels, latents_std=[1.0] * m.latent_channels)
     return dict(
         in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
@@ -35,19 +44,31 @@ def diffusers_kwargs(m: ModelConfig) -> dict:
     )
 
 
-def build_vae(m: ModelConfig) -> AutoencoderKL:
-    """A randomly initialised AutoencoderKL of the architecture `m` describes."""
-    return AutoencoderKL(**diffusers_kwargs(m))
+BUILDABLE = ("kl", "flux2", "qwenimage", "wan")  # families model.family may build from scratch
 
 
-def configure_for_training(vae: AutoencoderKL, m: ModelConfig) -> AutoencoderKL:
-    """Gradient checkpointing and a frozen encoder (`train_decoder_only`), as `m` asks."""
+def build_vae(m: ModelConfig):
+    """A randomly initialised autoencoder of `m.family`'s class and the architecture `m` describes."""
+    if m.family not in BUILDABLE:
+        raise BadInputError(f"model.family={m.family}: latentvae builds {', '.join(BUILDABLE)} from scratch; start "
+                            f"a {m.family} from its weights with model.init_from")
+    return family(m.family).cls(**diffusers_kwargs(m))
+
+
+def configure_for_training(vae, m: ModelConfig, label: str = "model.init_from"):
+    """Gradient checkpointing and a frozen encoder (`train_decoder_only`), as `m` asks; a family that
+    cannot do what is asked says so in one line."""
+    fam = family_of(vae)
+    fam.require("train-decoder" if m.train_decoder_only else "train", label)
     if m.gradient_checkpointing:
+        if not fam.grad_checkpointing:
+            raise BadInputError(f"model.gradient_checkpointing: diffusers implements no gradient checkpointing for "
+                                f"{fam.class_name}; set it false")
         vae.enable_gradient_checkpointing()
     if m.train_decoder_only:
-        for module in (vae.encoder, vae.quant_conv):
-            if module is not None:
-                module.requires_grad_(False)
+        vae.requires_grad_(False)
+        for p in fam.decoder_parameters(vae):
+            p.requires_grad_(True)
     return vae
 
 
@@ -56,60 +77,65 @@ DETERMINISTIC_LOGVAR = -30.0
 
 
 @torch.no_grad()
-def make_posterior_deterministic(vae: AutoencoderKL) -> AutoencoderKL:
+def make_posterior_deterministic(vae):
     """Pin the posterior's log-variance to -30 (std ~3e-7), so `latent_dist.sample()` equals `.mode()`.
 
     A plain autoencoder (`model.mode: ae`) never trains the log-variance half of its moments, so
     without this, `sample()` (what img2img and diffusers' training scripts call) adds noise larger
     than the signal. The moments come from `quant_conv`, or from the encoder's last conv without it."""
-    conv = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
-    c = vae.config.latent_channels
+    conv = getattr(vae, "quant_conv", None)
+    conv = conv if conv is not None else vae.encoder.conv_out
+    c = family_of(vae).channels(vae)
+    if conv.weight.shape[0] != 2 * c or conv.bias is None:
+        raise BadInputError(f"model.mode=ae: {type(vae).__name__} has no 1x1 moments conv to pin the log-variance of")
     conv.weight[c:].zero_()
     conv.bias[c:].fill_(DETERMINISTIC_LOGVAR)
     return vae
 
 
 def downsample_factor(vae) -> int:
-    if isinstance(vae, AutoencoderTiny):
-        return 2 ** sum(1 for m in vae.encoder.layers if isinstance(m, torch.nn.Conv2d) and m.stride[0] == 2)
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    return family_of(vae).factor(vae)
 
 
 def latent_channels(vae) -> int:
-    return vae.config.latent_channels
+    return family_of(vae).channels(vae)
 
 
 def encode_moments(vae, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """[-1, 1] images -> (mean, logvar) of the posterior; logvar is None for deterministic encoders."""
-    if isinstance(vae, AutoencoderTiny):
-        return vae.encode(x).latents, None
-    dist = vae.encode(x).latent_dist
-    return dist.mean, dist.logvar
+    """[-1, 1] images -> 4-D (mean, logvar) of the posterior; logvar is None for deterministic encoders."""
+    return family_of(vae).moments(vae, x)
 
 
 class InferenceEncoder(torch.nn.Module):
-    """The encoder half of a VAE for inference: [-1, 1] fp32 images -> fp32 (mean, logvar), as encode_moments.
+    """The encoder half of a VAE for inference: [-1, 1] fp32 images -> fp32 4-D (mean, logvar), as encode_moments.
 
     The encoder runs in `dtype` with its weights cast to it (a copy: `vae` itself stays as it was, so
-    its weights hash and its decoder are untouched) and no autocast needed. The moments are an fp32
-    island whatever the dtype: `quant_conv` (a 1x1 conv, a negligible cost) and the log-variance clamp
-    run in fp32 with autocast off, on purpose, since exp(logvar / 2) amplifies 16-bit rounding. This is
-    AutoencoderKL._encode + DiagonalGaussianDistribution's mean/logvar, and AutoencoderTiny.encode,
-    without tiling or slicing (never on for encoding)."""
+    its weights hash and its decoder are untouched) and no autocast needed. For the classes built on
+    diffusers' Encoder + 1x1 quant_conv (kl, flux2) and AutoencoderTiny, the moments are an fp32 island
+    whatever the dtype: `quant_conv` (a negligible cost) and the log-variance clamp run in fp32 with
+    autocast off, on purpose, since exp(logvar / 2) amplifies 16-bit rounding; this is their `_encode` +
+    DiagonalGaussianDistribution's mean/logvar without tiling or slicing (never on for encoding). Every
+    other family runs its own `encode` in `dtype` (families.py), its moments then cast to fp32."""
 
     def __init__(self, vae, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.vae_class = type(vae).__name__
+        self.family = family_of(vae)
         self.dtype = dtype
-        # encoder (and quant_conv) share vae's modules in fp32; a half-precision encoder is its own copy
-        self.encoder = vae.encoder if dtype == torch.float32 else copy.deepcopy(vae.encoder).to(dtype)
-        self.quant_conv = None if isinstance(vae, AutoencoderTiny) else vae.quant_conv
+        self.island = self.family.name in ("kl", "flux2", "tiny")
+        if self.island:  # encoder (and quant_conv) share vae's modules in fp32; a 16-bit encoder is its own copy
+            self.encoder = vae.encoder if dtype == torch.float32 else copy.deepcopy(vae.encoder).to(dtype)
+            self.quant_conv = None if self.family.name == "tiny" else vae.quant_conv
+        else:
+            self.vae = vae if dtype == torch.float32 else copy.deepcopy(vae).to(dtype)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if not self.island:
+            mean, logvar = self.family.moments(self.vae, x.to(self.dtype))
+            return mean.float(), None if logvar is None else logvar.float().clamp(-30.0, 20.0)
         h = self.encoder(x.to(self.dtype))  # (B, 2C, h, w) moments; AutoencoderTiny: (B, C, h, w) latents
         with torch.autocast(x.device.type, enabled=False):
             h = h.float()
-            if self.vae_class == "AutoencoderTiny":
+            if self.quant_conv is None and self.family.name == "tiny":
                 return h, None
             if self.quant_conv is not None:
                 h = self.quant_conv(h)
@@ -119,39 +145,42 @@ class InferenceEncoder(torch.nn.Module):
 
 def configure_tiling(label: str, vae, tiling: bool, tile_size: int = 0, encode: bool = True) -> Optional[dict]:
     """--tiling (evaluate, decode): diffusers' own tiled encode/decode (vae.enable_tiling()), `tile_size`
-    replacing the model's tile_sample_min_size (and tile_latent_min_size = tile_size / factor); returns
-    the tiles for the settings, None without `tiling`. `encode=False`: only decoding will be tiled (diffusers'
-    AutoencoderTiny tiles latents of any channel count when decoding, of 4 only when encoding)."""
+    replacing the model's minimum tile (kl, flux2, hunyuanimage, tiny: tile_sample_min_size and
+    tile_latent_min_size = tile_size / factor); returns the tile settings, None without `tiling`.
+    `encode=False`: only decoding will be tiled (diffusers' AutoencoderTiny tiles latents of any channel
+    count when decoding, of 4 only when encoding). Qwen-Image, Wan and DC tile with their own defaults."""
     if not tiling:
         return None
-    factor = downsample_factor(vae)
-    if encode and isinstance(vae, AutoencoderTiny) and latent_channels(vae) != 4:
-        raise BadInputError(f"--tiling: {label} has {latent_channels(vae)} latent channels, but diffusers' "
+    fam = family_of(vae)
+    factor = fam.factor(vae)
+    if encode and fam.name == "tiny" and fam.channels(vae) != 4:
+        raise BadInputError(f"--tiling: {label} has {fam.channels(vae)} latent channels, but diffusers' "
                             "AutoencoderTiny tiled encode writes 4 only; evaluate it without --tiling")
-    if isinstance(vae, AutoencoderTiny) and getattr(vae, "spatial_scale_factor", factor) != factor:
+    if fam.name == "tiny" and getattr(vae, "spatial_scale_factor", factor) != factor:
         raise BadInputError(f"--tiling: {label} downsamples by {factor}, but diffusers' AutoencoderTiny tiles assume "
                             f"{vae.spatial_scale_factor}; run it without --tiling")
     if tile_size and tile_size % factor:
         raise BadInputError(f"--tile-size {tile_size}: must be a multiple of {label}'s downsampling factor {factor}")
+    if tile_size and not hasattr(vae, "tile_sample_min_size"):
+        raise BadInputError(f"--tile-size: {label} is a {fam.class_name}, whose tiles diffusers sizes by height and "
+                            "width; use --tiling without --tile-size (its own tile sizes)")
     vae.enable_tiling()
     if tile_size:
         vae.tile_sample_min_size, vae.tile_latent_min_size = tile_size, tile_size // factor
-    return {"tile_sample_min_size": vae.tile_sample_min_size, "tile_latent_min_size": vae.tile_latent_min_size,
-            "tile_overlap_factor": vae.tile_overlap_factor}
+    return {k: v for k, v in sorted(vars(vae).items()) if k.startswith("tile_")}
 
 
 def decode(vae, z: torch.Tensor) -> torch.Tensor:
-    """raw latents -> [-1, 1] images"""
-    return vae.decode(z).sample
+    """raw 4-D latents -> [-1, 1] images"""
+    return family_of(vae).decode(vae, z)
 
 
-def last_decoder_layer(vae: AutoencoderKL) -> torch.nn.Parameter:
+def last_decoder_layer(vae) -> torch.nn.Parameter:
     """The weight whose gradient norms set the adaptive GAN weight (LDM's `get_last_layer`)."""
-    return vae.decoder.conv_out.weight
+    return family_of(vae).last_decoder_layer(vae)
 
 
 def describe(vae) -> str:
     n = sum(p.numel() for p in vae.parameters())
     return (f"{type(vae).__name__}: {n / 1e6:.2f}M parameters, {latent_channels(vae)} latent channels, "
             f"/{downsample_factor(vae)}")
-

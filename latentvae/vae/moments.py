@@ -30,6 +30,12 @@ class LatentMoments:
         return self.sum.numel()
 
 
+def kl_to_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, 1)) per element, LDM's DiagonalGaussianDistribution.kl: the one formula
+    (training's loss, evaluate's figure, these moments and the probe all use it)."""
+    return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar)
+
+
 def batch_moments(mean: torch.Tensor, logvar: Optional[torch.Tensor]) -> LatentMoments:
     """(B, C, h, w) posterior mean/logvar -> the moments of samples z ~ N(mean, exp(logvar)).
 
@@ -39,8 +45,8 @@ def batch_moments(mean: torch.Tensor, logvar: Optional[torch.Tensor]) -> LatentM
     var = torch.zeros_like(mu) if logvar is None else logvar.detach().double().exp()
     dims = (0, 2, 3)
     kl = None
-    if logvar is not None:  # KL(N(mu, var) || N(0, 1)) per element, LDM's DiagonalGaussian.kl
-        kl = (0.5 * (mu.pow(2) + var - 1.0 - logvar.detach().double())).sum(dims)
+    if logvar is not None:
+        kl = kl_to_standard_normal(mu, logvar.detach().double()).sum(dims)
     count = mu.numel() // mu.shape[1]
     return LatentMoments(count, mu.sum(dims), (mu.pow(2) + var).sum(dims), kl)
 

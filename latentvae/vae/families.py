@@ -1,0 +1,256 @@
+"""The family table: one entry per diffusers autoencoder class, and everything that follows from it.
+
+    fam = family_of(vae)                   # by class; family("flux2") by name
+    mean, logvar = fam.moments(vae, x)     # (B, 3, H, W) in [-1, 1] -> 4-D moments; logvar None: deterministic
+    x_hat = fam.decode(vae, z)             # 4-D VAE latents -> (B, 3, H, W)
+    fam.factors(vae)                       # what its pipeline's formula reads (conventions.py)
+
+Every job reads this table instead of asking `isinstance`: the 5-D handling (Qwen-Image and Wan take
+(B, C, T=1, H, W); here everything is 4-D and the entry adds and drops T), which latent the family's
+consumers take (sample or mode), its spatial factor and latent channels, which of conventions.py's
+formulas its pipelines apply, which statistics calibration writes where, its fp16 rule, and which
+jobs it can do. Adding a family is one entry here plus its tests.
+
+| name         | class                      | consumers take             | formula (conventions.py)       | calibration writes       |
+|--------------|----------------------------|----------------------------|--------------------------------|--------------------------|
+| kl           | AutoencoderKL              | sample (SD/SDXL/SD3 training scripts) | sd, sdxl, sd3 (FLUX.1) | scaling/shift or latents_mean/std |
+| flux2        | AutoencoderKLFlux2         | mode (FLUX.2 pipeline: argmax) | flux2 (2x2 patchify, BN)    | bn.running_mean/var (weights) |
+| qwenimage    | AutoencoderKLQwenImage     | sample (Qwen-Image img2img) | qwenimage (per-channel)       | latents_mean/std (config) |
+| wan          | AutoencoderKLWan           | mode (Wan i2v: argmax)     | qwenimage (per-channel)        | latents_mean/std (config) |
+| dc           | AutoencoderDC              | the latent (no posterior)  | sd (z * scaling_factor)        | scaling_factor           |
+| hunyuanimage | AutoencoderKLHunyuanImage  | sample (retrieve_latents default) | sd (z * scaling_factor) | scaling_factor           |
+| tiny         | AutoencoderTiny            | the latent (no posterior)  | that of the VAE it mimics      | nothing (TAESD latents)  |
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from ..errors import BadInputError
+
+JOBS = ("evaluate", "encode", "decode", "export", "demo", "probe", "train", "train-decoder", "single-file")
+
+
+class FamilyCannot(BadInputError):
+    """A job a family cannot do: one line naming the family and the job (exit status 2)."""
+
+
+def _unsqueeze(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(2)  # (B, C, H, W) -> (B, C, T=1, H, W)
+
+
+def _squeeze(x: torch.Tensor, what: str) -> torch.Tensor:
+    if x.dim() != 5 or x.shape[2] != 1:
+        raise ValueError(f"{what}: expected (B, C, 1, H, W), got {tuple(x.shape)}")
+    return x[:, :, 0]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    class_name: str
+    used_by: str
+    stochastic: bool  # a Gaussian posterior (latent_dist); False: encode returns the latent itself
+    consumer: str  # "sample" | "mode" | "latent": what its pipelines / training scripts take from encode
+    consumer_cite: str  # where in diffusers that is decided
+    five_d: bool  # encode/decode take (B, C, T, H, W)
+    patch: int  # the pipeline patchifies p x p latent pixels into channels before its formula (flux2: 2)
+    conventions: tuple[str, ...]  # conventions.py formulas its pipelines apply; [0] is the default
+    calibration: str  # which statistics `export --calibrate` writes, where
+    fp16: str  # its fp16 rule
+    jobs: tuple[str, ...]  # what it can do (JOBS); anything else is refused in one line
+    refusals: dict  # job -> why not (the one line's reason)
+    channels_of: Callable  # vae -> latent channels
+    factor_of: Callable  # vae -> spatial downsampling factor
+    grad_checkpointing: bool = False  # diffusers implements gradient checkpointing for the class
+
+    @property
+    def cls(self) -> type:
+        import diffusers
+        return getattr(diffusers, self.class_name)
+
+    # ------------------------------------------------------------------ running the module
+    def moments(self, vae, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """[-1, 1] images (B, 3, H, W) -> (mean, logvar) of the posterior, 4-D; logvar None without one."""
+        out = vae.encode(_unsqueeze(x) if self.five_d else x)
+        if self.stochastic:
+            dist = out.latent_dist
+            mean, logvar = dist.mean, dist.logvar
+        else:
+            mean, logvar = (out.latents if self.name == "tiny" else out.latent), None
+        if self.five_d:
+            mean = _squeeze(mean, f"{self.class_name}.encode")
+            logvar = None if logvar is None else _squeeze(logvar, f"{self.class_name}.encode")
+        return mean, logvar
+
+    def consumer_latent(self, mean: torch.Tensor, logvar: Optional[torch.Tensor],
+                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The latent this family's consumers take: a posterior sample, or its mode (the mean)."""
+        if logvar is None or self.consumer != "sample":
+            return mean
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + torch.exp(0.5 * logvar) * noise
+
+    def decode(self, vae, z: torch.Tensor) -> torch.Tensor:
+        """4-D VAE latents -> [-1, 1] images (B, 3, H, W)."""
+        x = vae.decode(_unsqueeze(z) if self.five_d else z).sample
+        return _squeeze(x, f"{self.class_name}.decode") if self.five_d else x
+
+    # ------------------------------------------------------------------ what the module holds
+    def channels(self, vae) -> int:
+        return int(self.channels_of(vae))
+
+    def factor(self, vae) -> int:
+        return int(self.factor_of(vae))
+
+    def factors(self, vae) -> dict:
+        """The entries this family's formula reads, as the module holds them now (conventions.py)."""
+        c = vae.config
+        if self.name == "flux2":
+            return {"bn_running_mean": [float(v) for v in vae.bn.running_mean],
+                    "bn_running_var": [float(v) for v in vae.bn.running_var], "batch_norm_eps": float(c.batch_norm_eps)}
+        if self.name in ("qwenimage", "wan"):
+            return {"latents_mean": list(c.latents_mean), "latents_std": list(c.latents_std)}
+        if self.name == "tiny":
+            from .convert import taesd_factors
+            scale, shift = taesd_factors(vae)
+            return {"scaling_factor": scale, "shift_factor": shift}
+        keys = ("scaling_factor", "shift_factor", "latents_mean", "latents_std") if self.name == "kl" else ("scaling_factor",)
+        return {k: c.get(k) for k in keys}
+
+    @torch.no_grad()
+    def write_factors(self, vae, entries: dict) -> None:
+        """Put calibrated entries (conventions.diffusers_config) where this family's pipeline reads them."""
+        if self.name == "flux2":
+            vae.bn.running_mean.copy_(torch.tensor(entries["bn_running_mean"], dtype=vae.bn.running_mean.dtype))
+            vae.bn.running_var.copy_(torch.tensor(entries["bn_running_var"], dtype=vae.bn.running_var.dtype))
+            return
+        self.require("export")
+        vae.register_to_config(**{k: v for k, v in entries.items() if k in self.config_keys})
+
+    @property
+    def config_keys(self) -> tuple[str, ...]:
+        """config.json entries calibration writes (flux2: none, its statistics are BatchNorm buffers)."""
+        return {"kl": ("scaling_factor", "shift_factor", "latents_mean", "latents_std"),
+                "qwenimage": ("latents_mean", "latents_std"), "wan": ("latents_mean", "latents_std"),
+                "dc": ("scaling_factor",), "hunyuanimage": ("scaling_factor",)}.get(self.name, ())
+
+    def decoder_parameters(self, vae) -> list:
+        """What a decoder-only fine-tune trains: the decoder and the 1x1 conv before it."""
+        mods = [vae.decoder] + [m for m in (getattr(vae, "post_quant_conv", None),) if m is not None]
+        return [p for m in mods for p in m.parameters()]
+
+    def last_decoder_layer(self, vae) -> torch.nn.Parameter:
+        """The weight whose gradient norm sets the adaptive GAN weight (LDM's get_last_layer)."""
+        convs = [m for m in vae.decoder.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+        out = getattr(vae.decoder, "conv_out", None)
+        return (out.weight if isinstance(out, (torch.nn.Conv2d, torch.nn.Conv3d)) else convs[-1].weight)
+
+    # ------------------------------------------------------------------ what it can do
+    def can(self, job: str) -> bool:
+        return job in self.jobs
+
+    def require(self, job: str, label: str = "") -> None:
+        """A FamilyCannot naming the family and the job unless the family can do it."""
+        if job not in JOBS:
+            raise ValueError(f"unknown job {job!r}")
+        if job not in self.jobs:
+            why = self.refusals.get(job, "not supported")
+            who = f"{label}: " if label else ""
+            raise FamilyCannot(f"{who}{self.class_name} ({self.name} family) cannot {JOB_WORDS[job]}: {why}")
+
+
+JOB_WORDS = {"evaluate": "be evaluated", "encode": "encode a dataset", "decode": "decode latents",
+             "export": "be exported", "demo": "run the demos", "probe": "be probed", "train": "be fine-tuned in full",
+             "train-decoder": "have its decoder fine-tuned",
+             "single-file": "be written as one single file (--format single-file)"}
+ALL_JOBS = ("evaluate", "encode", "decode", "export", "demo", "probe", "train", "train-decoder")
+NO_SINGLE_FILE = ("diffusers has no single-file loader for this class (loaders/single_file_model.py "
+                  "SINGLE_FILE_LOADABLE_CLASSES); export a diffusers folder (the default --format diffusers)")
+
+
+def _kl_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _wan_factor(vae) -> int:  # the pipelines' 2 ** len(temperal_downsample), times Wan 2.2's patchify
+    return 2 ** len(vae.config.temperal_downsample) * (vae.config.get("patch_size") or 1)
+
+
+def _tiny_factor(vae) -> int:
+    return 2 ** sum(1 for m in vae.encoder.layers if isinstance(m, torch.nn.Conv2d) and m.stride[0] == 2)
+
+
+_KL_CHANNELS = lambda vae: vae.config.latent_channels  # noqa: E731
+_Z_DIM = lambda vae: vae.config.z_dim  # noqa: E731
+_HALF_OK = "fp16 as measured by export's fp16 check (force_upcast follows it)"
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("kl", "AutoencoderKL", "SD 1.x/2.x, SDXL, SD3, FLUX.1, Z-Image, Chroma", True, "sample",
+           "examples/text_to_image/train_text_to_image_sdxl.py and train_dreambooth_lora_sd3.py: "
+           "vae.encode(pixels).latent_dist.sample()", False, 1, ("sd", "sdxl", "sd3"),
+           "scaling_factor (and shift_factor for sd3, latents_mean/latents_std for sdxl) in config.json",
+           _HALF_OK, ALL_JOBS + ("single-file",), {}, _KL_CHANNELS, _kl_factor, grad_checkpointing=True),
+    Family("flux2", "AutoencoderKLFlux2", "FLUX.2", True, "mode",
+           "pipelines/flux2/pipeline_flux2.py `_encode_vae_image`: retrieve_latents(..., sample_mode=\"argmax\")",
+           False, 2, ("flux2",),
+           "bn.running_mean / bn.running_var (BatchNorm buffers in the weights file) of the 2x2-patchified latent",
+           _HALF_OK, ALL_JOBS, {"single-file": NO_SINGLE_FILE}, _KL_CHANNELS, _kl_factor, grad_checkpointing=True),
+    Family("qwenimage", "AutoencoderKLQwenImage", "Qwen-Image, Qwen-Image-Edit", True, "sample",
+           "pipelines/qwenimage/pipeline_qwenimage_img2img.py `_encode_vae_image`: retrieve_latents(...) "
+           "(sample_mode \"sample\")", True, 1, ("qwenimage",), "latents_mean / latents_std in config.json",
+           _HALF_OK, ALL_JOBS, {"single-file": NO_SINGLE_FILE}, _Z_DIM, _wan_factor),
+    Family("wan", "AutoencoderKLWan", "Wan 2.x (as an image VAE, T=1)", True, "mode",
+           "pipelines/wan/pipeline_wan_i2v.py `prepare_latents`: retrieve_latents(..., sample_mode=\"argmax\")",
+           True, 1, ("qwenimage",), "latents_mean / latents_std in config.json", _HALF_OK, ALL_JOBS,
+           {"single-file": "latentvae writes the LDM single-file layout of AutoencoderKL only; export a diffusers "
+                           "folder (the default --format diffusers)"}, _Z_DIM, _wan_factor),
+    Family("dc", "AutoencoderDC", "SANA (f32c32)", False, "latent",
+           "AutoencoderDC.encode returns EncoderOutput.latent: no posterior", False, 1, ("sd",),
+           "scaling_factor in config.json (pipelines/sana/pipeline_sana.py decodes latents / scaling_factor)",
+           _HALF_OK, ("evaluate", "encode", "decode", "export", "demo", "probe", "train-decoder"),
+           {"train": "it has no posterior (a deterministic latent); fine-tune its decoder with "
+                     "model.train_decoder_only=true",
+            "single-file": "latentvae writes the LDM single-file layout of AutoencoderKL only; export a diffusers "
+                           "folder (the default --format diffusers)"},
+           _KL_CHANNELS, lambda vae: 2 ** (len(vae.config.encoder_block_out_channels) - 1)),
+    Family("hunyuanimage", "AutoencoderKLHunyuanImage", "HunyuanImage 2.1 (f32, 64 channels)", True, "sample",
+           "pipelines/hunyuan_image/pipeline_hunyuanimage_refiner.py `retrieve_latents` default "
+           "sample_mode=\"sample\" (the 2.1 pipeline never encodes)", False, 1, ("sd",),
+           "scaling_factor in config.json (pipelines/hunyuan_image/pipeline_hunyuanimage.py decodes "
+           "latents / scaling_factor)", _HALF_OK, ALL_JOBS, {"single-file": NO_SINGLE_FILE},
+           _KL_CHANNELS, lambda vae: vae.config.spatial_compression_ratio),
+    Family("tiny", "AutoencoderTiny", "TAESD previews (SD, SDXL, SD3, FLUX.1 latent spaces)", False, "latent",
+           "AutoencoderTiny.encode returns AutoencoderTinyOutput.latents: no posterior", False, 1,
+           ("sd", "sdxl", "sd3"), "nothing: TAESD latents are the target VAE's latents, already normalized",
+           "fp16 safe (TAESD's published weights run in fp16)",
+           ("evaluate", "encode", "decode", "export", "demo", "probe", "train-decoder"),
+           {"train": "it has no posterior; fine-tune its decoder with model.train_decoder_only=true (or distill)",
+            "single-file": NO_SINGLE_FILE},
+           lambda vae: vae.config.latent_channels, _tiny_factor),
+)}
+BY_CLASS = {f.class_name: f for f in FAMILIES.values()}
+
+
+def family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise BadInputError(f"unknown VAE family {name!r}; valid choices: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_of(vae) -> Family:
+    """The entry for a module's class (a subclass counts as its diffusers parent)."""
+    for cls in type(vae).__mro__:
+        if cls.__name__ in BY_CLASS:
+            return BY_CLASS[cls.__name__]
+    raise BadInputError(f"{type(vae).__name__} is not a VAE family latentvae knows; expected one of "
+                        f"{', '.join(BY_CLASS)}")
+
+
+def family_for_class(class_name, where: str) -> Family:
+    """The entry for a config.json's `_class_name`; a one-line error naming `where` otherwise."""
+    if class_name not in BY_CLASS:
+        raise BadInputError(f"{where}: _class_name is {class_name!r}; expected one of {', '.join(BY_CLASS)}")
+    return BY_CLASS[class_name]
