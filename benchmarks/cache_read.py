@@ -8,7 +8,7 @@ Synthesizes each cache directly (parquet shards written with latentvae.cache.sch
 a manifest; no VAE), lets `datasets` convert it to its arrow files once, then, each in a fresh process
 (so peak memory is that run's own):
 
-  latentvae   LatentDataset(family="sd") read in batches of 64 by BucketBatchSampler through
+  latentvae   LatentDataset(convention="sd") read in batches of 64 by BucketBatchSampler through
               DataLoader(batch_sampler=..., collate_fn=collate, num_workers=1), one whole epoch,
               worker start included
   (0 workers) the same, read in the main process
@@ -227,7 +227,7 @@ def run_latentvae(cache: Path, hf_cache: str, batch_size: int, options: list, st
                 Path(os.environ["PROBE"]).write_text(f"{Sampled.peak} {status_kib('VmHWM')}")
 
     dtype = torch.float16 if "fp16" in options else torch.float32
-    ds = Sampled(cache, family="sd", cache_dir=hf_cache, dtype=dtype)
+    ds = Sampled(cache, convention="sd", cache_dir=hf_cache, dtype=dtype)
     if "datasets" in options:
         ds._values = None  # the reader's fast arrow index off: batches gathered through `datasets`
     sampler = BucketBatchSampler(ds, batch_size=batch_size, seed=0)

@@ -69,7 +69,7 @@ def measure(cache: Path, hf_cache: str, workers: int, dtype: torch.dtype, out: P
                 out.write_text(json.dumps({**totals, "batches": Dataset.calls, "process1": time.process_time()}))
             return result
 
-    ds = Dataset(cache, family="sd", cache_dir=hf_cache, dtype=dtype)
+    ds = Dataset(cache, convention="sd", cache_dir=hf_cache, dtype=dtype)
     sampler = R.BucketBatchSampler(ds, batch_size=64, seed=0)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
     t0, batches = time.perf_counter(), 0

@@ -1,13 +1,16 @@
-"""Which pipeline family sees unit-scale latents under which export: the table behind README's advice.
+"""Which pipeline formula sees unit-scale latents under which export: the table behind README's advice.
 
     latentvae export runs/quickstart --out out/qs-sd --calibrate data/samples/train --convention sd   # and sdxl, sd3
     latentvae encode --vae out/qs-sd --data IMAGES --out out/qs-cache --store moments --dtype fp32
     python eval/conventions.py --cache out/qs-cache --export out/qs-sd --export out/qs-sdxl --export out/qs-sd3
 
-For every export (rows) and every family's own formula (columns, latentvae/conventions.py, which
-cites the diffusers code), the mean and std of what that family's diffusion model would see on the
-cache's latents (posterior samples, drawn with a fixed seed). The family an export was written for
-should read about 0 / 1 (exactly so on the calibration images; on other images, close).
+For every export (rows) and every formula its family's pipelines apply (columns: latentvae/vae/conventions.py,
+which cites the diffusers code; the family table says which apply to which class), the mean and std of
+what that pipeline's diffusion model would see on the cache's latents: what the family's consumers take
+(posterior samples, drawn with a fixed seed, or the posterior mean), with the factors the export holds
+(config.json, or FLUX.2's BatchNorm buffers), read through `load_vae`. The formula an export was written
+for should read about 0 / 1 (exactly so on the calibration images; on other images, close); "-" marks a
+formula the export's family does not apply.
 """
 from __future__ import annotations
 
@@ -19,24 +22,25 @@ import torch
 
 from latentvae.cache.schema import from_storage
 from latentvae.vae.conventions import CONVENTIONS, to_diffusion
+from latentvae.vae.loading import load_vae
 
 
-def cache_latents(cache: Path, seed: int = 0) -> list[torch.Tensor]:
-    """Posterior samples (or the stored sample / mean) of every row, (1, C, h, w) each."""
+def cache_latents(cache: Path, consumer: str, seed: int = 0) -> list[torch.Tensor]:
+    """What a `consumer` ("sample" | "mode" | "latent") takes from every row: (1, C, h, w) each."""
     import pyarrow.parquet as pq
 
     m = json.loads((cache / "manifest.json").read_text())
     g = torch.Generator().manual_seed(seed)
     out = []
     for shard in sorted((cache / "data").glob("*.parquet")):
-        t = pq.read_table(shard).to_pylist()
-        for r in t:
+        for r in pq.read_table(shard).to_pylist():
             if "latent_sample" in r:
                 out.append(from_storage(r["latent_sample"], m["dtype"])[None])
                 continue
             z = from_storage(r["latent_mean"], m["dtype"])
-            if "latent_logvar" in r:
-                z = z + torch.exp(0.5 * from_storage(r["latent_logvar"], m["dtype"])) * torch.randn(z.shape, generator=g)
+            if consumer == "sample" and "latent_logvar" in r:
+                std = torch.exp(0.5 * from_storage(r["latent_logvar"], m["dtype"]))
+                z = z + std * torch.randn(z.shape, generator=g)
             out.append(z[None])
     return out
 
@@ -46,18 +50,23 @@ def main() -> None:
     p.add_argument("--cache", required=True, type=Path)
     p.add_argument("--export", action="append", required=True, type=Path, help="exported diffusers folders")
     args = p.parse_args()
-    zs = cache_latents(args.cache)
-    print(f"{len(zs)} rows of {args.cache}; mean / std of what each family's diffusion model sees")
-    print("| export (convention) | " + " | ".join(f"{f} formula" for f in ("sd", "sdxl", "sd3")) + " |")
-    print("|---|" + "---:|" * 3)
-    for folder in args.export:
-        config = json.loads((folder / "config.json").read_text())
-        conv = json.loads((folder / "latentvae_export.json").read_text())["latent_statistics"]["convention"]
+    exports = [load_vae(folder) for folder in args.export]
+    columns = [c for c in CONVENTIONS if any(c in lv.family.conventions for lv in exports)]
+    print(f"{args.cache}; mean / std of what each pipeline formula's diffusion model sees")
+    print("| export (family, convention) | " + " | ".join(f"{c} formula" for c in columns) + " |")
+    print("|---|" + "---:|" * len(columns))
+    for folder, lv in zip(args.export, exports):
+        record = json.loads((folder / "latentvae_export.json").read_text())
+        written = (record.get("formula") or record.get("latent_statistics") or {}).get("convention", "?")
+        zs = cache_latents(args.cache, lv.family.consumer)
         cells = []
-        for family in ("sd", "sdxl", "sd3"):
-            x = torch.cat([to_diffusion(z, config, family).flatten() for z in zs])
+        for c in columns:
+            if c not in lv.family.conventions:
+                cells.append("-")
+                continue
+            x = torch.cat([to_diffusion(z, lv.factors, c).flatten() for z in zs])
             cells.append(f"{float(x.mean()):+.3f} / {float(x.std()):.3f}")
-        print(f"| {folder.name} ({conv}) | " + " | ".join(cells) + " |")
+        print(f"| {folder.name} ({lv.family.name}, {written}) | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """One command line: `latentvae train|export|encode|decode|evaluate|demo|tradeoff`, generated from options.
 
-Each subcommand is an options dataclass (options.py) and a `run(options)` function in its job
-module: the flags, their help and defaults come from the dataclass, so a new option is one field.
+Each subcommand is an options dataclass (options/) and a plain function that runs the job (below,
+each importing its job module when called): the flags, their help and defaults come from the
+dataclass, so a new option is one field.
 `python -m latentvae ...`, `accelerate launch -m latentvae ...`, `train/train.py` and the eval/
 scripts all come here.
 
@@ -12,10 +13,9 @@ answers at once.
 """
 from __future__ import annotations
 
-import importlib
 import sys
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from . import options as o
 from .errors import UserError
@@ -26,9 +26,60 @@ PROG = "latentvae"
 @dataclass(frozen=True)
 class Command:
     options: type  # the options dataclass
-    target: str  # "module:function" taking the options object
+    run: Callable[[Any], Any]  # the job, taking the options object
     summary: str  # one line for `latentvae --help`
     epilog: Optional[Callable[[], str]] = None  # extra --help text, built on demand
+
+
+# The jobs: each imports its module when it runs, so `latentvae --help` imports no torch.
+def train(opts):
+    from .train import run
+    return run(opts)
+
+
+def export(opts):
+    from .export import run
+    return run(opts)
+
+
+def encode(opts):
+    from .cache.encode import run
+    return run(opts)
+
+
+def decode(opts):
+    from .cache.verify import run
+    return run(opts)
+
+
+def evaluate(opts):
+    from .evaluate import run
+    return run(opts)
+
+
+def probe(opts):
+    from .probe import run
+    return run(opts)
+
+
+def tradeoff(opts):
+    from .tradeoff import run
+    return run(opts)
+
+
+def recon_grid(opts):
+    from .demos import run_recon_grid
+    return run_recon_grid(opts)
+
+
+def prior(opts):
+    from .demos import run_prior
+    return run_prior(opts)
+
+
+def interpolate(opts):
+    from .demos import run_interpolate
+    return run_interpolate(opts)
 
 
 def _config_keys() -> str:
@@ -37,28 +88,23 @@ def _config_keys() -> str:
 
 
 COMMANDS: dict[str, Command] = {
-    "train": Command(o.TrainOptions, "latentvae.train:run", "train a VAE or autoencoder (= accelerate launch "
-                     "train/train.py)", _config_keys),
-    "export": Command(o.ExportOptions, "latentvae.export:run", "export any VAE to a diffusers folder or one "
-                      "single file, with measured latent scaling"),
-    "encode": Command(o.EncodeOptions, "latentvae.cache.encode:run", "encode images or a dataset to a resumable "
-                      "parquet cache of latents"),
-    "decode": Command(o.DecodeOptions, "latentvae.cache.verify:run", "decode random rows of a latent cache; PSNR "
-                      "against the sources"),
-    "evaluate": Command(o.EvaluateOptions, "latentvae.evaluate:run", "compare autoencoders side by side: PSNR, "
-                        "SSIM, LPIPS, sharpness, speed"),
-    "probe": Command(o.ProbeOptions, "latentvae.probe:run", "the second number: how easily a small diffusion "
-                     "model learns each cache's latent space"),
-    "tradeoff": Command(o.TradeoffOptions, "latentvae.tradeoff:run", "the blur tradeoff: train or take several "
-                        "autoencoders, evaluate, plot"),
+    "train": Command(o.TrainOptions, train, "train a VAE or autoencoder of any family, from scratch (model.preset) "
+                     "or from any VAE (model.init_from) (= accelerate launch train/train.py)", _config_keys),
+    "export": Command(o.ExportOptions, export, "export any VAE to a diffusers folder or one single file, with "
+                      "measured latent scaling"),
+    "encode": Command(o.EncodeOptions, encode, "encode images or a dataset to a resumable parquet cache of latents"),
+    "decode": Command(o.DecodeOptions, decode, "decode random rows of a latent cache; PSNR against the sources"),
+    "evaluate": Command(o.EvaluateOptions, evaluate, "compare autoencoders side by side: PSNR, SSIM, LPIPS, "
+                        "sharpness, speed"),
+    "probe": Command(o.ProbeOptions, probe, "the second number: how easily a small diffusion model learns each "
+                     "cache's latent space"),
+    "tradeoff": Command(o.TradeoffOptions, tradeoff, "the blur tradeoff: train or take several autoencoders, "
+                        "evaluate, plot"),
 }
 DEMOS: dict[str, Command] = {
-    "recon-grid": Command(o.ReconGridOptions, "latentvae.demos:run_recon_grid", "original | reconstruction | "
-                          "|error|, per VAE"),
-    "prior": Command(o.PriorOptions, "latentvae.demos:run_prior", "decode z ~ N(0, I); how far it is from the "
-                     "encoder's latents"),
-    "interpolate": Command(o.InterpolateOptions, "latentvae.demos:run_interpolate", "linear and spherical latent "
-                           "interpolation, PNG + GIF"),
+    "recon-grid": Command(o.ReconGridOptions, recon_grid, "original | reconstruction | |error|, per VAE"),
+    "prior": Command(o.PriorOptions, prior, "decode z ~ N(0, I); how far it is from the encoder's latents"),
+    "interpolate": Command(o.InterpolateOptions, interpolate, "linear and spherical latent interpolation, PNG + GIF"),
 }
 SUMMARIES = {**{k: c.summary for k, c in COMMANDS.items()},
              "demo": "the lecture's pictures: " + ", ".join(DEMOS)}
@@ -101,9 +147,7 @@ def _invoke(cmd: Command, prog: str, argv: Sequence[str]) -> None:
     parser = o.build_parser(cmd.options, prog)
     if cmd.epilog is not None and ("-h" in argv or "--help" in argv):
         parser.epilog = cmd.epilog()
-    opts = o.make_options(cmd.options, o.values_from_namespace(cmd.options, parser.parse_args(argv)))
-    module, func = cmd.target.split(":")
-    getattr(importlib.import_module(module), func)(opts)
+    cmd.run(o.make_options(cmd.options, o.values_from_namespace(cmd.options, parser.parse_args(argv))))
 
 
 def _usage_error(usage: str, message: str, show_usage: bool = True) -> None:

@@ -5,6 +5,10 @@ Order of application: dataclass defaults -> model preset (``model.preset``) -> Y
 one raises ``ConfigError`` naming the key and the valid keys or choices.
 
     cfg = load_config("configs/quickstart.yaml", ["train.lr=1e-4", "model.preset=small"])
+
+`model.family` is the class a preset builds from scratch (kl, flux2, qwenimage, wan); with
+`model.init_from` the architecture is the loaded VAE's, of any family, and its checks (the
+downsampling factor, what the family can train) are train/build.py's once it is loaded.
 """
 from __future__ import annotations
 
@@ -34,10 +38,14 @@ class ModelConfig:
     use_quant_conv: bool = opt(True, "1x1 conv after the encoder (SD has it, FLUX not)")
     use_post_quant_conv: bool = opt(True, "1x1 conv before the decoder")
     mid_block_add_attention: bool = opt(True, "self-attention in the middle blocks")
-    mode: Literal["vae", "ae"] = opt("vae", "vae: z sampled from the posterior, KL term; ae: z = mean, no KL")
-    init_from: Optional[str] = opt(None, "start from this VAE: diffusers folder, LDM .safetensors or latentvae run")
-    train_decoder_only: bool = opt(False, "freeze the encoder (the sd-vae-ft-mse recipe)")
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward: less memory, slower")
+    mode: Literal["vae", "ae"] = opt("vae", "vae: z sampled from the posterior, KL term; ae: z = mean, no KL (the "
+                                            "only mode of a VAE without a posterior: AutoencoderDC, AutoencoderTiny)")
+    init_from: Optional[str] = opt(None, "start from this VAE, of any family: diffusers or pipeline folder, hub id, "
+                                         "LDM .safetensors, latentvae run or checkpoint, taesd:*")
+    train_decoder_only: bool = opt(False, "freeze the encoder and train the decoder (the sd-vae-ft-mse recipe); "
+                                          "every family can")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward: less memory, slower "
+                                              "(AutoencoderKL and AutoencoderKLFlux2 only)")
 
 
 # Named architectures. `sd`/`flux` are the real trunks; the others are sized for a CPU.
@@ -313,27 +321,15 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    if cfg.loss.equivariance_weight < 0:
-        raise ConfigError(f"loss.equivariance_weight must be >= 0, got {cfg.loss.equivariance_weight}")
-    unknown = [t for t in cfg.loss.equivariance_transforms if t not in EQUIVARIANCE_TRANSFORMS]
-    if unknown or not cfg.loss.equivariance_transforms:
-        raise ConfigError(f"loss.equivariance_transforms: unknown {unknown or 'empty list'}; valid: {', '.join(EQUIVARIANCE_TRANSFORMS)}")
     """Cross-field checks that a single type annotation cannot express."""
     m, d, t, lo = cfg.model, cfg.data, cfg.train, cfg.loss
-    for c in m.block_out_channels:
-        if c % m.norm_num_groups:
-            raise ConfigError(f"model.block_out_channels: {c} is not divisible by model.norm_num_groups={m.norm_num_groups}")
-        if c == m.norm_num_groups:
-            # one channel per group is instance norm: the decoder's last GroupNorm (over the first
-            # block's channels) then fixes every image's mean colour to a learned constant
-            raise ConfigError(f"model.norm_num_groups={m.norm_num_groups} puts one channel per group in a "
-                              f"{c}-channel block, which erases each image's mean colour; use at most {c // 2} "
-                              f"(the SD VAE has 4 channels per group: 128 / 32)")
-    factor = 2 ** (len(m.block_out_channels) - 1)
-    if d.resolution % factor:
-        raise ConfigError(f"data.resolution={d.resolution} must be a multiple of the downsampling factor {factor}")
-    if d.val_resolution % factor:
-        raise ConfigError(f"data.val_resolution={d.val_resolution} must be a multiple of the downsampling factor {factor}")
+    if lo.equivariance_weight < 0:
+        raise ConfigError(f"loss.equivariance_weight must be >= 0, got {lo.equivariance_weight}")
+    unknown = [t for t in lo.equivariance_transforms if t not in EQUIVARIANCE_TRANSFORMS]
+    if unknown or not lo.equivariance_transforms:
+        raise ConfigError(f"loss.equivariance_transforms: unknown {unknown or 'empty list'}; valid: {', '.join(EQUIVARIANCE_TRANSFORMS)}")
+    if not m.init_from:  # with init_from the architecture is the loaded VAE's: train/build.py checks it
+        validate_architecture(m, d)
     positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
                 "train.log_every": t.log_every, "train.image_every": t.image_every,
                 "train.save_every": t.save_every, "train.keep_last": t.keep_last,
@@ -362,6 +358,39 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.lpips_crop must be 0 (whole image) or >= 32 (AlexNet and VGG need it), got {lo.lpips_crop}")
 
 
+# families whose blocks normalize with GroupNorm(model.norm_num_groups); Qwen-Image and Wan use RMS norms
+GROUP_NORM_FAMILIES = ("kl", "flux2")
+
+
+def validate_architecture(m: ModelConfig, d: DataConfig) -> None:
+    """The model keys of a VAE built from scratch, as its family (model.family) reads them."""
+    if m.family in GROUP_NORM_FAMILIES:
+        for c in m.block_out_channels:
+            if c % m.norm_num_groups:
+                raise ConfigError(f"model.block_out_channels: {c} is not divisible by model.norm_num_groups={m.norm_num_groups}")
+            if c == m.norm_num_groups:
+                # one channel per group is instance norm: the decoder's last GroupNorm (over the first
+                # block's channels) then fixes every image's mean colour to a learned constant
+                raise ConfigError(f"model.norm_num_groups={m.norm_num_groups} puts one channel per group in a "
+                                  f"{c}-channel block, which erases each image's mean colour; use at most {c // 2} "
+                                  f"(the SD VAE has 4 channels per group: 128 / 32)")
+    else:  # base_dim * dim_mult (vae/model.py diffusers_kwargs)
+        base = m.block_out_channels[0]
+        if any(c % base for c in m.block_out_channels):
+            raise ConfigError(f"model.block_out_channels={list(m.block_out_channels)}: model.family={m.family} builds "
+                              f"every level as a multiple of the first ({base})")
+    from .vae.families import family  # the table (imports torch: not at --help time)
+
+    if m.gradient_checkpointing and not family(m.family).grad_checkpointing:
+        raise ConfigError(f"model.gradient_checkpointing: diffusers implements no gradient checkpointing for "
+                          f"{family(m.family).class_name} (model.family={m.family}); set it false")
+    factor = 2 ** (len(m.block_out_channels) - 1)  # every family here halves the image once per level after the first
+    for key, value in (("data.resolution", d.resolution), ("data.val_resolution", d.val_resolution)):
+        if value % factor:
+            raise ConfigError(f"{key}={value} must be a multiple of the downsampling factor {factor} "
+                              f"(model.block_out_channels has {len(m.block_out_channels)} levels)")
+
+
 def describe_keys() -> str:
     """Every config key with its default and documentation (for `latentvae train --help`)."""
     lines = ["config keys (--set section.key=value; a YAML file holds the same sections):"]
@@ -369,6 +398,10 @@ def describe_keys() -> str:
         for f in fields(cls):
             default = list(f.default) if isinstance(f.default, tuple) else f.default
             lines.append(f"  {name}.{f.name} = {default}: {f.metadata.get('help', '')}")
-    presets = [f"{k} {list(v['block_out_channels'])} z={v['latent_channels']}" for k, v in MODEL_PRESETS.items()]
-    lines.append("model presets: " + "; ".join(presets))
+    lines.append("model presets (model.preset=NAME: family, block_out_channels, latent channels):")
+    lines += [f"  {k}: {v['family']} {list(v['block_out_channels'])} z={v['latent_channels']}"
+              for k, v in MODEL_PRESETS.items()]
+    lines.append("fine-tuning any VAE: model.init_from=VAE (any family: AutoencoderKL, AutoencoderKLFlux2, "
+                 "AutoencoderKLQwenImage, AutoencoderKLWan, AutoencoderKLHunyuanImage in full or decoder-only; "
+                 "AutoencoderDC and AutoencoderTiny decoder-only, with model.mode=ae); docs/training.md")
     return "\n".join(lines)

@@ -13,8 +13,14 @@ prior: z ~ N(0, I) decoded in one forward pass for each VAE (an autoencoder and 
   Fréchet distance between the two Gaussian fits go to `prior.json`.
 interpolate: decoded latent interpolation between two images, linear and spherical, as PNG strips
   and animated GIFs, beside a pixel cross-fade.
-Every input (VAEs, images, --resolution against each VAE's downsampling factor) is checked and
-every picture computed before the first file is written: a mistake leaves nothing behind.
+Any family (vae/families.py) runs them through its LoadedVae (`lv.moments`, `lv.decode`); a family
+the table says cannot run the demos is refused in one line. z ~ N(0, I) is drawn in the VAE's own
+latent units (C x H/f x W/f, 4-D whatever the class): the prior its KL term pulls the posterior
+toward, not the diffusion units its pipeline's formula makes (for flux2 the 2x2 patchify is a
+permutation of the same values, so a draw of N(0, I) is one either way).
+Every input (VAEs, images, --resolution against each VAE's downsampling factor, --out) is checked
+and every picture computed before the first file is written: a mistake leaves nothing behind, and
+prior's and interpolate's folders are staged and renamed into place whole (fsutil.staged_folder).
 Images are the central square of each file, resized to --resolution (images.cover_crop).
 This module owns those pictures and the pure functions behind them (lerp/slerp, error maps).
 """
@@ -30,11 +36,11 @@ from PIL import Image, ImageDraw
 
 from . import metrics
 from .errors import BadInputError, MissingInputError
-from .evaluate import load_vae, trained_stochastic, vae_label
-from .fsutil import atomic_save_image, atomic_write_bytes
+from .evaluate import as_loaded, load_for, vae_label
+from .fsutil import atomic_save_image, check_output_folder, staged_folder, write_durable
 from .images import BadImage, cover_crop, list_images, load_rgb, make_grid, to_pil, to_tensor
-from .vae.model import decode, downsample_factor, encode_moments, latent_channels
 from .options import InterpolateOptions, PriorOptions, ReconGridOptions
+from .vae.loaded import LoadedVae
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -85,17 +91,19 @@ def get_interpolation(name: str):
 
 @torch.no_grad()
 def reconstruct_batch(vae, x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> reconstructions from the posterior mean"""
-    return decode(vae, encode_moments(vae, x)[0]).clamp(-1, 1)
+    """(B, 3, H, W) in [-1, 1] -> reconstructions from the posterior mean (`vae`: a LoadedVae, or a module)"""
+    lv = as_loaded(vae)
+    return lv.decode(lv.moments(x)[0]).clamp(-1, 1)
 
 
 @torch.no_grad()
 def interpolation_frames(vae, x_a: torch.Tensor, x_b: torch.Tensor, ts: list[float], mode: str) -> torch.Tensor:
     """Decoded interpolations between the posterior means of two (3, H, W) images: (len(ts), 3, H, W)."""
+    lv = as_loaded(vae)
     f = get_interpolation(mode)
-    mean = encode_moments(vae, torch.stack([x_a, x_b]))[0]
+    mean = lv.moments(torch.stack([x_a, x_b]))[0]
     z = torch.cat([f(mean[:1], mean[1:], t) for t in ts])
-    return decode(vae, z).clamp(-1, 1)
+    return lv.decode(z).clamp(-1, 1)
 
 
 def label_columns(grid: Image.Image, labels: list[str], cell: int, pad: int = 2, height: int = 16) -> Image.Image:
@@ -118,11 +126,16 @@ def label_rows(grid: Image.Image, labels: list[str], cell: int, pad: int = 2, wi
     return out
 
 
+def save_image(img: Image.Image, path: Path, **kwargs) -> None:
+    """A PIL image into a staging folder (written and fsynced; the folder's rename publishes it)."""
+    write_durable(path, lambda f: img.save(f, format=Image.registered_extensions()[path.suffix.lower()], **kwargs))
+
+
 def save_gif(frames: torch.Tensor, path: Path, ms: int = 120) -> None:
     """Frames (N, 3, H, W) as a looping GIF that plays forward then back."""
     images = [to_pil(f) for f in frames]
     images = images + images[-2:0:-1]
-    atomic_save_image(images[0], path, save_all=True, append_images=images[1:], duration=ms, loop=0)
+    save_image(images[0], path, save_all=True, append_images=images[1:], duration=ms, loop=0)
 
 
 # ----------------------------------------------------------------------------- recon-grid
@@ -140,37 +153,40 @@ def recon_grid(vaes: dict, paths: list[Path], size: int, gain: float) -> Image.I
 
 # ----------------------------------------------------------------------------- prior samples
 @torch.no_grad()
-def aggregate_posterior(vae, x: torch.Tensor, sample: bool, generator: torch.Generator) -> np.ndarray:
-    """Latent C-vectors of real images, one per latent position: (B*h*w, C)."""
-    mean, logvar = encode_moments(vae, x)
+def aggregate_posterior(lv: LoadedVae, x: torch.Tensor, generator: torch.Generator) -> np.ndarray:
+    """Latent C-vectors of real images, one per latent position: (B*h*w, C); posterior samples where the
+    posterior is a trained Gaussian, the means otherwise."""
+    mean, logvar = lv.moments(x)
     z = mean
-    if sample and logvar is not None:
+    if logvar is not None:
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
     return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double().numpy()
 
 
 @torch.no_grad()
 def prior_samples(vae, num: int, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z ~ N(0, I) raw latents, their decodings in one forward pass)"""
-    f = downsample_factor(vae)
+    """(z ~ N(0, I) in the VAE's latent units, (num, C, size/f, size/f); their decodings in one forward pass)"""
+    lv = as_loaded(vae)
+    f = lv.layout.factor
     if size % f:
         raise BadInputError(f"--resolution {size} is not a multiple of the downsampling factor {f}")
-    z = torch.randn(num, latent_channels(vae), size // f, size // f, generator=generator)
-    return z, decode(vae, z).clamp(-1, 1)
+    z = torch.randn(num, lv.layout.channels, size // f, size // f, generator=generator)
+    return z, lv.decode(z).clamp(-1, 1)
 
 
-def load_vaes(specs: tuple[str, ...], size: int) -> dict[str, tuple[str, torch.nn.Module]]:
-    """label -> (spec, VAE), every one loaded and checked against --resolution before any work."""
-    vaes: dict[str, tuple[str, torch.nn.Module]] = {}
+def load_vaes(specs: tuple[str, ...], size: int) -> dict[str, LoadedVae]:
+    """label -> LoadedVae, every one loaded, its family able to run the demos, and checked against
+    --resolution, before any work."""
+    vaes: dict[str, LoadedVae] = {}
     for spec in specs:
-        vae = load_vae(spec).eval()
-        f = downsample_factor(vae)
+        lv = load_for(spec, "demo")
+        f = lv.layout.factor
         if size % f:
             lo = size - size % f
             hint = f"; use {lo} or {lo + f}" if lo else f"; use {f} or a multiple of it"
             raise BadInputError(f"--resolution {size} is not a multiple of the downsampling factor {f} of --vae "
                                 f"{spec}{hint}")
-        vaes[vae_label(spec, set(vaes))] = (spec, vae)
+        vaes[vae_label(spec, set(vaes))] = lv
     return vaes
 
 
@@ -185,15 +201,16 @@ def prior_demo(specs: tuple[str, ...], data: str, size: int, num: int, seed: int
     vaes = load_vaes(specs, size)
     _, x = load_images(data, size, max_real)
     rows, names, numbers = [], [], {}
-    for name, (spec, vae) in vaes.items():
+    for name, lv in vaes.items():
         g = torch.Generator().manual_seed(seed)
-        stochastic = trained_stochastic(spec, vae)
-        real = aggregate_posterior(vae, x, stochastic, g)
-        z, samples = prior_samples(vae, num, size, g)
+        real = aggregate_posterior(lv, x, g)
+        z, samples = prior_samples(lv, num, size, g)
         draws = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double().numpy()
         numbers[name] = {**metrics.gaussian_fit_distances(real, draws),
-                         "real_latent_std": float(real.std()), "aggregate": "sampled" if stochastic else "mean"}
-        recon = reconstruct_batch(vae, x[:num])
+                         "real_latent_std": float(real.std()), "aggregate": "sampled" if lv.stochastic else "mean",
+                         "family": lv.family.name, "class": lv.class_name, "latent_layout": lv.layout.describe(),
+                         "drawn": f"N(0, I) of shape {'x'.join(map(str, z.shape[1:]))}: the VAE latent"}
+        recon = reconstruct_batch(lv, x[:num])
         rows += [samples, torch.cat([recon, torch.full((num - len(recon), *recon.shape[1:]), 1.0)])]
         names += [f"{name}: z~N(0,I)", f"{name}: recon"]
     return label_rows(make_grid(rows), names, size), numbers
@@ -210,10 +227,14 @@ def check_out_file(out: str) -> None:
         raise BadInputError(f"--out {out}: unknown image file extension {path.suffix!r}; use .png or .jpg")
 
 
-def check_out_folder(out: str) -> None:
-    """--out of prior/interpolate: a folder (new or existing), not a file."""
-    if Path(out).exists() and not Path(out).is_dir():
-        raise BadInputError(f"--out {out} exists and is not a folder")
+PRIOR_FILES = ("prior.png", "prior.json")
+INTERPOLATE_FILES = ("linear.png", "linear.gif", "slerp.png", "slerp.gif", "strips.png")
+
+
+def check_out_folder(out: str, ours: tuple[str, ...], what: str) -> None:
+    """--out of prior/interpolate: new, empty, or an earlier output of the same demo (it holds `ours`), which
+    is replaced whole; never a file or someone's other folder (fsutil.check_output_folder)."""
+    check_output_folder(out, "--out", lambda p: all((p / f).is_file() for f in ours), what)
 
 
 def run_recon_grid(opts: ReconGridOptions) -> None:
@@ -223,7 +244,7 @@ def run_recon_grid(opts: ReconGridOptions) -> None:
     paths = list_images(opts.data)[: opts.limit]
     for p in paths:  # every image decodable before any work (recon_grid loads them again)
         load_square(p, opts.resolution, "--data")
-    grid = recon_grid({label: vae for label, (_, vae) in vaes.items()}, paths, opts.resolution, opts.gain)
+    grid = recon_grid(vaes, paths, opts.resolution, opts.gain)
     atomic_save_image(grid, opts.out)
     print(f"wrote {opts.out}: {len(paths)} images x (original + {len(vaes)} VAEs)")
 
@@ -231,10 +252,11 @@ def run_recon_grid(opts: ReconGridOptions) -> None:
 def run_prior(opts: PriorOptions) -> None:
     """`latentvae demo prior`: --out/prior.png and prior.json, and their numbers as a table on stdout."""
     out = Path(opts.out)
-    check_out_folder(opts.out)
+    check_out_folder(opts.out, PRIOR_FILES, "an earlier prior demo (prior.png, prior.json)")
     grid, numbers = prior_demo(opts.vae, opts.data, opts.resolution, opts.limit, opts.seed)
-    atomic_save_image(grid, out / "prior.png")
-    atomic_write_bytes(out / "prior.json", (json.dumps(numbers, indent=2) + "\n").encode())
+    with staged_folder(out) as tmp:
+        save_image(grid, tmp / "prior.png")
+        write_durable(tmp / "prior.json", lambda f: f.write((json.dumps(numbers, indent=2) + "\n").encode()))
     print("| VAE | Mahalanobis² / C of N(0,I) draws | same for real latents | Fréchet(real fit, N(0,I) fit) | real latent std |")
     print("|---|---:|---:|---:|---:|")
     for name, n in numbers.items():
@@ -247,17 +269,17 @@ def run_interpolate(opts: InterpolateOptions) -> None:
     """`latentvae demo interpolate`: --out/{linear,slerp}.{png,gif} and strips.png, every one computed
     before the first is written."""
     out, size = Path(opts.out), opts.resolution
-    check_out_folder(opts.out)
+    check_out_folder(opts.out, INTERPOLATE_FILES, "an earlier interpolate demo (" + ", ".join(INTERPOLATE_FILES) + ")")
     x_a, x_b = load_square(opts.a, size, "--a"), load_square(opts.b, size, "--b")
-    (_, vae), = load_vaes((opts.vae,), size).values()
+    vae, = load_vaes((opts.vae,), size).values()
     ts = np.linspace(0, 1, opts.steps).tolist()
     rows = [torch.stack([lerp(x_a, x_b, t) for t in ts])]  # pixel cross-fade, for comparison
     frames = {mode: interpolation_frames(vae, x_a, x_b, ts, mode) for mode in INTERPOLATIONS}
     rows += list(frames.values())
     strips = label_rows(make_grid(rows), ["pixel cross-fade", *INTERPOLATIONS], size)
-    # every picture computed: only now are files written
-    for mode, f in frames.items():
-        atomic_save_image(make_grid([f]), out / f"{mode}.png")
-        save_gif(f, out / f"{mode}.gif")
-    atomic_save_image(strips, out / "strips.png")
+    with staged_folder(out) as tmp:  # every picture computed: only now are files written
+        for mode, f in frames.items():
+            save_image(make_grid([f]), tmp / f"{mode}.png")
+            save_gif(f, tmp / f"{mode}.gif")
+        save_image(strips, tmp / "strips.png")
     print(f"wrote {out}/{{linear,slerp}}.{{png,gif}} and strips.png")

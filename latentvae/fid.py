@@ -32,6 +32,7 @@ import torch
 
 from . import metrics
 from .errors import UserError
+from .precision import autocast
 
 INCEPTION_ENV = "LATENTVAE_INCEPTION_WEIGHTS"
 INCEPTION_FILE = "inception_fid_torch_fidelity.safetensors"
@@ -103,7 +104,7 @@ def inception_features(extractor: torch.nn.Module, images: torch.Tensor) -> torc
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected a uint8 (N, 3, H, W) batch, got {images.dtype} {tuple(images.shape)}")
     device = next(extractor.parameters()).device
-    with torch.autocast(device.type, enabled=False):
+    with autocast(device.type, None):
         return extractor(images.to(device))[0].double().cpu()
 
 

@@ -5,6 +5,11 @@
     atomic_write(path, lambda f: ...)       # anything written to a binary file object
     atomic_save_image(pil_image, path)      # a PIL image, format from the suffix
     publish_folder(staging, target)         # a finished staging folder replaces `target` in one rename
+    with staged_folder(target) as tmp:      # the whole staging-then-rename: a hidden empty folder beside
+        write files into tmp                #   `target` (stale ones of killed runs removed), published
+                                            #   by one rename when the block ends, removed if it raises
+    check_output_folder(out, "--out", is_ours=lambda p: (p / "summary.json").is_file(), what="an evaluation
+                        report (summary.json)")  # new, empty, or one of ours: never someone's other folder
     entry_id(path)                          # (device, inode) of what `path` names now, None if nothing:
                                             #   whether a rename published something new since
     sha256_file(path)                       # hex digest, streamed
@@ -20,8 +25,9 @@ import json
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Optional
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -100,6 +106,58 @@ def publish_folder(staging: str | Path, target: str | Path) -> None:
         raise
     fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def staging_name(target: Path) -> Path:
+    """The hidden staging folder beside `target` for this process."""
+    return target.parent / f".{target.name}.tmp-{os.getpid()}"
+
+
+def remove_stale_staging(target: str | Path) -> None:
+    """Remove hidden staging folders (and atomic_write temporaries) that killed earlier writes of `target`
+    left beside it: they were never published, so nothing in them counts."""
+    target = Path(target)
+    for p in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    for p in target.parent.glob(f".{target.name}.*.tmp"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+
+
+@contextmanager
+def staged_folder(target: str | Path, publish: Optional[Callable[[Path, Path], None]] = None):
+    """Staging-then-rename, the one implementation: yields an empty hidden folder beside `target`; when the
+    block ends normally, its files are fsynced and it replaces `target` in one rename (`publish(staging,
+    target)`, default publish_folder); if the block raises (an error, an interrupt), the staging folder is
+    removed and `target` is as it was. A crash at any point leaves `target` old or new, never half-written."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(target)
+    tmp = staging_name(target)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        (publish or publish_folder)(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_output_folder(out: str | Path, flag: str, is_ours: Callable[[Path], bool], what: str) -> None:
+    """An output folder must be new, empty, or `what` (`is_ours(out)`: an earlier output of the same job, to
+    resume or replace): never a file, never someone's other folder. A BadInputError naming `flag` otherwise."""
+    from .errors import BadInputError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"{flag} {out} exists and is not a folder; expected a new folder or {what}")
+    if out.is_dir() and any(out.iterdir()) and not is_ours(out):
+        raise BadInputError(f"{flag} {out} is a non-empty folder that is not {what}; choose a new or empty folder")
 
 
 def entry_id(path: str | Path) -> tuple[int, int] | None:

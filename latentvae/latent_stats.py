@@ -3,7 +3,7 @@
     channel_statistics(mean, logvar)         # per channel: mean, std of posterior samples, KL to N(0, 1)
     high_frequency_share(x, cutoff=0.25)     # share of a (B, C, H, W) field's spectral power above `cutoff`
     spectrum_statistics(latents, images)     # that share for the latents and for the images, side by side
-    scale_equivariance_psnr(vae, images)     # decode(downsample(z)) against downsample(image), PSNR in dB
+    scale_equivariance_psnr(lv, images)      # decode(downsample(z)) against downsample(image), PSNR in dB
 
 Why these: work on the "diffusability" of autoencoders relates generation quality to how much
 high-frequency energy the latents carry (a diffusion model's denoising is hardest at the high
@@ -69,17 +69,18 @@ def downsample(x: torch.Tensor, factor: int = 2) -> torch.Tensor:
 
 
 @torch.no_grad()
-def scale_equivariance_psnr(vae, images: torch.Tensor, factor: int = 2) -> float:
+def scale_equivariance_psnr(lv, images: torch.Tensor, factor: int = 2) -> float:
     """PSNR (dB, uint8, pooled over the batch) between decode(downsample(encode(x))) and downsample(x), for
     images (B, 3, H, W) in [-1, 1] whose sides are multiples of factor x the VAE's downsampling factor; z is
-    the posterior mean. An exactly scale-equivariant autoencoder scores as high as its plain reconstruction."""
+    the posterior mean, in the VAE's own latent (before any pipeline patchify). `lv`: a vae.loaded.LoadedVae
+    (anything with its `module`, `moments` and `decode`). An exactly scale-equivariant autoencoder scores as
+    high as its plain reconstruction."""
     from .images import to_uint8
-    from .vae.model import decode, encode_moments
 
-    param = next(vae.parameters())
+    param = next(lv.module.parameters())
     x = images.to(param.device, param.dtype)
-    z, _ = encode_moments(vae, x)
-    y = decode(vae, downsample(z.float(), factor).to(param.dtype)).float().cpu()
+    z, _ = lv.moments(x)
+    y = lv.decode(downsample(z.float(), factor).to(param.dtype)).float().cpu()
     ref = downsample(images.float(), factor)
     a = torch.stack([to_uint8(v) for v in ref]).numpy()
     b = torch.stack([to_uint8(v) for v in y.clamp(-1, 1)]).numpy()

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from .errors import BadInputError, UserError
+from .precision import autocast
 
 ENV_VAR = "LATENTVAE_LPIPS_DIR"
 BACKBONE_FILES = {"alex": "alexnet_features.safetensors", "vgg": "vgg16_features.safetensors"}
@@ -109,5 +110,5 @@ def load_lpips(net: str = "vgg", lpips_dir: Optional[str] = None, random_backbon
 
 def lpips_distance(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image LPIPS, (B,), computed in fp32 on purpose (bf16 features drift)."""
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast(x.device.type, None):
         return model(x.float(), y.float(), normalize=False).flatten()

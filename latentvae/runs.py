@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from .errors import UserError
-from .fsutil import fsync_dir, sha256_file, write_durable
+from .fsutil import fsync_dir, publish_folder, sha256_file, write_durable
 
 CKPT_RE = re.compile(r"^checkpoint-(\d{8})$")
 STATE_FORMAT = "latentvae-checkpoint-1"
@@ -200,6 +200,9 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Optiona
 
 
 def staging_dir(run: Path, step: int) -> Path:
+    """The staging folder of step's checkpoint. A fixed name, not fsutil.staging_name's per-process one: every
+    process writes its RNG state into it, so they must all find it; so fsutil.staged_folder does not fit, and
+    begin/commit are its two halves (the rename is fsutil.publish_folder)."""
     return checkpoints_root(run) / f".checkpoint-{step:08d}.tmp"
 
 
@@ -222,15 +225,7 @@ def commit(run: Path, step: int, keep_last: int) -> Path:
     if not (tmp / "state.json").is_file():
         raise RuntimeError(f"{tmp}: incomplete checkpoint (no state.json); not committing it")
     fsync_dir(tmp)  # the files' entries, before the rename publishes the folder
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    fsync_dir(final.parent)
+    publish_folder(tmp, final)  # one rename (an old final set aside until it worked), then the parent fsynced
     for stale in list_checkpoints(run)[:-keep_last]:
         hidden = stale.with_name(f".{stale.name}.old")  # hidden first: a kill mid-delete leaves no half folder
         os.replace(stale, hidden)

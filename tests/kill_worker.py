@@ -66,18 +66,17 @@ def arm(kill: str, act=die) -> None:
                     hit(n)
             setattr(ckpt, fn, patched)
     elif kind in ("publish", "published"):
-        real_fsync = ckpt.fsync_dir
+        real_publish = ckpt.publish_folder
         calls = {"n": 0}
 
-        def fsync_dir(path):  # commit: fsync_dir(staging); rename; fsync_dir(checkpoints/)
+        def publish_folder(staging, target):  # commit: fsync_dir(staging); publish_folder (the rename)
             calls["n"] += 1
-            if kind == "publish" and calls["n"] == 2 * int(args[0]) - 1:
-                real_fsync(path)
+            if kind == "publish" and calls["n"] == int(args[0]):
                 act()
-            if kind == "published" and calls["n"] == 2 * int(args[0]):
+            real_publish(staging, target)
+            if kind == "published" and calls["n"] == int(args[0]):
                 act()
-            real_fsync(path)
-        ckpt.fsync_dir = fsync_dir
+        ckpt.publish_folder = publish_folder
     elif kind != "none":
         raise SystemExit(f"unknown kill point {kill!r}")
 

@@ -107,7 +107,7 @@ def test_an_update_encodes_what_changed_drops_what_is_gone_and_carries_the_rest(
     a, b = m["latent_statistics"], json.loads((tmp_path / "fresh" / "manifest.json").read_text())["latent_statistics"]
     np.testing.assert_allclose(a["channel_std"], b["channel_std"], rtol=2e-3)
     # a reader and `latentvae decode` work on the updated cache
-    ds = LatentDataset(out, family=None)
+    ds = LatentDataset(out, convention=None)
     assert len(ds) == 8 and sorted(ds[k]["text"] for k in range(8)) == sorted(captions.values())
     assert verify_cache(out, limit=8)["min_psnr"] > 0
 
@@ -201,7 +201,7 @@ def test_kill9_during_an_update_leaves_a_whole_generation_and_a_rerun_finishes_i
     m = json.loads((out / "manifest.json").read_text())
     listed = [Path(s["file"]).name for s in m["shards"]]
     assert all((out / "data" / n).is_file() for n in listed)
-    ds = LatentDataset(out, family=None)
+    ds = LatentDataset(out, convention=None)
     keys = Counter((ds[k]["source_key"], ds[k]["flipped"]) for k in range(len(ds)))
     assert max(keys.values()) == 1
     if kill == "committed":
@@ -238,3 +238,26 @@ def test_crops_mode_gives_seeded_crops_per_image_that_follow_their_image(vae_dir
     make_photo(size=(48, 40), seed=300).save(data / "p02.png")  # an edited image: all its crops, nothing else
     assert encode(cfg(vae_dir, data, out, preprocess="crops", crops=4, crop_scale=48, resolution=16,
                       flip=True))["this_run"]["rows_encoded"] == 8
+
+
+def test_an_update_carries_rows_of_several_latent_shapes_out_of_one_shard(vae_dir, tmp_path):
+    """--preprocess buckets: one shard holds rows of several latent shapes; an edit supersedes it, and its
+    other rows are carried over with their latents and their moments, whatever their shapes."""
+    data = tmp_path / "imgs"
+    data.mkdir()
+    sizes = ((48, 40), (40, 64), (64, 32), (48, 48))
+    for i, size in enumerate(sizes):
+        make_photo(size=size, seed=i).save(data / f"p{i:02d}.png")
+    opts = dict(preprocess="buckets", shard_size=4, batch_size=1, store="moments", dtype="fp32")
+    encode(cfg(vae_dir, data, tmp_path / "cache", **opts))
+    before = cache_rows(tmp_path / "cache")
+    assert len({tuple(r["latent_shape"]) for r in before.values()}) > 1  # one shard, several shapes
+    make_photo(size=(48, 40), seed=101).save(data / "p00.png")
+    m = encode(cfg(vae_dir, data, tmp_path / "cache", **opts))
+    assert m["this_run"]["rows_encoded"] == 1 and m["this_run"]["rows_carried"] == 3
+    after = cache_rows(tmp_path / "cache")
+    for key in (("p01.png", False), ("p02.png", False), ("p03.png", False)):
+        assert after[key]["latent_mean"] == before[key]["latent_mean"]
+    fresh = encode(cfg(vae_dir, data, tmp_path / "fresh", **opts))  # the carried moments count as encoded ones
+    np.testing.assert_allclose(m["latent_statistics"]["channel_std"], fresh["latent_statistics"]["channel_std"],
+                               rtol=1e-5)

@@ -44,3 +44,18 @@ def test_missing_lpips_weights_stop_the_run_with_instructions(image_folder, tmp_
     proc = _train(args, tmp_path)
     assert proc.returncode != 0
     assert "loss.lpips_dir=" in proc.stderr and "is not a folder" in proc.stderr and "LATENTVAE_LPIPS_DIR" in proc.stderr
+
+
+def test_help_answers_without_importing_torch_and_every_command_is_a_function():
+    """`latentvae --help` and `latentvae train --help` stay fast: the jobs import their modules (and torch)
+    only when they run."""
+    code = ("import sys; from latentvae import cli\n"
+            "for argv in (['--help'], ['train', '--help'], ['demo', '--help']):\n"
+            "    try: cli.main(argv)\n"
+            "    except SystemExit as e: assert e.code == 0, argv\n"
+            "assert all(callable(c.run) for c in [*cli.COMMANDS.values(), *cli.DEMOS.values()])\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'accelerate') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert "flux2-small: flux2 [32, 64, 128, 128] z=32" in proc.stdout  # the presets, with their families

@@ -242,7 +242,8 @@ MISTAKES = {  # id -> (argv of `latentvae`, words the one line must hold)
     # export
     "export-onto-its-run": (["export", "run/checkpoints/checkpoint-00000004", "--out", "run", "--overwrite"],
                             ["latentvae export: error: export target run is its source run"]),
-    "export-out-not-empty": (["export", "run", "--out", "notes"], ["notes exists and is not empty; pass --overwrite"]),
+    "export-out-not-empty": (["export", "run", "--out", "notes"], ["--out notes is a non-empty folder that is not an "
+                                                                   "earlier export"]),
     "export-missing-run": (["export", "runz", "--out", "new"], ["runz does not exist", "training run"]),
     "export-bad-calibration-resolution": (["export", "run", "--out", "new", "--calibrate", "imgs", "--resolution", "33"],
                                           ["--resolution 33 is not a multiple", "factor 2"]),

@@ -138,3 +138,45 @@ def test_a_yaml_file_that_is_not_a_mapping_of_sections_is_refused_naming_the_fil
 def test_non_finite_numbers_are_refused(value):
     with pytest.raises(ConfigError, match=f"--set train.lr={value}: train.lr: expected a finite number"):
         load_config(None, [f"train.lr={value}"])
+
+
+# ----------------------------------------------------------------------------- the families
+@pytest.mark.parametrize("preset, cls, channels", [("flux2-small", "AutoencoderKLFlux2", 32),
+                                                    ("qwenimage-small", "AutoencoderKLQwenImage", 16),
+                                                    ("wan-small", "AutoencoderKLWan", 16),
+                                                    ("flux2-test", "AutoencoderKLFlux2", 4),
+                                                    ("qwenimage-test", "AutoencoderKLQwenImage", 4)])
+def test_a_family_preset_builds_its_diffusers_class(preset, cls, channels):
+    from latentvae.vae.model import latent_channels
+    cfg = load_config(None, [f"model.preset={preset}"])
+    vae = build_vae(cfg.model)
+    assert type(vae).__name__ == cls and latent_channels(vae) == channels
+    assert downsample_factor(vae) == 2 ** (len(cfg.model.block_out_channels) - 1)
+
+
+def test_the_checks_of_a_new_model_follow_its_family():
+    # Qwen-Image and Wan have no GroupNorm: model.norm_num_groups does not apply to them
+    load_config(None, ["model.preset=qwenimage-test", "model.norm_num_groups=8"])
+    with pytest.raises(ConfigError, match="puts one channel per group"):
+        load_config(None, ["model.preset=flux2-test", "model.norm_num_groups=8"])
+    with pytest.raises(ConfigError, match=r"model.family=qwenimage builds every level as a multiple of the first \(8\)"):
+        load_config(None, ["model.preset=qwenimage-test", "model.block_out_channels=[8,12]"])
+    with pytest.raises(ConfigError, match="no gradient checkpointing for AutoencoderKLWan"):
+        load_config(None, ["model.preset=wan-small", "model.gradient_checkpointing=true"])
+    load_config(None, ["model.preset=flux2-test", "model.gradient_checkpointing=true"])
+
+
+def test_with_init_from_the_architecture_keys_are_the_loaded_vaes():
+    """The model keys and the factor they imply do not describe a VAE loaded with model.init_from (it is
+    checked once loaded, train/build.py); the rest of the config still is checked at once."""
+    cfg = load_config(None, ["model.init_from=some/vae", "model.norm_num_groups=32", "data.resolution=100"])
+    assert cfg.data.resolution == 100
+    with pytest.raises(ConfigError, match="train.lr must be positive"):
+        load_config(None, ["model.init_from=some/vae", "train.lr=-1"])
+
+
+def test_train_help_lists_each_preset_with_its_family():
+    from latentvae.config import describe_keys
+    text = describe_keys()
+    for name, preset in MODEL_PRESETS.items():
+        assert f"  {name}: {preset['family']} {list(preset['block_out_channels'])}" in text

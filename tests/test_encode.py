@@ -23,7 +23,7 @@ from diffusers import AutoencoderKL
 from conftest import make_photo
 from latentvae import cli
 from latentvae.cache import encode, from_storage, verify_cache
-from latentvae.cache.manifest import weights_sha256
+from latentvae.vae.loaded import weights_sha256
 from latentvae.vae.model import decode, encode_moments
 from latentvae.options import EncodeOptions, OptionError, make_options, validated
 from latentvae.preprocess import Preprocess, load_preprocessed, make_buckets, nearest_bucket
@@ -209,7 +209,7 @@ def test_channels_last_encodes_the_same_latents_under_the_same_vae_id(vae_dir, t
 
 
 def test_auto_batch_size_follows_the_device_and_the_image_size():
-    from latentvae.cache.encode import resolve_batch_size
+    from latentvae.cache.encoder import resolve_batch_size
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert [resolve_batch_size(0, cpu, r) for r in (64, 128, 256, 512)] == [16, 4, 1, 1]
@@ -221,7 +221,7 @@ def test_auto_batch_size_follows_the_device_and_the_image_size():
 
 def test_auto_workers_decode_in_the_main_process_when_the_cpu_encodes(monkeypatch):
     """--num-workers -1: a worker process would compete with the encoder's threads for the CPU's cores."""
-    from latentvae.cache.encode import resolve_workers
+    from latentvae.cache.inputs import resolve_workers
 
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert (resolve_workers(-1, "cpu"), resolve_workers(-1, "cuda")) == (0, 4)

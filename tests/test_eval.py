@@ -168,7 +168,7 @@ def test_refuses_a_folder_that_is_not_a_vae(image_folder, tmp_path, capsys):
 
 def test_an_earlier_report_is_replaced_whole_and_survives_a_failed_run(vae_folder, image_folder, tmp_path,
                                                                        monkeypatch):
-    import latentvae.evaluate as ev
+    import latentvae.evaluate.report as ev
 
     out = tmp_path / "report"
     args = ["--vae", str(vae_folder), "--data", str(image_folder), "--out", str(out), "--lpips", "none"]
@@ -384,6 +384,7 @@ def test_tiling_bounds_peak_memory():
     In a fresh process whose allocator hands every buffer over 64 kB straight back to the system when it is freed
     (fixed glibc thresholds), so a buffer freed by the warm-up or the first run cannot be reused unseen by the second.
     """
+    import ast
     import os
     import subprocess
     import sys
@@ -395,7 +396,8 @@ def test_tiling_bounds_peak_memory():
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536", OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(REPO / "tests"), "768", "128"], capture_output=True,
                          text=True, check=True, env=env).stdout.splitlines()
-    assert out[0] == str({"tile_sample_min_size": 128, "tile_latent_min_size": 64, "tile_overlap_factor": 0.25})
+    assert ast.literal_eval(out[0]) == {"tile_sample_min_size": 128, "tile_latent_min_size": 64,
+                                        "tile_overlap_factor": 0.25}
     peak_tiled, peak_full = map(int, out[1].split())
     # whole: several 8-16 channel fp32 activations of 768² (19-38 MB each) alive at once; tiled: the output, the
     # decoded tiles waiting to be blended (together about the image's size) and one tile's activations (~1 MB each)

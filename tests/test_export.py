@@ -12,13 +12,14 @@ from safetensors.torch import load_file
 from latentvae.vae import convert
 from latentvae import runs as ckpt
 from helpers_ckpt import make_run, tiny_config, to_ldm_state_dict
-from latentvae import export as ex
-from latentvae.calibrate import CalibrationConfig, calibrate, fp16_check, health
+from latentvae.export import job
+from latentvae.export.calibrate import CalibrationConfig, calibrate, fp16_check, health
 from latentvae.vae.moments import batch_moments, factors, merge_moments
 from latentvae.cli import main as cli_main
 from latentvae.export import export
 from latentvae.options import ExportOptions
 from latentvae.errors import BadInputError
+from latentvae.vae.loaded import make_record
 from latentvae.vae.loading import load_autoencoder, load_from_checkpoint
 from latentvae.vae.model import build_vae, decode, encode_moments
 
@@ -43,7 +44,7 @@ def test_export_reloads_in_diffusers_and_matches_training_model(run, tmp_path, i
     result = export(ExportOptions(src=str(run), out=str(out), calibrate=str(image_folder), **FAST), log=quiet)
     loaded, info = AutoencoderKL.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    trained = load_from_checkpoint(run, "ema")
+    trained = load_from_checkpoint(run, "ema").module
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
         m_t, lv_t = encode_moments(trained, x)
@@ -51,7 +52,7 @@ def test_export_reloads_in_diffusers_and_matches_training_model(run, tmp_path, i
         assert (m_t - m_l).abs().max() < 1e-5 and (lv_t - lv_l).abs().max() < 1e-5
         assert (decode(trained, m_t) - decode(loaded, m_t)).abs().max() < 1e-5
     assert max(result.max_diff.values()) < 1e-5
-    assert loaded.config.scaling_factor == pytest.approx(result.stats.config["scaling_factor"])
+    assert loaded.config.scaling_factor == pytest.approx(result.stats.entries["scaling_factor"])
     # the sd convention (4 channels) writes no latents_mean/std: SDXL-family consumers would apply them
     assert result.stats.convention == "sd" and loaded.config.latents_std is None
     assert meta_channel_std(out) == pytest.approx(list(result.stats.channel_std))
@@ -155,12 +156,16 @@ def test_health_flags_channels_whose_posterior_is_the_prior():
 
 
 def constant_posterior_vae(means, logvars, **model):
-    """A tiny VAE whose posterior is N(means, exp(logvars)) for every image (quant_conv = bias only)."""
+    """A tiny VAE whose posterior is N(means, exp(logvars)) for every image (quant_conv = bias only), as loaded."""
     vae = build_vae(tiny_config(latent_channels=len(means), **model).model).eval()
     with torch.no_grad():
         vae.quant_conv.weight.zero_()
         vae.quant_conv.bias.copy_(torch.tensor(list(means) + list(logvars)))
-    return vae
+    return make_record(vae, {"kind": "folder"})
+
+
+def as_loaded(vae):
+    return make_record(vae, {"kind": "folder"})
 
 
 def test_calibration_end_to_end_measures_a_known_posterior(image_folder):
@@ -169,7 +174,7 @@ def test_calibration_end_to_end_measures_a_known_posterior(image_folder):
     stats = calibrate(vae, CalibrationConfig(str(image_folder), count=5, resolution=32))
     g_mean, g_std = expected(means, stds)
     assert stats.convention == "sd" and stats.images == 5
-    assert stats.config["scaling_factor"] == pytest.approx(1 / g_std, rel=1e-5)
+    assert stats.entries["scaling_factor"] == pytest.approx(1 / g_std, rel=1e-5)
     assert list(stats.channel_mean) == pytest.approx(means, abs=1e-5)
     assert list(stats.channel_std) == pytest.approx(stds, rel=1e-5)
     assert stats.health.dead_channels == (2,)  # N(0, 1) whatever the image: carries nothing
@@ -181,8 +186,8 @@ def test_sixteen_channel_models_default_to_the_sd3_convention(image_folder):
     stats = calibrate(vae, CalibrationConfig(str(image_folder), count=2, resolution=32))
     g_mean, g_std = expected(means, [1.0] * 16)
     assert stats.convention == "sd3"
-    assert stats.config["shift_factor"] == pytest.approx(g_mean, abs=1e-6)
-    assert stats.config["scaling_factor"] == pytest.approx(1 / g_std, rel=1e-5)
+    assert stats.entries["shift_factor"] == pytest.approx(g_mean, abs=1e-6)
+    assert stats.entries["scaling_factor"] == pytest.approx(1 / g_std, rel=1e-5)
 
 
 # diffusers' own formulas, written out as the pipelines apply them (not through latentvae.vae.conventions)
@@ -210,7 +215,7 @@ def test_each_convention_gives_unit_latents_under_its_pipelines_own_formula(conv
     means, stds = [0.5, -1.0, 0.0, 2.0], [2.0, 0.5, 1.0, 1.5]
     vae = constant_posterior_vae(means, [2 * torch.tensor(s).log().item() for s in stds])
     stats = calibrate(vae, CalibrationConfig(str(image_folder), count=5, resolution=32, convention=convention))
-    config = stats.config_entries()
+    config = stats.entries
     g = torch.Generator().manual_seed(0)
     z = torch.tensor(means).view(1, 4, 1, 1) + torch.tensor(stds).view(1, 4, 1, 1) * torch.randn(256, 4, 8, 8, generator=g)
     x = pipeline(z, config)
@@ -234,11 +239,11 @@ def test_the_sdxl_convention_needs_four_channels(image_folder):
 def test_fp16_check_sees_overflow_and_keeps_force_upcast():
     vae = build_vae(tiny_config().model).eval()
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    fine = fp16_check(vae, z)
+    fine = fp16_check(as_loaded(vae), z)
     assert fine.ran and not fine.overflow_modules and fine.output_finite and fine.force_upcast is False
     with torch.no_grad():
         vae.post_quant_conv.weight.mul_(1e6)  # activations far beyond fp16's 65504
-    bad = fp16_check(vae, z)
+    bad = fp16_check(as_loaded(vae), z)
     assert bad.force_upcast is True and "post_quant_conv" in bad.overflow_modules
     assert bad.peak_fp32 > 65504
 
@@ -248,11 +253,11 @@ def test_fp16_that_cannot_run_keeps_force_upcast(monkeypatch):
 
     def refuse(*_a, **_k):
         raise RuntimeError('"slow_conv2d_cpu" not implemented for \'Half\'')
-    import latentvae.calibrate as cal
+    import latentvae.export.calibrate as cal
     real = cal.activation_peaks
     monkeypatch.setattr(cal, "activation_peaks",
                         lambda v, z: refuse() if z.dtype == torch.float16 else real(v, z))
-    report = fp16_check(vae, torch.zeros(1, 4, 8, 8))
+    report = fp16_check(as_loaded(vae), torch.zeros(1, 4, 8, 8))
     assert not report.ran and report.force_upcast is True and "does not run" in report.note
 
 
@@ -272,7 +277,7 @@ def test_an_interrupted_export_leaves_nothing_that_looks_complete(run, tmp_path,
     if target == "save_pretrained":
         monkeypatch.setattr(AutoencoderKL, "save_pretrained", replacement)
     else:
-        monkeypatch.setattr(ex, "verify", replacement)
+        monkeypatch.setattr(job, "verify", replacement)
     with pytest.raises((KeyboardInterrupt, RuntimeError)):
         export(ExportOptions(src=str(run), out=str(exports / "vae")), log=quiet)
     assert not (exports / "vae").exists()
@@ -283,18 +288,25 @@ def test_an_interrupted_export_leaves_nothing_that_looks_complete(run, tmp_path,
     assert sorted(p.name for p in exports.iterdir()) == ["vae"]
 
 
-def test_refuses_a_non_empty_out_unless_overwrite(run, tmp_path, capsys):
+def test_refuses_a_folder_not_its_own_and_replaces_an_earlier_export_only_with_overwrite(run, tmp_path, capsys):
     out = tmp_path / "vae"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    for overwrite in (False, True):  # someone's other folder: never replaced (fsutil.check_output_folder)
+        with pytest.raises(BadInputError, match="non-empty folder that is not an earlier export"):
+            export(ExportOptions(src=str(run), out=str(out), overwrite=overwrite), log=quiet)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    export(ExportOptions(src=str(run), out=str(out)), log=quiet)  # empty: fine
     with pytest.raises(FileExistsError, match="--overwrite"):
         export(ExportOptions(src=str(run), out=str(out)), log=quiet)
-    assert (out / "keep.txt").read_text() == "mine"
     with pytest.raises(SystemExit) as e:  # the command line: one line on stderr, exit status 2
         cli_main(["export", str(run), "--out", str(out)])
-    assert e.value.code == 2 and "not empty" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "pass --overwrite" in err and len(err.strip().splitlines()) == 1
+    (out / "stale.txt").write_text("left by hand in an earlier export")
     export(ExportOptions(src=str(run), out=str(out), overwrite=True), log=quiet)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "vae"]
 
 
@@ -402,7 +414,7 @@ def test_any_vae_exports_with_calibration(tmp_path, image_folder, kind):
     loaded = AutoencoderKL.from_pretrained(out)
     assert_same_model(source, loaded)
     assert result.checkpoint is None and result.step is None
-    assert loaded.config.scaling_factor == pytest.approx(result.stats.config["scaling_factor"])
+    assert loaded.config.scaling_factor == pytest.approx(result.stats.entries["scaling_factor"])
     meta = json.loads((out / "latentvae_export.json").read_text())
     assert meta["scaling_measured"] and meta["source"] == str(src) and meta["checkpoint"] is None
     assert meta["training_config"] is None and meta["data"] is None and meta["weights"] is None
@@ -417,11 +429,12 @@ def test_without_calibration_a_folder_keeps_its_factors_and_a_bare_ldm_file_gets
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert config["scaling_factor"] == 0.3 and config["force_upcast"] is True  # the source's, unchanged
     meta = json.loads((tmp_path / "a" / "latentvae_export.json").read_text())
-    assert meta["scaling_measured"] is False and meta["scaling_origin"] == "the source's config.json"
+    assert meta["scaling_measured"] is False and meta["scaling_origin"].startswith("the source's config.json")
     assert "Not measured by this export" in (tmp_path / "a" / "README.md").read_text()
     ldm_file(tmp_path / "vae.safetensors")  # LDM weights hold no factors: not passed off as the SD VAE's 0.18215
     export(ExportOptions(src=str(tmp_path / "vae.safetensors"), out=str(tmp_path / "b")), log=quiet)
     assert json.loads((tmp_path / "b" / "config.json").read_text())["scaling_factor"] == 1.0
+    assert json.loads((tmp_path / "b" / "latentvae_export.json").read_text())["scaling_origin"] == "placeholder"
     assert "NOT measured" in (tmp_path / "b" / "README.md").read_text()
 
 
@@ -433,12 +446,19 @@ def test_taesd_exports_as_a_diffusers_folder_and_is_refused_as_a_single_file(tmp
     assert_same_model(load_autoencoder("taesd:sd"), loaded)
     assert loaded.config.scaling_factor == 1.0  # TAESD's own: its latents are already normalized (docs/export.md)
     assert "AutoencoderTiny exported" in (tmp_path / "tiny" / "README.md").read_text()
-    with pytest.raises(BadInputError, match="single-file.*AutoencoderTiny.*--format diffusers"):
+    with pytest.raises(BadInputError, match=r"AutoencoderTiny \(tiny family\) cannot be written as one single "
+                                            r"file.*--format diffusers"):
         export(ExportOptions(src="taesd:sd", out=str(tmp_path / "tiny.safetensors"), format="single-file"), log=quiet)
-    with pytest.raises(BadInputError, match="sdxl .*AutoencoderTiny"):
+    with pytest.raises(BadInputError, match="--convention flux2: AutoencoderTiny .*valid choices for it: sd, sdxl, "
+                                            "sd3"):
         export(ExportOptions(src="taesd:sd", out=str(tmp_path / "t2"), calibrate=str(image_folder),
-                             convention="sdxl", **FAST), log=quiet)
+                             convention="flux2", **FAST), log=quiet)
     assert not (tmp_path / "tiny.safetensors").exists() and not (tmp_path / "t2").exists()
+    # calibrated, TAESD's factors stay its own (its latents are the SD VAE's, already normalized): measured, not written
+    export(ExportOptions(src="taesd:sd", out=str(tmp_path / "t3"), calibrate=str(image_folder), **FAST), log=quiet)
+    config = json.loads((tmp_path / "t3" / "config.json").read_text())
+    assert config["scaling_factor"] == 1.0 and config["shift_factor"] == 0.0
+    assert "Written to: nothing" in (tmp_path / "t3" / "README.md").read_text()
 
 
 def test_refusals_for_a_vae_that_is_not_a_run(tmp_path, capsys):

@@ -168,7 +168,7 @@ def test_sigterm_in_an_update_keeps_the_old_generation_and_the_rerun_says_both(v
     assert line.endswith("readers still see generation 1, whole; rerun the same command to resume")
     m = json.loads((out / "manifest.json").read_text())
     assert m["generation"] == 1 and (out / "update.json").is_file()
-    ds = LatentDataset(out, family=None)  # generation 1 as it was: its 6 rows, every listed shard there
+    ds = LatentDataset(out, convention=None)  # generation 1 as it was: its 6 rows, every listed shard there
     assert len(ds) == 6 and sorted(ds.data["source_key"]) == [f"p{i:02d}.png" for i in range(6)]
 
     code, printed, err = run_cli(encode_args(vae_dir, data, out), capsys)
@@ -253,7 +253,7 @@ def test_sigterm_in_an_export_leaves_the_earlier_export_as_it_was(vae_dir, tmp_p
     assert run_cli(["export", str(vae_dir), "--out", str(out)], capsys)[0] == 0
     before = snapshot(parent)
     # held before the staged copy is reloaded and compared: weights and config are there, not yet checked
-    proc, _ = interrupted(["export", str(vae_dir), "--out", str(out), "--overwrite"], "latentvae.export:verify:1",
+    proc, _ = interrupted(["export", str(vae_dir), "--out", str(out), "--overwrite"], "latentvae.export.job:verify:1",
                           signal.SIGTERM, tmp_path)
     assert proc.returncode == 143
     line = one_line(proc.stderr, "export", "SIGTERM")
@@ -267,7 +267,7 @@ def test_sigterm_while_a_report_is_written_leaves_no_report(vae_dir, tmp_path):
     data, out = photos(tmp_path / "imgs", 2), tmp_path / "reports" / "report"
     # held inside the staging folder, per_image.csv and summary.json written, the plot and report.md not
     proc, _ = interrupted(["evaluate", "--vae", str(vae_dir), "--data", str(data), "--out", str(out), "--lpips", "none",
-                           "--device", "cpu", "--mixed-precision", "no"], "latentvae.evaluate:plot_spectra:1",
+                           "--device", "cpu", "--mixed-precision", "no"], "latentvae.evaluate.report:plot_spectra:1",
                           signal.SIGTERM, tmp_path)
     assert proc.returncode == 143
     line = one_line(proc.stderr, "evaluate", "SIGTERM", progress=True)
@@ -277,7 +277,7 @@ def test_sigterm_while_a_report_is_written_leaves_no_report(vae_dir, tmp_path):
 
 
 def test_a_signal_just_after_the_report_is_published_says_it_is_whole(vae_dir, tmp_path, capsys, monkeypatch):
-    import latentvae.evaluate as ev
+    import latentvae.fsutil as ev  # staged_folder publishes through it
 
     data, out = photos(tmp_path / "imgs", 1), tmp_path / "report"
     real = ev.publish_folder
@@ -303,7 +303,7 @@ def probe_args(cache: Path, out: Path, steps: int) -> list[str]:
 
 def test_sigint_in_a_probe_checkpoints_the_step_and_the_rerun_says_where_it_resumes(vae_dir, tmp_path, capsys,
                                                                                    monkeypatch):
-    import latentvae.probe as pr
+    import latentvae.probe.training as pr  # where train_steps draws its batches
 
     cache, out = tmp_path / "cache", tmp_path / "probe"
     encode(EncodeOptions(vae=str(vae_dir), data=str(photos(tmp_path / "imgs", 3)), out=str(cache), resolution=16,

@@ -72,3 +72,10 @@ def test_no_module_is_named_like_the_standard_library():
     import sys
     names = {p.stem for p in PACKAGE.rglob("*.py")} - {"__init__", "__main__"}
     assert not names & set(sys.stdlib_module_names), names & set(sys.stdlib_module_names)
+
+
+def test_no_module_sprawls():
+    """One concept per module, readable at once: none over ~450 lines (split by concept, not by count)."""
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 460}
+    assert not long, f"modules over 460 lines: {long}"

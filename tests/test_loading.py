@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 from conftest import make_photo
 from helpers_ckpt import make_run, tiny_config, to_ldm_state_dict
 from latentvae import runs
-from latentvae.vae.loading import SPEC_OPTIONS, NotAnAutoencoder, load_autoencoder, parse_spec
+from latentvae.vae.loading import NotAnAutoencoder, load_autoencoder, load_vae, parse_spec
+from latentvae.vae.spec import SPEC_OPTIONS
 from latentvae.vae.model import build_vae, encode_moments
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,7 +128,7 @@ def test_the_faked_cache_is_what_huggingface_hub_finds_offline(root, offline_hub
     assert (Path(snapshot_download("org/tiny-vae")) / "diffusion_pytorch_model.fp16.safetensors").is_symlink()
 
 
-# door, spec (ROOT = the fixture's folder), what latentvae_source must say
+# door, spec (ROOT = the fixture's folder), what the record's origin must say
 FP32_DOORS = [
     ("folder", "ROOT/folder", dict(kind="folder", variant=None)),
     ("folder-subfolder", "ROOT[subfolder=folder]", dict(kind="folder", subfolder="folder")),
@@ -151,8 +152,8 @@ FP16_DOORS = [
 ]
 
 
-def _check_source(vae, spec: str, expected: dict) -> None:
-    source = vae.latentvae_source
+def _check_source(lv, spec: str, expected: dict) -> None:
+    source = lv.origin
     assert source["spec"] == spec and Path(source["path"]).exists()
     assert {k: source[k] for k in expected} == expected
     if source["kind"] == "hub":
@@ -162,21 +163,23 @@ def _check_source(vae, spec: str, expected: dict) -> None:
 @pytest.mark.parametrize("door, spec, expected", FP32_DOORS, ids=[d[0] for d in FP32_DOORS])
 def test_every_fp32_door_gives_the_same_weights(ref, root, offline_hub, door, spec, expected):
     spec = spec.replace("ROOT", str(root))
-    vae = load_autoencoder(spec)
-    assert isinstance(vae, AutoencoderKL) and not vae.training
+    lv = load_vae(spec)
+    vae = lv.module
+    assert isinstance(vae, AutoencoderKL) and not vae.training and lv.family.name == "kl"
     assert next(vae.parameters()).dtype == torch.float32
     assert torch.equal(mean(vae), mean(ref))
-    _check_source(vae, spec, expected)
+    _check_source(lv, spec, expected)
 
 
 @pytest.mark.parametrize("door, spec, expected", FP16_DOORS, ids=[d[0] for d in FP16_DOORS])
 def test_every_fp16_variant_door_gives_the_fp16_weights_as_fp32(ref, root, offline_hub, door, spec, expected):
     spec = spec.replace("ROOT", str(root))
-    vae = load_autoencoder(spec)
+    lv = load_vae(spec)
+    vae = lv.module
     assert next(vae.parameters()).dtype == torch.float32  # upcast: what every job (and training) runs
     assert torch.equal(mean(vae), mean(half_of(ref).float()))  # exactly the stored fp16 weights
     assert torch.allclose(mean(vae), mean(ref), atol=2e-2) and not torch.equal(mean(vae), mean(ref))
-    _check_source(vae, spec, expected)
+    _check_source(lv, spec, expected)
 
 
 def test_training_starts_from_a_hub_variant_in_fp32(ref, offline_hub):
@@ -189,10 +192,10 @@ def test_training_starts_from_a_hub_variant_in_fp32(ref, offline_hub):
 
 def test_run_weights_are_an_option_too(root):
     raw = load_autoencoder(f"{root}/run[weights=raw]")
-    assert raw.latentvae_source["weights"] == "raw"
+    assert load_vae(f"{root}/run[weights=raw]").origin["weights"] == "raw"
     assert torch.equal(mean(raw), mean(load_autoencoder(root / "run", weights="raw")))
     assert not torch.equal(mean(raw), mean(load_autoencoder(root / "run")))
-    assert load_autoencoder(f"{root}/run[weights=raw]", weights="raw").latentvae_source["weights"] == "raw"
+    assert load_vae(f"{root}/run[weights=raw]", weights="raw").origin["weights"] == "raw"
     with pytest.raises(NotAnAutoencoder, match=r"weights=raw contradicts weights='ema'"):
         load_autoencoder(f"{root}/run[weights=raw]", weights="ema")
 
@@ -215,8 +218,8 @@ def test_a_local_path_wins_over_a_hub_id_and_a_missing_path_says_what_was_tried(
                                                                                tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     half_of(ref).save_pretrained(tmp_path / "org" / "tiny-vae", variant="fp16")  # a local folder of that name
-    assert load_autoencoder("org/tiny-vae").latentvae_source["kind"] == "folder"
-    assert load_autoencoder("./org/tiny-vae").latentvae_source["kind"] == "folder"
+    assert load_vae("org/tiny-vae").origin["kind"] == "folder"
+    assert load_vae("./org/tiny-vae").origin["kind"] == "folder"
     with pytest.raises(NotAnAutoencoder, match=r"^runs/missing: no local file or folder runs/missing, so it was "
                                                r"tried as a Hugging Face hub id"):
         load_autoencoder("runs/missing")
@@ -224,7 +227,7 @@ def test_a_local_path_wins_over_a_hub_id_and_a_missing_path_says_what_was_tried(
         load_autoencoder("runs/x/missing")
     bracketed = tmp_path / "vae[1]"  # an existing path with brackets in its name is a path, not options
     ref.save_pretrained(bracketed)
-    assert load_autoencoder(str(bracketed)).latentvae_source["kind"] == "folder"
+    assert load_vae(str(bracketed)).origin["kind"] == "folder"
 
 
 def test_a_hub_repo_without_what_was_asked_says_so(root, offline_hub):
@@ -266,10 +269,11 @@ def test_online_only_the_vae_config_and_the_chosen_weights_are_fetched(ref, root
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     monkeypatch.setattr(huggingface_hub, "get_cached_repo_tree",
                         lambda repo_id, revision=None: [RepoFile(p) for p in remote], raising=False)
-    vae = load_autoencoder("org/remote-pipe[variant=fp16]")
+    lv = load_vae("org/remote-pipe[variant=fp16]")
+    vae = lv.module
     assert asked == [["config.json", "model_index.json", "vae/config.json"],
                      ["vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors"]]
-    assert torch.equal(mean(vae), mean(half_of(ref).float())) and vae.latentvae_source["variant"] == "fp16"
+    assert torch.equal(mean(vae), mean(half_of(ref).float())) and lv.origin["variant"] == "fp16"
     asked.clear()
     assert torch.equal(mean(load_autoencoder("org/remote-pipe")), mean(ref))  # the plain file is listed: it wins
     assert asked[1] == ["vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
@@ -326,7 +330,7 @@ def test_several_variants_without_a_plain_file_ask_for_one(ref, tmp_path):
     with pytest.raises(NotAnAutoencoder, match=r"several weight variants and no plain file \(bf16, fp16\); "
                                                r"choose one with the option \[variant=NAME\]"):
         load_autoencoder(tmp_path / "v")
-    assert load_autoencoder(f"{tmp_path}/v[variant=bf16]").latentvae_source["variant"] == "bf16"
+    assert load_vae(f"{tmp_path}/v[variant=bf16]").origin["variant"] == "bf16"
 
 
 # ----------------------------------------------------------------------------- as a user runs it

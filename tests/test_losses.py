@@ -201,3 +201,37 @@ def test_the_equivariance_term_is_added_to_the_loss(image_folder, tmp_path):
     assert "eq" not in plain  # off by default
     with pytest.raises(ConfigError, match="loss.equivariance_transforms: unknown.*valid: rot90"):
         load_config(None, tiny_overrides(image_folder, **{"loss.equivariance_transforms": "[shear]"}))
+
+
+# ----------------------------------------------------------------------------- every family
+def _own_api(vae, x):
+    """The class's own encode/decode, called directly: (mean or latent, logvar or None, reconstruction), 4-D."""
+    five_d = type(vae).__name__ in ("AutoencoderKLQwenImage", "AutoencoderKLWan")
+    out = vae.encode(x[:, :, None] if five_d else x)
+    dist = getattr(out, "latent_dist", None)
+    mean = dist.mean if dist is not None else getattr(out, "latent", None)
+    mean = out.latents if mean is None else mean
+    x_hat = vae.decode(mean).sample
+    logvar = None if dist is None else dist.logvar
+    if five_d:
+        mean, logvar, x_hat = mean[:, :, 0], logvar[:, :, 0], x_hat[:, :, 0]
+    return mean, logvar, x_hat
+
+
+@pytest.mark.parametrize("name", ["kl", "flux2", "qwenimage", "wan", "dc", "hunyuanimage", "tiny"])
+def test_the_training_forward_of_every_family_is_its_class_own_encode_and_decode_in_4d(name):
+    """Autoencoder (mode ae) runs each class as the class itself does, 5-D handling included; a class
+    without a posterior gives logvar None, and the loss then has no KL term."""
+    from families import images, tiny_vae
+
+    vae = tiny_vae(name)
+    x = images(2, 32)
+    with torch.no_grad():
+        x_hat, mean, logvar, _ = Autoencoder(vae, stochastic=True if name in ("dc", "tiny") else False)(x)
+        ref_mean, ref_logvar, ref_x_hat = _own_api(vae, x)
+    assert x_hat.dim() == mean.dim() == 4 and torch.equal(mean, ref_mean) and torch.equal(x_hat, ref_x_hat)
+    assert (logvar is None) == (ref_logvar is None) and (logvar is None or torch.equal(logvar, ref_logvar))
+    loss, logs = generator_loss(_only(recon_weight=1.0, kl_weight=1.0), x, x_hat, mean, logvar, step=0)
+    assert ("kl_per_elem" in logs) == (logvar is not None)
+    if logvar is None:
+        assert torch.equal(loss, logs["rec"])  # reconstruction only

@@ -16,10 +16,9 @@ import pytest
 import torch
 
 from latentvae import BucketBatchSampler, LatentDataset, collate
-from latentvae.cache.encode import row_moments
 from latentvae.cache.manifest import MANIFEST_FILE, SETTINGS_FILE, measured_statistics
 from latentvae.cache.schema import arrow_schema, make_table
-from latentvae.cache.writer import ShardWriter, scan_shards
+from latentvae.cache.writer import ShardWriter, row_moments, scan_shards
 from latentvae.errors import UserError
 
 MEAN = torch.tensor([0.5, -1.0, 2.0, 0.0])
@@ -54,7 +53,7 @@ def write_cache(out: Path, shapes=((4, 4, 4),) * 12 + ((4, 2, 6),) * 7, store="m
                 "vae": {"latent_channels": channels, "scaling_factor": 0.18215, "shift_factor": None,
                         "factors": vae_factors},
                 "shards": [{"file": f"data/{s['name']}", "rows": s["rows"]} for s in shards],
-                "latent_statistics": measured_statistics(shards, channels)}
+                "latent_statistics": measured_statistics(shards, channels, ("sd", "sdxl", "sd3"))}
     (out / MANIFEST_FILE).write_text(json.dumps(manifest))
     return out
 
@@ -111,32 +110,40 @@ def test_two_ranks_get_disjoint_rows_and_equal_lengths(tmp_path, drop_last):
 
 
 # ----------------------------------------------------------------------------- normalization
-@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
-def test_each_family_normalizes_to_unit_scale(tmp_path, family):
-    ds = dataset(write_cache(tmp_path / "c", shapes=((4, 16, 16),) * 40, dtype="fp16"), family=family)
+@pytest.mark.parametrize("convention", ["sd", "sdxl", "sd3"])
+def test_each_convention_normalizes_to_unit_scale_with_the_cache_factors(tmp_path, convention):
+    ds = dataset(write_cache(tmp_path / "c", shapes=((4, 16, 16),) * 40, dtype="fp16"), convention=convention,
+                 factors="cache")
     x = torch.stack([ds[i]["latents"] for i in range(len(ds))])  # (N, 4, 16, 16)
-    assert x.dtype == torch.float32
-    if family == "sd":  # scaling only: unit std overall, the mean left where it was
+    assert x.dtype == torch.float32 and ds.factors == "cache"
+    if convention == "sd":  # scaling only: unit std overall, the mean left where it was
         assert float(x.std()) == pytest.approx(1.0, abs=1e-2)
-    elif family == "sd3":
+    elif convention == "sd3":
         assert float(x.mean()) == pytest.approx(0.0, abs=1e-2) and float(x.std()) == pytest.approx(1.0, abs=1e-2)
     else:  # per channel
         per = x.transpose(0, 1).flatten(1)
         assert per.mean(1).tolist() == pytest.approx([0.0] * 4, abs=1e-2)
         assert per.std(1).tolist() == pytest.approx([1.0] * 4, abs=1e-2)
-    raw = dataset(tmp_path / "c", family=None)
+    raw = dataset(tmp_path / "c", convention=None)
     z = torch.stack([raw[i]["latents"] for i in range(len(raw))])
     assert z.transpose(0, 1).flatten(1).mean(1).tolist() == pytest.approx(MEAN.tolist(), abs=0.15)
 
 
 def test_vae_factors_are_used_and_refused_when_never_measured(tmp_path):
-    ds = dataset(write_cache(tmp_path / "c"), family="sd", factors="vae")
-    raw = dataset(tmp_path / "c", family=None)
+    """factors='auto' (the default) takes the VAE's own factors, what its pipeline applies, unless they were
+    never measured: then those measured on the cache."""
+    ds = dataset(write_cache(tmp_path / "c"), convention="sd", factors="vae")
+    raw = dataset(tmp_path / "c", convention=None)
     torch.testing.assert_close(ds[3]["latents"], raw[3]["latents"] * 0.18215)
+    auto = dataset(tmp_path / "c")  # the manifest's convention (sd, a cache from before it was recorded)
+    assert (auto.convention, auto.factors) == ("sd", "vae") and torch.equal(auto[3]["latents"], ds[3]["latents"])
     write_cache(tmp_path / "never", vae_factors="NOT measured: a latentvae training run's config holds ...")
     with pytest.raises(UserError, match="never measured"):
-        dataset(tmp_path / "never", family="sd", factors="vae")
-    assert dataset(tmp_path / "never", family="sd")  # the cache's own factors are fine
+        dataset(tmp_path / "never", convention="sd", factors="vae")
+    never = dataset(tmp_path / "never", convention="sd")  # the cache's own factors are fine
+    cached = dataset(tmp_path / "never", convention="sd", factors="cache")
+    assert never.factors == "cache" and torch.equal(never[3]["latents"], cached[3]["latents"])
+    assert not torch.allclose(never[3]["latents"], ds[3]["latents"])
 
 
 def test_errors_are_user_errors_with_clear_messages(tmp_path):
@@ -147,27 +154,33 @@ def test_errors_are_user_errors_with_clear_messages(tmp_path):
         dataset(tmp_path / "plain")
     cache = write_cache(tmp_path / "c")
     with pytest.raises(UserError, match="valid choices: sd, sdxl, sd3"):
-        dataset(cache, family="flux")
-    with pytest.raises(UserError, match="valid choices: cache, vae"):
+        dataset(cache, convention="flux")
+    with pytest.raises(UserError, match=r"'flux2' is not one the pipelines of its VAE apply \(AutoencoderKL, kl "
+                                        r"family\)"):
+        dataset(cache, convention="flux2")  # a formula, but not one an AutoencoderKL's pipelines apply
+    with pytest.warns(DeprecationWarning, match="convention"):  # the former name of the argument
+        old = dataset(cache, family="sdxl")
+    assert old.convention == "sdxl"
+    with pytest.raises(UserError, match="valid choices: auto, cache, vae"):
         dataset(cache, factors="config")
     (cache / MANIFEST_FILE).rename(cache / "m.json")
     with pytest.raises(UserError, match="unfinished"):
         dataset(cache)
     eight = write_cache(tmp_path / "c8", shapes=((8, 2, 2),) * 3)
     with pytest.raises(UserError, match="sdxl needs 4 latent channels"):
-        dataset(eight, family="sdxl")
-    assert dataset(eight, family="sd3")[0]["latents"].shape == (8, 2, 2)
+        dataset(eight, convention="sdxl")
+    assert dataset(eight, convention="sd3")[0]["latents"].shape == (8, 2, 2)
 
 
 # ----------------------------------------------------------------------------- moments
 def test_moments_give_fresh_samples_per_epoch_from_the_stored_distribution(tmp_path):
     logvar = 2 * np.log(0.3)
     cache = write_cache(tmp_path / "c", shapes=((4, 8, 8),) * 30, store="moments", logvar=logvar)
-    ds = dataset(cache, family=None, seed=5)
+    ds = dataset(cache, convention=None, seed=5)
     mean = torch.stack([torch.as_tensor(np.array(r, dtype=np.float32)) for r in ds.data["latent_mean"]])
     draw = lambda d: torch.stack([d[i]["latents"] for i in range(len(d))])
     a = draw(ds)
-    assert torch.equal(a, draw(dataset(cache, family=None, seed=5)))  # same seed, same epoch: same noise
+    assert torch.equal(a, draw(dataset(cache, convention=None, seed=5)))  # same seed, same epoch: same noise
     ds.set_epoch(1)
     b = draw(ds)
     assert not torch.allclose(a, b)
@@ -175,7 +188,7 @@ def test_moments_give_fresh_samples_per_epoch_from_the_stored_distribution(tmp_p
         eps = x - mean
         assert float(eps.mean()) == pytest.approx(0.0, abs=0.01)
         assert float(eps.std()) == pytest.approx(0.3, rel=0.03)  # exp(logvar / 2)
-    assert not torch.allclose(a, draw(dataset(cache, family=None, seed=6)))
+    assert not torch.allclose(a, draw(dataset(cache, convention=None, seed=6)))
 
 
 # ----------------------------------------------------------------------------- rows and columns
@@ -221,7 +234,7 @@ def test_a_cache_from_encode_reads_back(tmp_path):
                   layers_per_block=1).save_pretrained(vae_dir)
     data = photos(tmp_path / "imgs", 5)
     m = encode(cfg(vae_dir, data, tmp_path / "cache", preprocess="buckets", flip=True, store="moments"))
-    ds = dataset(tmp_path / "cache", family="sdxl")
+    ds = dataset(tmp_path / "cache", convention="sdxl")
     assert len(ds) == m["counts"]["rows"] == 10
     sampler = BucketBatchSampler(ds, batch_size=2)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=0)
@@ -231,7 +244,7 @@ def test_a_cache_from_encode_reads_back(tmp_path):
         assert batch["latents"].shape[1] == 4 and torch.isfinite(batch["latents"]).all()
         rows += len(batch["source_id"])
     assert rows == 10
-    raw = dataset(tmp_path / "cache", family=None, seed=0)
+    raw = dataset(tmp_path / "cache", convention=None, seed=0)
     stored = from_storage(raw.data[0]["latent_mean"], m["dtype"])
     assert raw[0]["latents"].shape == stored.shape
 
@@ -258,8 +271,8 @@ def assert_same_rows(got: list[dict], want: list[dict]) -> None:
 def test_fast_gather_equals_the_plain_read_across_shards_chunks_and_slices(tmp_path, dtype, store):
     shapes = ((4, 4, 4),) * 6 + ((4, 2, 6),) * 5 + ((4, 4, 4),) * 4 + ((4, 2, 6),) * 6  # shapes mixed in shards
     cache = write_cache(tmp_path / "c", shapes=shapes, dtype=dtype, store=store, logvar=-1.0, shard_size=4)
-    for family in ("sdxl", None):
-        ds = dataset(cache, family=family, seed=3)
+    for convention in ("sdxl", None):
+        ds = dataset(cache, convention=convention, seed=3)
         assert ds._values is not None and ds.data.data.column("latent_mean").num_chunks > 1
         sampler = BucketBatchSampler(ds, batch_size=5, seed=1)
         for batch in sampler:  # one shape per batch, rows from several chunks, in shuffled order
@@ -281,21 +294,22 @@ def test_fast_gather_equals_the_plain_read_across_shards_chunks_and_slices(tmp_p
 @pytest.mark.parametrize("stored", ["fp16", "bf16"])
 def test_output_dtype_is_the_float32_result_rounded_once(tmp_path, stored):
     cache = write_cache(tmp_path / "c", shapes=((4, 8, 8),) * 10 + ((4, 4, 8),) * 6, dtype=stored)
-    for family in ("sdxl", "sd"):  # per-channel factors; one factor (computed in one op when dtypes match)
-        ref = dataset(cache, family=family)
+    for convention in ("sdxl", "sd"):  # per-channel factors; one factor (computed in one op when dtypes match)
+        ref = dataset(cache, convention=convention, factors="cache")
         x32 = [ref[i]["latents"] for i in range(len(ref))]
         for dtype, eps in ((torch.float16, 2 ** -11), (torch.bfloat16, 2 ** -8)):
-            ds = dataset(cache, family=family, dtype=dtype)
+            ds = dataset(cache, convention=convention, factors="cache", dtype=dtype)
             for batch in BucketBatchSampler(ds, batch_size=4, seed=0):
                 got = collate(ds.__getitems__(batch))["latents"]
                 want = torch.stack([x32[i] for i in batch])
                 assert got.dtype == dtype and torch.equal(got, want.to(dtype))
                 torch.testing.assert_close(got.float(), want, rtol=eps, atol=0)
-    raw = dataset(cache, family=None, dtype=torch.float16 if stored == "fp16" else torch.bfloat16)
-    assert torch.equal(raw[3]["latents"].float(), dataset(cache, family=None)[3]["latents"])  # exact
+    raw = dataset(cache, convention=None, dtype=torch.float16 if stored == "fp16" else torch.bfloat16)
+    assert torch.equal(raw[3]["latents"].float(), dataset(cache, convention=None)[3]["latents"])  # exact
     if stored == "bf16":
         return
-    loader = torch.utils.data.DataLoader(dataset(cache, family="sd", dtype=torch.float16), num_workers=1,  # x32: sd
+    half = dataset(cache, convention="sd", factors="cache", dtype=torch.float16)  # x32's: sd, the cache's factors
+    loader = torch.utils.data.DataLoader(half, num_workers=1,
                                          batch_sampler=BucketBatchSampler(ref, 4, seed=0), collate_fn=collate)
     for batch, rows in zip(loader, BucketBatchSampler(ref, 4, seed=0)):
         assert batch["latents"].dtype == torch.float16
@@ -308,7 +322,7 @@ def test_pickled_dataset_leaves_the_arrow_views_behind(tmp_path):
     import pickle
 
     cache = write_cache(tmp_path / "c", shapes=((4, 16, 16),) * 30, dtype="fp16")
-    ds = dataset(cache, family="sd")
+    ds = dataset(cache, convention="sd")
     ds.__getitems__([0, 1])  # makes the thread's scratch, which is not pickled either
     blob = pickle.dumps(ds)
     assert len(blob) < 30 * 4 * 16 * 16 * 2  # not the latents' bytes
@@ -337,11 +351,11 @@ def test_latent_loader_gives_the_dataloaders_batches_in_its_order(tmp_path, thre
 
     cache = write_cache(tmp_path / "c", shapes=((4, 4, 4),) * 20 + ((4, 2, 6),) * 9, store="moments",
                         logvar=2 * np.log(0.3))
-    ds = dataset(cache, family="sdxl", seed=4)
+    ds = dataset(cache, convention="sdxl", seed=4)
     loader = LatentLoader(ds, batch_size=4, seed=2, threads=threads, prefetch=2)
     for epoch in (0, 1):
         loader.set_epoch(epoch)
-        ref_ds = dataset(cache, family="sdxl", seed=4)
+        ref_ds = dataset(cache, convention="sdxl", seed=4)
         ref_ds.set_epoch(epoch)
         sampler = BucketBatchSampler(ref_ds, 4, seed=2)
         sampler.set_epoch(epoch)
@@ -361,7 +375,7 @@ def test_latent_loader_keeps_the_epoch_it_started_with(tmp_path):
     from latentvae import LatentLoader
 
     cache = write_cache(tmp_path / "c", shapes=((4, 4, 4),) * 24, store="moments", logvar=0.0)
-    loader = LatentLoader(dataset(cache, family=None), batch_size=4, prefetch=1)
+    loader = LatentLoader(dataset(cache, convention=None), batch_size=4, prefetch=1)
     whole = list(loader)
     it = iter(loader)
     got = [next(it)]

@@ -13,9 +13,11 @@ A cache folder:
     manifest.json                     written last, once every input is accounted for (manifest.py)
 
 The modules: schema (the columns and storage dtypes, what readers import), writer (shards written
-exactly once, failure logs), manifest (settings, manifest, dataset card, VAE identity), encode
-(the pipeline and `latentvae encode`), verify (decode and compare, `latentvae decode`), reader
-(LatentDataset, LatentLoader, BucketBatchSampler, collate: a cache read back for a diffusion training loop).
+exactly once, failure logs), manifest (settings, manifest, dataset card, the VAE's identity: family,
+layout, formula), inputs (images in, rows out), encoder (the VAE checked, pixels to latent columns),
+encode (the run and `latentvae encode`), update (what a rerun changes), verify (decode and compare,
+`latentvae decode`), and the reading side: reader (LatentDataset), normalize (the family's consumer rule
+and formula), loader (BucketBatchSampler, LatentLoader, collate), memory (shared memory for workers).
 docs/encode.md describes the columns and how a trainer reads them.
 
 `latentvae.cache.encode` is the function; the module of that name is
@@ -24,7 +26,8 @@ Importing the package loads no model library (diffusers is imported when a job r
 """
 from .encode import encode
 from .manifest import read_manifest
-from .reader import BucketBatchSampler, LatentDataset, LatentLoader, collate
+from .loader import BucketBatchSampler, LatentLoader, collate
+from .reader import LatentDataset
 from .schema import DTYPES, FORMAT_VERSION, OWN_COLUMNS, STORES, from_storage, to_storage
 from .verify import verify_cache
 

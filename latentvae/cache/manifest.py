@@ -3,11 +3,13 @@
     encode-settings.json  written first: what must not change on a resume (check_settings refuses
                           a rerun with other settings, listing what differs)
     manifest.json         written last, once every input is accounted for (build_manifest checks
-                          that): VAE identity, scaling factors, preprocessing, dtype, counts, failures
+                          that): the VAE (class, family, consumer rule, latent layout, formula and the
+                          entries it reads), preprocessing, dtype, counts, failures, measured statistics
     README.md             the dataset card that points `datasets.load_dataset(OUT)` at data/*.parquet
 
 Also whether a folder may become a cache (check_out_folder), and the identities recorded in both
-files: the VAE's weights hash and the inputs' fingerprint.
+files: the VAE's (vae_identity, from the loaded record: family, layout, formula, weights hash) and
+the inputs' fingerprint.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import BadInputError, MissingInputError
-from ..fsutil import flatten, sha256_file
+from ..fsutil import check_output_folder, flatten, sha256_file
 from ..options import EncodeOptions
 from ..preprocess import Preprocess
 from .schema import DTYPE_STORAGE, FORMAT_VERSION, STORES
@@ -35,30 +37,26 @@ README_FILE = "README.md"
 
 
 # ----------------------------------------------------------------------------- identities
-def weights_sha256(vae) -> str:
-    """sha256 over the state dict (sorted keys; name, dtype, shape, raw bytes): same weights, same id."""
-    h = hashlib.sha256()
-    for k, t in sorted(vae.state_dict().items()):
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        # flattened in logical order, so channels_last weights hash like contiguous ones (a (C, C, 1, 1)
-        # channels_last weight counts as contiguous yet has stride(-1) != 1, which view(uint8) refuses)
-        flat = t.detach().cpu().contiguous().reshape(-1)
-        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-    return h.hexdigest()
+def vae_identity(lv, given: str) -> dict:
+    """The manifest's `vae`, all from the loaded record (vae/loaded.py): where it was, its class and family,
+    what its consumers take, its latent layout, its pipeline's formula and the entries that formula reads,
+    where those come from, its weights hash and files."""
+    from ..vae.conventions import CONVENTIONS
 
-
-def vae_identity(vae, path: str) -> dict:
-    """The manifest's `vae`: where it was, its class, weights hash, files, factors and shapes."""
-    from ..vae.model import downsample_factor, latent_channels
-
-    cfg = vae.config
-    source = getattr(vae, "latentvae_source", None) or {}
-    where = Path(source.get("path") or path)  # the folder loading.py read (a pipeline's vae/, a hub snapshot)
+    fam, layout = lv.family, lv.layout
+    where = Path(lv.path or given)  # the folder loading.py read (a pipeline's vae/, a hub snapshot)
     files = {p.name: sha256_file(p) for p in sorted(where.glob("*.safetensors"))} if where.is_dir() else {}
-    return {"path": str(path), "class": type(vae).__name__, "weights_sha256": weights_sha256(vae),
-            "files_sha256": files, "scaling_factor": cfg.get("scaling_factor"),
-            "shift_factor": cfg.get("shift_factor"), "latent_channels": latent_channels(vae),
-            "downsample_factor": downsample_factor(vae), "source": source or None}
+    return {"path": str(given), "class": lv.class_name, "family": fam.name, "stochastic": lv.stochastic,
+            "consumer": fam.consumer, "consumer_cite": fam.consumer_cite,
+            "layout": {"channels": layout.channels, "factor": layout.factor, "patch": layout.patch,
+                       "five_d": layout.five_d, "diffusion_channels": layout.diffusion_channels,
+                       "multiple": layout.multiple},
+            "formula": {"convention": lv.convention, "conventions": list(fam.conventions),
+                        "applies": CONVENTIONS[lv.convention], "entries": lv.factors},
+            "factors": lv.provenance, "factors_origin": lv.factors_origin,
+            "weights_sha256": lv.weights_sha256(), "files_sha256": files,
+            "scaling_factor": lv.factors.get("scaling_factor"), "shift_factor": lv.factors.get("shift_factor"),
+            "latent_channels": layout.channels, "downsample_factor": layout.factor, "source": dict(lv.origin)}
 
 
 def inputs_fingerprint(src, n: int) -> str:
@@ -127,18 +125,17 @@ def run_settings(opts: EncodeOptions, vae_id: dict, pre: Preprocess) -> dict:
             "store": opts.store, "dtype": opts.dtype, "seed": opts.seed if opts.store == "sample" else None}
 
 
+def is_cache_folder(out: Path) -> bool:
+    """A folder `latentvae encode` may write into again: one with encode-settings.json, or holding only an
+    empty data/ (what a killed earlier version left before writing its settings: resumable)."""
+    if (out / SETTINGS_FILE).is_file():
+        return True
+    return all(p.name == "data" and p.is_dir() for p in out.iterdir()) and not list_shards(out)
+
+
 def check_out_folder(out: Path) -> None:
-    """OUT must be new, empty, or a cache (with encode-settings.json): never someone's other folder."""
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"--out {out} exists and is not a folder; expected a new folder or a latent cache")
-    if not out.is_dir() or (out / SETTINGS_FILE).is_file():
-        return
-    entries = list(out.iterdir())
-    # an empty data/ is what a killed earlier version left before writing its settings: resumable
-    if all(p.name == "data" and p.is_dir() and not list_shards(out) for p in entries):
-        return
-    raise BadInputError(f"--out {out} is a non-empty folder that is not a latent cache (no {SETTINGS_FILE}); "
-                        "choose a new or empty folder")
+    """OUT must be new, empty, or a cache (is_cache_folder): never someone's other folder."""
+    check_output_folder(out, "--out", is_cache_folder, f"a latent cache (with {SETTINGS_FILE})")
 
 
 def shorten(value: Any, width: int = 40) -> str:
@@ -194,36 +191,17 @@ def check_settings(out: Path, settings: dict) -> None:
 def dataset_card(manifest_hint: str) -> str:
     return ("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/*.parquet\n---\n"
             f"# Latent cache\n\nMade by `latentvae encode`. {manifest_hint}\n"
-            "Latents are raw (unscaled); manifest.json's latent_statistics.factors give, per pipeline family, "
+            "Latents are the VAE's raw latents (unscaled, not patchified); manifest.json's vae.formula is the formula "
+            "its pipelines apply (with the entries it reads), and latent_statistics.factors give, per convention, "
             "the factors under which the latents a trainer draws are unit-scale.\n")
 
 
 # ----------------------------------------------------------------------------- latent statistics
-def factor_provenance(vae, path: str) -> str:
-    """Whether the VAE's config factors were measured: by a latentvae export (latentvae_export.json says
-    so), published with a pretrained VAE, or never (a latentvae run's config holds diffusers' default)."""
-    source = getattr(vae, "latentvae_source", None) or {}
-    if type(vae).__name__ == "AutoencoderTiny":
-        return "none: TAESD latents are the SD/SDXL/SD3/FLUX latents and use that family's published factors"
-    if source.get("kind") == "run":
-        return "NOT measured: a latentvae training run's config holds diffusers' default scaling_factor"
-    where = Path(source.get("path") or path)
-    record = where / "latentvae_export.json" if where.is_dir() else None
-    if record is not None and record.is_file():
-        meta = json.loads(record.read_text())
-        origin = meta.get("scaling_origin", "measured" if meta.get("scaling_measured") else "placeholder")
-        if origin == "measured":
-            return "measured by `latentvae export --calibrate`"
-        if origin == "placeholder":
-            return "NOT measured: exported without --calibrate (scaling_factor 1.0 is a placeholder)"
-        return f"as published: kept by `latentvae export` from {origin}"
-    return "as published with this VAE (not measured by latentvae)"
-
-
-def measured_statistics(shards: list[dict], channels: int) -> Optional[dict]:
-    """Per-channel and global mean/std of the latents a trainer draws from this cache, summed from the
-    shards' moments, and the factors each pipeline family would need for unit-scale latents."""
-    from ..vae.conventions import CONVENTIONS
+def measured_statistics(shards: list[dict], channels: int, conventions: tuple[str, ...]) -> Optional[dict]:
+    """Per-channel and global mean/std of the latents a trainer draws from this cache (per channel of the
+    patchified latent where the family's pipeline patchifies: `channels` = layout.diffusion_channels),
+    summed from the shards' moments, and the factors each of `conventions` (the formulas the family's
+    pipelines apply) would need for unit-scale latents."""
     from ..vae.moments import LatentMoments, channel_mean_std, factors, global_mean_std
 
     parts = [s["moments"] for s in shards if s.get("moments")]
@@ -233,13 +211,13 @@ def measured_statistics(shards: list[dict], channels: int) -> Optional[dict]:
                       torch.tensor(np.sum([p["sumsq"] for p in parts], axis=0)), None)
     mean, std = channel_mean_std(m)
     g_mean, g_std = global_mean_std(m)
-    keys = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
-    per_family = {f: {k: v for k, v in factors(m, f).items() if k in keys}
-                  for f in ("sd", "sdxl", "sd3") if not (f == "sdxl" and channels != 4)}
+    per_convention = {c: {k: v for k, v in factors(m, c).items() if k not in ("channel_mean", "channel_std")}
+                      for c in conventions if not (c == "sdxl" and channels != 4)}
     rows = sum(s["rows"] for s in shards)
-    return {"measured_on": f"all {rows} rows of this cache ({m.count} latent positions per channel)",
+    return {"measured_on": f"all {rows} rows of this cache ({m.count} latent positions per channel, "
+                           f"{m.channels} channels)",
             "channel_mean": mean.tolist(), "channel_std": std.tolist(), "mean": g_mean, "std": g_std,
-            "factors": per_family}
+            "factors": per_convention}
 
 
 # ----------------------------------------------------------------------------- manifest.json
@@ -281,8 +259,20 @@ def build_manifest(out: Path, settings: dict, vae_id: dict, opts: EncodeOptions,
         "shards": [{"file": f"data/{s['name']}", "rows": s["rows"]} for s in shards],
         "failures": failures,
         "inputs_sha256": inputs_fingerprint(inputs.src, inputs.n),
-        "latent_statistics": measured_statistics(shards, vae_id["latent_channels"]),
+        "latent_statistics": measured_statistics(shards, vae_id["layout"]["diffusion_channels"],
+                                                 tuple(vae_id["formula"]["conventions"])),
     }
+
+
+def cache_family(cache: Path, manifest: dict):
+    """The family table's entry (vae/families.py) of the VAE that made the cache: the one the manifest records
+    (a cache written before families were recorded: by its class, AutoencoderKL or AutoencoderTiny)."""
+    from ..vae.families import family, family_for_class
+
+    vae = manifest["vae"]
+    if vae.get("family"):
+        return family(vae["family"])
+    return family_for_class(vae.get("class", "AutoencoderKL"), f"{cache}/{MANIFEST_FILE} vae.class")
 
 
 def read_manifest(out: Path) -> dict:

@@ -1,13 +1,21 @@
-"""Reading a latent cache the way a diffusion training loop needs it: normalized latents, batched by shape.
+"""Reading a latent cache the way a diffusion training loop needs it: latents in its pipeline's units, batched by shape.
 
     from latentvae import LatentDataset, LatentLoader
 
-    ds = LatentDataset("latents/", family="sdxl")                  # the factors measured on this cache
+    ds = LatentDataset("latents/")                                 # the formula and factors of the cache's VAE
     loader = LatentLoader(ds, batch_size=64, seed=0)               # one latent shape per batch; ranks split
     for epoch in range(epochs):
         loader.set_epoch(epoch)                                    # new order, new posterior noise
         for batch in loader:                                       # read ahead by a thread of this process
-            x = batch["latents"]                                   # float32 (B, C, h, w), ~N(0, 1)
+            x = batch["latents"]                                   # float32 (B, C', h', w'), ~N(0, 1)
+
+A batch holds what the family of the cache's VAE feeds its diffusion model (normalize.py): the latent its
+consumers take (FLUX.2, Wan: the posterior mode; SD/SDXL/SD3, Qwen-Image, HunyuanImage: a posterior sample
+from --store moments rows), through its pipeline's formula with the VAE's own factors, i.e.
+`conventions.to_diffusion(latent, factors, convention)`: for FLUX.2 2x2-patchified to 4C channels at
+h/2 x w/2 and normalized by its BatchNorm statistics. `convention=None` gives the raw VAE latents (what
+the VAE decodes). The modules: reader (this dataset), normalize (consumer rule and formula), loader
+(BucketBatchSampler, LatentLoader, collate), memory (shared memory for DataLoader workers).
 
 `DataLoader(ds, batch_sampler=BucketBatchSampler(ds, 64), collate_fn=collate)` gives the same batches
 (then call `set_epoch` on the sampler and on the dataset).
@@ -17,8 +25,8 @@ memory). When the dataset opens, each memory-mapped arrow chunk of a latent colu
 flat array of its values (zero-copy) and every row's start in it computed from the list offsets
 (per row a chunk number and a start: 12 bytes a row, the only part of the reader that grows with the
 cache, with the (C, h, w) of each row: 12 more). A batch of rows of one shape is then gathered with
-one copy of each row's values into a (B, C, h, w) scratch array, then widened and normalized in
-place by torch (a copy and a multiply, plus an add for families with a shift), never through Python
+one copy of each row's values into a (B, C, h, w) scratch array, then widened (and patchified) and
+normalized in place by torch (a copy and a multiply, plus an add for formulas with a shift), never through Python
 lists or `datasets`' formatting; the other columns come from one-row slices of the arrow record
 batches, concatenated and turned into Python values column by column. In a DataLoader worker the
 finished batch is written into new shared memory through its file descriptor (`shared_copy`).
@@ -34,26 +42,24 @@ with `latentvae encode --flip` (rows with `flipped = true`). `flip=False` leaves
 """
 from __future__ import annotations
 
-import copy
 import os
 import threading
 import warnings
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from ..vae.conventions import check_convention, to_diffusion
 from ..errors import BadInputError
 from .manifest import read_manifest
+from .memory import shared_copy
+from .normalize import DEFAULT, FACTOR_SOURCES, Normalization, draw, noise_seed, resolve  # noqa: F401
 from .schema import DTYPES, LATENT_COLUMNS, STORES
 
-FACTOR_SOURCES = ("cache", "vae")
 OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_UNSET = object()
 
 
 def stored_latents(column: Union[pa.ChunkedArray, pa.Array], dtype: str, count: int) -> torch.Tensor:
@@ -81,41 +87,51 @@ def latents_from_arrow(column: Union[pa.ChunkedArray, pa.Array], dtype: str, cou
     return stored_latents(column, dtype, count).to(torch.float32, copy=True) if count else torch.empty(0)
 
 
-def noise_seed(seed: int, epoch: int, row: int) -> int:
-    """The seed of one row's posterior noise in one epoch: a pure function of (seed, epoch, row)."""
-    return int(np.random.SeedSequence([seed, epoch, row]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
 class LatentDataset(torch.utils.data.Dataset):
-    """The rows of a finished latent cache, as a diffusion trainer reads them.
+    """The rows of a finished latent cache, as the diffusion trainer of its VAE's family reads them.
 
-    Each item is a dict: `latents` (float32 (C, h, w)) and every other column as Python values
+    Each item is a dict: `latents` (float32 (C', h', w'): the stored latent_shape (C, h, w), or for a
+    patchifying formula (flux2) (4C, h/2, w/2); `output_shape`) and every other column as Python values
     (`source_index`, `source_id`, `flipped`, `pixel_size`, `original_size`, `crop_top_left`,
     `latent_shape`, and the input's passthrough columns: captions, labels, ...; `columns` picks a subset).
 
-    family    "sd", "sdxl" or "sd3": latents normalized by that family's formula (latentvae/conventions.py)
-              with the factors `factors` names; None: the raw latents the VAE decodes.
-    factors   "cache": the factors measured on this cache's own latents (manifest latent_statistics);
-              "vae": the VAE config's scaling_factor/shift_factor recorded in the manifest (refused when
-              the manifest says they were never measured).
-    seed      with `--store moments`, row i of epoch e is mean + exp(logvar / 2) * eps, eps seeded by
-              (seed, e, i): other noise each epoch (`set_epoch`), the same for the same seed.
-    flip      False: leave out the flipped copies that `latentvae encode --flip` stored. Latents are
-              never flipped at read time (a flipped image's latent is not the flipped latent).
-    cache_dir where `datasets` keeps its arrow files (default: its own cache).
-    dtype     of the returned latents: torch.float32 (default: the stored values exactly, normalized in
-              float32), torch.float16 or torch.bfloat16: the same float32 result rounded once to
-              nearest (relative error <= 2**-11 for float16, <= 2**-8 for bfloat16; float16 overflows
-              beyond +-65504 and loses precision below 6.1e-5, far from unit-scale latents). Half the
-              bytes per batch: what a DataLoader worker hands to the main process is the bottleneck of
-              reading (benchmarks/RESULTS.md). Stored fp16 latents with family=None in float16 are exact.
+    convention  the formula (vae/conventions.py) the latents go through, one of those the pipelines of the
+                cache's VAE family apply (kl: sd, sdxl, sd3; flux2; qwenimage for Qwen-Image and Wan; sd for
+                DC and HunyuanImage); default: the one the manifest records (the VAE's own). Another is
+                refused in one line. None: the raw latents the VAE decodes (never patchified).
+    factors     "auto" (default): the VAE's own factors (what its pipeline reads: the manifest's
+                vae.formula.entries), unless the manifest says nobody measured them (a training run, an
+                export without --calibrate, an LDM weight file): then those measured on this cache. "vae":
+                the VAE's, refused when never measured. "cache": measured on this cache's own latents (manifest latent_statistics).
+                `self.factors` says which were taken.
+    seed        with `--store moments` and a family whose consumers sample (kl, qwenimage, hunyuanimage), row
+                i of epoch e is mean + exp(logvar / 2) * eps, eps seeded by (seed, e, i): other noise each
+                epoch (`set_epoch`), the same for the same seed. A family whose consumers take the mode
+                (flux2, wan) gets the mean.
+    flip        False: leave out the flipped copies that `latentvae encode --flip` stored. Latents are
+                never flipped at read time (a flipped image's latent is not the flipped latent).
+    cache_dir   where `datasets` keeps its arrow files (default: its own cache).
+    dtype       of the returned latents: torch.float32 (default: the stored values exactly, normalized in
+                float32), torch.float16 or torch.bfloat16: the same float32 result rounded once to
+                nearest (relative error <= 2**-11 for float16, <= 2**-8 for bfloat16; float16 overflows
+                beyond +-65504 and loses precision below 6.1e-5, far from unit-scale latents). Half the
+                bytes per batch: what a DataLoader worker hands to the main process is the bottleneck of
+                reading (benchmarks/RESULTS.md). Stored fp16 latents with convention=None in float16 are exact.
+    family      the former name of `convention` (family now names the VAE class): still taken, with a
+                DeprecationWarning.
     """
 
-    def __init__(self, cache: Union[str, os.PathLike], family: Optional[str] = "sd", factors: str = "cache",
+    def __init__(self, cache: Union[str, os.PathLike], convention: Optional[str] = DEFAULT, factors: str = "auto",
                  seed: int = 0, flip: bool = True, columns: Optional[Sequence[str]] = None,
-                 cache_dir: Optional[str] = None, dtype: torch.dtype = torch.float32):
+                 cache_dir: Optional[str] = None, dtype: torch.dtype = torch.float32, *, family=_UNSET):
         import datasets
 
+        if family is not _UNSET:
+            if convention is not DEFAULT:
+                raise BadInputError("LatentDataset takes convention= (family= is its former name), not both")
+            warnings.warn("LatentDataset(family=...) is now convention=...: `family` names the VAE's class",
+                          DeprecationWarning, stacklevel=2)
+            convention = family
         if dtype not in OUTPUT_DTYPES:
             raise BadInputError(f"dtype {dtype} is not one of {', '.join(map(str, OUTPUT_DTYPES))}")
         self.out_dtype = dtype
@@ -123,21 +139,17 @@ class LatentDataset(torch.utils.data.Dataset):
         self.manifest = m = read_manifest(self.cache)  # refuses a missing, non-cache or unfinished folder
         self.dtype, self.store = m["dtype"], m["store"]
         self.channels = int(m["vae"]["latent_channels"])
-        self.family, self.seed, self.epoch = family, int(seed), 0
-        self.config = None if family is None else self._factors(family, factors)
-        if self.config is not None:  # every family's formula is affine per channel: x = z * scale + bias
-            zero, one = torch.zeros(1, self.channels, 1, 1), torch.ones(1, self.channels, 1, 1)
-            self._bias = to_diffusion(zero, self.config, family)
-            self._scale = to_diffusion(one, self.config, family) - self._bias
-            self._bias_nonzero = bool(self._bias.any())  # sd: scaling only (adding 0 changes nothing)
-            scale = self._scale.flatten()
-            self._uniform_scale = float(scale[0]) if bool((scale == scale[0]).all()) else None
+        self.seed, self.epoch = int(seed), 0
+        self.norm: Normalization = resolve(self.cache, m, convention, factors)
+        self.convention, self.factors, self.config = self.norm.convention, self.norm.factors, self.norm.entries
         files = [str(self.cache / s["file"]) for s in m["shards"]]
         missing = [f for f in files if not Path(f).is_file()]
         if missing:
             raise BadInputError(f"{self.cache}: {len(missing)} shard(s) in manifest.json are missing, e.g. {missing[0]}")
         self.data = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache_dir)
-        self.latent_columns = list(STORES[self.store])
+        # the columns read: both moments only where the family's consumers sample
+        moments_unread = self.store == "moments" and not self.norm.sample
+        self.latent_columns = ["latent_mean"] if moments_unread else list(STORES[self.store])
         others = [c for c in self.data.column_names if c not in LATENT_COLUMNS]
         if columns is not None:
             unknown = [c for c in columns if c not in others]
@@ -193,30 +205,6 @@ class LatentDataset(torch.utils.data.Dataset):
         self._batch_first = np.cumsum([0] + [b.num_rows for b in self._batches])[:-1]
         self._values = values
 
-    def _factors(self, family: str, factors: str) -> dict:
-        if family not in ("sd", "sdxl", "sd3"):
-            check_convention(family)  # the UserError naming the valid choices
-        try:
-            check_convention(family, self.channels)
-        except BadInputError as e:
-            raise BadInputError(f"{self.cache}: {e}") from None
-        if factors == "cache":
-            stats = self.manifest.get("latent_statistics")
-            if not stats or family not in (stats.get("factors") or {}):
-                raise BadInputError(f"{self.cache}: manifest.json has no latent_statistics.factors[{family!r}] (a cache "
-                                    "written before latentvae measured them); pass factors='vae' or re-encode")
-            return stats["factors"][family]
-        if factors == "vae":
-            vae = self.manifest["vae"]
-            provenance = str(vae.get("factors") or "")
-            if provenance.startswith("NOT measured") or vae.get("scaling_factor") is None:
-                raise BadInputError(f"{self.cache}: the VAE config's scaling factors were never measured ({provenance}); "
-                                    "use factors='cache' (measured on this cache's latents) or calibrate the VAE "
-                                    "with `latentvae export --calibrate`")
-            return {"scaling_factor": vae["scaling_factor"], "shift_factor": vae.get("shift_factor"),
-                    "latents_mean": vae.get("latents_mean"), "latents_std": vae.get("latents_std")}
-        raise BadInputError(f"unknown factors {factors!r}; valid choices: {', '.join(FACTOR_SOURCES)}")
-
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose posterior noise (`--store moments`) the next reads draw. With DataLoader
         workers, call it before iterating (workers copy the dataset when the iteration starts)."""
@@ -226,8 +214,12 @@ class LatentDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def latent_shapes(self) -> np.ndarray:
-        """(len, 3) int array of every row's [C, h, w], from the `latent_shape` column only."""
+        """(len, 3) int array of every row's stored [C, h, w], from the `latent_shape` column only."""
         return self._shapes[self.rows].astype(np.int64)
+
+    def output_shape(self, latent_shape) -> tuple[int, int, int]:
+        """The (C', h', w') of the `latents` of a row whose stored latent_shape is (C, h, w)."""
+        return self.norm.output_shape(latent_shape)
 
     def __getitem__(self, i: int) -> dict:
         return self.__getitems__([i])[0]
@@ -297,43 +289,40 @@ class LatentDataset(torch.utils.data.Dataset):
         return [table.column(c).to_pylist() for c in self.columns]
 
     def _latents(self, stored, rows: np.ndarray) -> torch.Tensor:
-        """A (B, C, h, w) batch of self.out_dtype from `stored(column)`, the stored values of a latent
-        column for `rows` (any layout, read only): normalized in float32, rounded once to out_dtype.
-        A new tensor each call; in a DataLoader worker a new shared-memory one (see `shared_copy`)."""
+        """A (B, C', h', w') batch of self.out_dtype from `stored(column)`, the stored values of a latent
+        column for `rows` (any layout, read only): the consumer's latent, normalized in float32
+        (normalize.py), rounded once to out_dtype. A new tensor each call; in a DataLoader worker a new
+        shared-memory one (see `shared_copy`)."""
         worker = torch.utils.data.get_worker_info() is not None
-        if self.store == "moments":
+        norm = self.norm
+        if norm.sample:  # --store moments of a family whose consumers sample: a posterior draw
             mean = stored("latent_mean").to(torch.float32, copy=True)
-            logvar = stored("latent_logvar").to(torch.float32, copy=True)
-            eps = torch.empty_like(mean)
-            for k, r in enumerate(rows.tolist()):
-                g = torch.Generator().manual_seed(noise_seed(self.seed, self.epoch, r))
-                eps[k] = torch.randn(mean.shape[1:], generator=g)
-            z = mean.addcmul_(logvar.mul_(0.5).exp_(), eps)
-            # = conventions.to_diffusion(z, self.config, self.family), in place
-            z = z if self.config is None else z.mul_(self._scale).add_(self._bias)
+            z = draw(mean, stored("latent_logvar").to(torch.float32, copy=True), rows, self.seed, self.epoch)
+            if norm.convention is not None:
+                z = norm.into(torch.empty((len(z), *norm.output_shape(z.shape[1:]))), z)
             z = z.to(self.out_dtype)
             return shared_copy(z) if worker else z
-        z = stored(self.latent_columns[0])
+        z = stored(self.latent_columns[0])  # the mean (a mode consumer's latent), the latent, or the stored sample
+        shape = (len(z), *norm.output_shape(z.shape[1:]))
         # in a worker the batch is made in scratch memory and written into its shared memory through
         # the file (shared_copy): writing a fresh mapping page by page costs a page fault a page
-        out = self._scratch("out", z.shape, self.out_dtype) if worker else torch.empty(z.shape, dtype=self.out_dtype)
-        if self.config is None:
+        out = self._scratch("out", shape, self.out_dtype) if worker else torch.empty(shape, dtype=self.out_dtype)
+        if norm.convention is None:
             out.copy_(z)
             return shared_copy(out) if worker else out
-        # = conventions.to_diffusion(z, self.config, self.family): z * scale + bias in float32, then
+        # = conventions.to_diffusion(z, entries, convention): z (patchified) * scale + bias in float32, then
         # rounded once to out's dtype (torch.addcmul, or mul with z of another dtype, are 2-3x slower
         # here than widening, then mul_, then add_ in place). The float32 values of a float16/bfloat16
         # batch go through a scratch buffer of this thread's that is never handed out (a fresh one
         # each batch costs its page faults).
-        if z.dtype == out.dtype != torch.float32 and self._uniform_scale is not None and not self._bias_nonzero:
+        if (z.dtype == out.dtype != torch.float32 and norm.patch == 1 and norm.uniform_scale is not None
+                and not norm.bias_nonzero):
             # (sd: one factor) a float16/bfloat16 tensor times a Python float is computed in float32 and
             # rounded once by torch's CPU kernels: the same values, in one pass
-            torch.mul(z, self._uniform_scale, out=out)
+            torch.mul(z, norm.uniform_scale, out=out)
             return shared_copy(out) if worker else out
-        x = out if self.out_dtype == torch.float32 else self._scratch("float32", z.shape, torch.float32)
-        x.copy_(z).mul_(self._scale)
-        if self._bias_nonzero:
-            x.add_(self._bias)
+        x = out if self.out_dtype == torch.float32 else self._scratch("float32", shape, torch.float32)
+        norm.into(x, z)
         if x is not out:
             out.copy_(x)
         return shared_copy(out) if worker else out
@@ -362,235 +351,3 @@ class LatentDataset(torch.utils.data.Dataset):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._index_arrow()
-
-
-def batch_tensor(shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A new tensor; in a DataLoader worker in shared memory (as default_collate allocates), so
-    the batch goes to the main process without being copied again. Always a fresh one: the batch a
-    training loop holds is never written again."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(int(np.prod(shape)), device="cpu")
-    return torch.empty(0, dtype=dtype).new(storage).view(shape)
-
-
-def shared_copy(x: torch.Tensor) -> torch.Tensor:
-    """A new shared-memory tensor holding the contiguous `x`, for a DataLoader worker to hand over.
-
-    With torch's default file_descriptor sharing the bytes go in with os.pwrite, not through this
-    process's mapping: a fresh mapping written page by page takes a page fault per 4 KiB page (~1,000
-    for a 4 MiB batch, most of what writing it costs), while the write fills the same pages in the
-    kernel. Linux: into a new memfd (anonymous shared memory, the kind torch maps when it receives a
-    tensor; the pages are allocated by the write: creating torch's own shared memory of 2 MiB cost as
-    much as filling it, measured), mapped as the tensor's storage. Else into batch_tensor's file; anything else: copied in.
-    Always new memory: the batch a training loop holds is never written again."""
-    file_descriptor = torch.multiprocessing.get_sharing_strategy() == "file_descriptor" and x.is_contiguous()
-    if file_descriptor and hasattr(os, "memfd_create") and hasattr(torch.UntypedStorage, "_new_shared_fd_cpu"):
-        data = memoryview(x.reshape(-1).view(torch.uint8).numpy())
-        try:
-            fd = os.memfd_create("latentvae-batch", os.MFD_CLOEXEC)
-        except OSError:
-            fd = None
-        if fd is not None:
-            try:
-                done = 0
-                while done < data.nbytes:
-                    done += os.pwrite(fd, data[done:], done)
-                storage = torch.UntypedStorage._new_shared_fd_cpu(fd, data.nbytes)  # maps a dup of fd
-                return torch.empty(0, dtype=x.dtype).set_(storage, 0, x.shape)
-            except (RuntimeError, OSError):
-                pass
-            finally:
-                os.close(fd)
-    out = batch_tensor(x.shape, x.dtype)
-    if file_descriptor:
-        try:
-            fd, size = out.untyped_storage()._share_fd_cpu_()
-            data = memoryview(x.reshape(-1).view(torch.uint8).numpy())
-            done = 0
-            while done < min(size, data.nbytes):
-                done += os.pwrite(fd, data[done:], done)
-            if done == data.nbytes:
-                return out
-        except (AttributeError, RuntimeError, OSError, TypeError):
-            pass
-    return out.copy_(x)
-
-
-def _stacked(latents: list[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The (B, C, h, w) tensor whose rows `latents` are, in order (how __getitems__ returns a batch), or None."""
-    first = latents[0]
-    if not first.is_contiguous():
-        return None
-    step, base = first.numel() * first.element_size(), first.data_ptr()
-    storage = first.untyped_storage()
-    if storage.nbytes() < step * len(latents) + first.storage_offset() * first.element_size():
-        return None
-    if any(x.untyped_storage().data_ptr() != storage.data_ptr() or x.data_ptr() != base + k * step
-           or x.shape != first.shape or x.dtype != first.dtype or not x.is_contiguous() for k, x in enumerate(latents)):
-        return None
-    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (len(latents), *first.shape))
-
-
-def collate(items: list[dict]) -> dict[str, Any]:
-    """A list of LatentDataset rows -> one batch: `latents` stacked (B, C, h, w), every other column a list.
-    Rows read together by `LatentDataset.__getitems__` (a DataLoader batch) are already one tensor: no copy."""
-    latents = [it["latents"] for it in items]
-    stacked = _stacked(latents)
-    batch = {"latents": stacked if stacked is not None else torch.stack(latents, out=batch_tensor(
-        (len(latents), *latents[0].shape), latents[0].dtype))}
-    for key in items[0]:
-        if key != "latents":
-            batch[key] = [it[key] for it in items]
-    return batch
-
-
-def _world(num_replicas: Optional[int], rank: Optional[int]) -> tuple[int, int]:
-    """(processes, this one's rank): explicit, else torch.distributed, else accelerate/torchrun's env."""
-    if num_replicas is None or rank is None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world, me = torch.distributed.get_world_size(), torch.distributed.get_rank()
-        else:
-            world, me = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-        num_replicas = world if num_replicas is None else num_replicas
-        rank = me if rank is None else rank
-    if num_replicas < 1 or not 0 <= rank < num_replicas:
-        raise BadInputError(f"rank {rank} is not within num_replicas {num_replicas}")
-    return int(num_replicas), int(rank)
-
-
-class BucketBatchSampler(torch.utils.data.Sampler):
-    """Batches of row indices of one latent shape each (grouped by the `latent_shape` column alone).
-
-    Each epoch (`set_epoch`) the rows of each shape are shuffled with (seed, epoch), cut into batches
-    (a shape's last batch may be short unless drop_last), and the batches shuffled. With several
-    processes (torch.distributed / accelerate, or explicit num_replicas and rank) process r takes
-    batches r, r + world, ...: disjoint rows, the same number of batches on every process; without
-    drop_last the batch list is padded with its first batches to a multiple of the world size (as
-    DistributedSampler pads), with drop_last the surplus batches are left out.
-    """
-
-    def __init__(self, dataset: LatentDataset, batch_size: int, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False, num_replicas: Optional[int] = None, rank: Optional[int] = None):
-        if batch_size < 1:
-            raise BadInputError(f"batch_size must be >= 1, got {batch_size}")
-        self.batch_size, self.shuffle, self.seed, self.drop_last = int(batch_size), shuffle, int(seed), drop_last
-        self.num_replicas, self.rank = _world(num_replicas, rank)
-        self.epoch = 0
-        shapes = dataset.latent_shapes() if hasattr(dataset, "latent_shapes") else np.asarray(dataset)
-        keys, inverse = np.unique(shapes, axis=0, return_inverse=True)
-        inverse = np.asarray(inverse).reshape(-1)
-        self.groups = [np.flatnonzero(inverse == k) for k in range(len(keys))]
-        self.shapes = [tuple(int(v) for v in k) for k in keys]
-        per_group = [len(g) // self.batch_size if drop_last else -(-len(g) // self.batch_size) for g in self.groups]
-        total = sum(per_group)
-        self.num_batches = total // self.num_replicas if drop_last else -(-total // self.num_replicas)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def batches(self) -> list[list[int]]:
-        """Every process's batches of this epoch, before the split among processes."""
-        rng = np.random.default_rng([self.seed, self.epoch])
-        out = []
-        for g in self.groups:
-            g = rng.permutation(g) if self.shuffle else g
-            stop = len(g) - len(g) % self.batch_size if self.drop_last else len(g)
-            out += [g[i:i + self.batch_size].tolist() for i in range(0, stop, self.batch_size)]
-        if self.shuffle:
-            out = [out[i] for i in rng.permutation(len(out))]
-        return out
-
-    def __iter__(self) -> Iterator[list[int]]:
-        out = self.batches()
-        need = self.num_batches * self.num_replicas
-        if len(out) < need:  # pad (drop_last=False): every process the same number of batches
-            out += (out * (need // max(len(out), 1) + 1))[:need - len(out)]
-        return iter(out[:need][self.rank::self.num_replicas])
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-
-class LatentLoader:
-    """Batches of a LatentDataset for a training loop, read ahead by threads of this process.
-
-        loader = LatentLoader(ds, batch_size=64, seed=0)     # one reader thread, 4 batches ahead
-        for epoch in range(epochs):
-            loader.set_epoch(epoch)                          # the sampler's order and the dataset's noise
-            for batch in loader:                             # what DataLoader(..., collate_fn=collate) gives
-                x0 = batch["latents"].to(device, non_blocking=True)
-
-    The batches are those of `sampler` (default: a BucketBatchSampler built from batch_size, shuffle,
-    seed, drop_last, num_replicas and rank: one latent shape per batch, disjoint shares of the ranks),
-    in its order, whatever `threads` is. Each is read by `dataset.read_batch` on one of `threads`
-    threads, at most `prefetch` batches ahead of the loop; an error reading one is raised by the loop
-    at that batch. Leaving the loop early stops the reading (the threads finish the batch in hand).
-
-    Why threads and not DataLoader workers: a worker must hand every batch to the training process in
-    new shared memory, and new memory costs page faults (on the 2-core development CPU, a worker
-    delivers 8-11k rows/s, of which ~30% is that handover; benchmarks/RESULTS.md). A thread hands
-    over a pointer. The gather, the normalization and the copies run in numpy/torch/arrow code that
-    releases the GIL; the per-batch Python (row indexing, the other columns) holds it for ~1 ms a
-    batch of 64, so the reading overlaps a training step that spends its time in torch ops.
-
-    pin_memory  put each batch's latents in page-locked memory (for `.to("cuda", non_blocking=True)`);
-                ignored with a warning where CUDA is not available, as DataLoader does.
-    """
-
-    def __init__(self, dataset: LatentDataset, batch_size: Optional[int] = None, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = False, num_replicas: Optional[int] = None,
-                 rank: Optional[int] = None, sampler: Optional[torch.utils.data.Sampler] = None,
-                 threads: int = 1, prefetch: int = 4, pin_memory: bool = False):
-        if not isinstance(dataset, LatentDataset):
-            raise BadInputError(f"LatentLoader reads a LatentDataset, got {type(dataset).__name__}")
-        if sampler is None:
-            if batch_size is None:
-                raise BadInputError("LatentLoader needs batch_size (or a batch sampler as sampler=)")
-            sampler = BucketBatchSampler(dataset, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
-                                         num_replicas=num_replicas, rank=rank)
-        elif batch_size is not None:
-            raise BadInputError("LatentLoader takes batch_size or sampler, not both")
-        if int(threads) < 1:
-            raise BadInputError(f"threads must be >= 1, got {threads}")
-        if int(prefetch) < 1:
-            raise BadInputError(f"prefetch must be >= 1, got {prefetch}")
-        self.dataset, self.sampler = dataset, sampler
-        self.threads, self.prefetch = int(threads), int(prefetch)
-        self.pin_memory = bool(pin_memory)
-        if self.pin_memory and not torch.cuda.is_available():
-            warnings.warn("LatentLoader: pin_memory=True but CUDA is not available: not pinning", stacklevel=2)
-            self.pin_memory = False
-
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch the next iteration reads: the sampler's order and the posterior noise (--store moments)."""
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
-        self.dataset.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def _read(self, dataset: LatentDataset, indices: list[int]) -> dict[str, Any]:
-        batch = dataset.read_batch(indices)
-        if self.pin_memory:
-            batch["latents"] = batch["latents"].pin_memory()
-        return batch
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        # the epoch as it is now, as a DataLoader worker's copy of the dataset would keep it
-        dataset = copy.copy(self.dataset)
-        batches = iter(list(self.sampler))
-        pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="latentvae-reader")
-        pending: deque = deque()
-        try:
-            for indices in batches:
-                pending.append(pool.submit(self._read, dataset, list(indices)))
-                if len(pending) > self.prefetch:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for f in pending:
-                f.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)

@@ -45,14 +45,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..fsutil import atomic_write_bytes, atomic_write_json, fsync_dir
 from ..images import BadImage
 from .schema import ROW_COLUMNS, from_storage
-from .writer import (COPY_RANK, ShardWriter, failure_log_paths, list_shards, read_jsonl, row_moments,
-                     shard_attempt_rank)
+from .writer import COPY_RANK, ShardWriter, failure_log_paths, list_shards, read_jsonl, shard_attempt_rank
 
 JOURNAL_FILE = "update.json"
 MANIFEST_FILE = "manifest.json"
@@ -297,8 +297,6 @@ def carry_rows(out: Path, plan: Plan, inputs: Inputs, writer: ShardWriter, dtype
     """The carried rows of each superseded shard into `writer`, with the source's identity and passthrough
     values as they are now (its bytes are the recorded ones: plan checked), the latents as stored (no
     re-encoding, and the manifest's moments summed from the stored values). Returns the rows carried."""
-    import torch
-
     total = 0
     for name in plan.superseded:
         moves = plan.carry.get(name) or []
@@ -317,8 +315,11 @@ def carry_rows(out: Path, plan: Plan, inputs: Inputs, writer: ShardWriter, dtype
             extra = inputs.passthrough.select(idx).with_format("arrow")[:]
             for c in passthrough_names:
                 new = new.append_column(c, extra.column(c))
-        latents = {c: torch.stack([from_storage(v, dtype) for v in part.column(c).to_pylist()]) for c in store_columns}
-        writer.add(new, row_moments(latents))
+        # row by row: the rows of one shard may be of several latent shapes (buckets)
+        stored = {c: part.column(c).to_pylist() for c in store_columns}
+        moments = [writer.moments({c: from_storage(stored[c][k], dtype)[None] for c in store_columns})
+                   for k in range(len(moves))]
+        writer.add(new, np.concatenate(moments))
         total += len(moves)
     writer.close()
     return total

@@ -3,7 +3,8 @@
     report = verify_cache("latents/", limit=8, seed=0)   # {"samples": [...], "mean_psnr": ..., ...}
     latentvae decode latents/ --limit 16 --out pairs/ --min-psnr 30
 
-The VAE is the manifest's (or `--vae`, another copy of it: its weights hash must match), the images
+The VAE is the manifest's (or `--vae`, another copy of it: its weights hash must match), of any family
+(decoded by the family's own decode: vae/loaded.LoadedVae.decode; one line for a family that cannot), the images
 the manifest's source (or `--data`, where they are now). The manifest's locations make a cache decode
 from any working folder: each absolute path where it still exists, else the path relative to the
 cache folder (the cache moved together with its VAE and images), a hub VAE at its recorded commit. Each
@@ -26,7 +27,7 @@ from ..errors import BadInputError, MissingInputError
 from ..images import BadImage
 from ..options import DecodeOptions
 from ..preprocess import Preprocess, load_preprocessed
-from .manifest import read_manifest, weights_sha256
+from .manifest import cache_family, read_manifest
 from .schema import from_storage
 
 
@@ -80,22 +81,34 @@ def cache_data(cache: Path, manifest: dict) -> str:
     return found
 
 
-def load_cache_vae(cache: Path, manifest: dict, vae_path: Optional[str]):
-    """`vae_path`, or the VAE the manifest names, in eval mode on the CPU; it must be the cache's VAE."""
-    from ..vae.loading import NotAnAutoencoder, load_autoencoder, with_flag
+def open_cache_vae(cache: Path, manifest: dict, vae_path: Optional[str]):
+    """`vae_path`, or the VAE the manifest names, as the loaded record (vae/loaded.LoadedVae), eval mode on
+    the CPU; a family that cannot decode says so in one line, before anything is loaded."""
+    from ..vae.loading import NotAnAutoencoder, load_vae, with_flag
 
+    cache_family(cache, manifest).require("decode", str(cache))
     try:
-        vae = load_autoencoder(vae_path or cache_vae_spec(cache, manifest))
+        lv = load_vae(vae_path or cache_vae_spec(cache, manifest))
     except NotAnAutoencoder as e:
         if vae_path:
             raise with_flag("--vae", vae_path, e) from e
         raise NotAnAutoencoder(f"{e} (the VAE path in {cache}/manifest.json; pass --vae to use another copy "
                                "of that VAE)") from e
-    return vae.eval().requires_grad_(False)
+    lv.module.requires_grad_(False)
+    return lv.require("decode", f"--vae {vae_path}" if vae_path else str(cache))
+
+
+def load_cache_vae(cache: Path, manifest: dict, vae_path: Optional[str]):
+    """open_cache_vae's module alone, for callers that need nothing else."""
+    return open_cache_vae(cache, manifest, vae_path).module
 
 
 def check_same_vae(vae, cache: Path, manifest: dict, vae_path: Optional[str]) -> None:
-    if weights_sha256(vae) != manifest["vae"]["weights_sha256"]:
+    """`vae` (a loaded record, or a module) must be the one that made the cache: the same weights hash."""
+    from ..vae.loaded import LoadedVae, weights_sha256
+
+    sha = vae.weights_sha256() if isinstance(vae, LoadedVae) else weights_sha256(vae)
+    if sha != manifest["vae"]["weights_sha256"]:
         which = f"--vae {vae_path}" if vae_path else f"the VAE at {manifest['vae']['path']} (from the manifest)"
         raise BadInputError(f"{which} is not the VAE that made {cache}: its weights sha256 differs from the "
                             f"manifest's {manifest['vae']['weights_sha256'][:12]}…; pass the VAE it was encoded with")
@@ -147,14 +160,14 @@ def read_sampled_rows(cache: Path, src, source_data: str, column: str, limit: in
     return records
 
 
-def decode_to_uint8(vae, z: torch.Tensor) -> torch.Tensor:
-    """One float32 latent (C, h, w) -> the decoded image, uint8 (3, H, W) on the CPU."""
+def decode_to_uint8(lv, z: torch.Tensor) -> torch.Tensor:
+    """One float32 VAE latent (C, h, w) -> the decoded image (LoadedVae.decode: the family's own decode, 5-D
+    classes given T=1), uint8 (3, H, W) on the CPU."""
     from ..images import to_uint8
-    from ..vae.model import decode
 
-    param = next(vae.parameters())
+    param = next(lv.module.parameters())
     with torch.inference_mode():
-        return to_uint8(decode(vae, z[None].to(param.device, param.dtype))[0].float().cpu())
+        return to_uint8(lv.decode(z[None].to(param.device, param.dtype))[0].float().cpu())
 
 
 def save_pair(folder: Path, k: int, source_id: str, x: torch.Tensor, x_hat: torch.Tensor) -> None:
@@ -171,7 +184,8 @@ def verify_cache(cache: str | Path, limit: int = 8, seed: int = 0, *, vae=None, 
                  tile_size: int = 0) -> dict:
     """Decode `limit` random stored latents; PSNR against the source images preprocessed the same way.
 
-    `vae`: the loaded VAE (else `vae_path`, else the manifest's: cache_vae_spec); `data_path`: where the
+    `vae`: the loaded record, vae/loaded.LoadedVae (else `vae_path`, else the manifest's: cache_vae_spec);
+    any family's cache decodes through its family's decode (a family that cannot: one line); `data_path`: where the
     source is now (else the manifest's: cache_data); `pairs_dir`: also write each
     source | decoded pair there as a PNG; `tiling`, `tile_size`: decode in diffusers' tiles (model.configure_tiling).
     Returns {"samples": [...], "column", "mean_psnr", "min_psnr", "tiles"}."""
@@ -184,9 +198,10 @@ def verify_cache(cache: str | Path, limit: int = 8, seed: int = 0, *, vae=None, 
     if pairs_dir is not None and Path(pairs_dir).exists() and not Path(pairs_dir).is_dir():
         raise BadInputError(f"--out {pairs_dir} exists and is not a folder")
     if vae is None:
-        vae = load_cache_vae(cache, manifest, vae_path)
+        vae = open_cache_vae(cache, manifest, vae_path)
+    vae.require("decode", str(cache))
     check_same_vae(vae, cache, manifest, vae_path)
-    tiles = configure_tiling("the cache's VAE", vae, tiling, tile_size, encode=False)
+    tiles = configure_tiling("the cache's VAE", vae.module, tiling, tile_size, encode=False)
     s = manifest["source"]
     data = data_path or cache_data(cache, manifest)
     src = open_source(data, s["kind"], s["split"], s["image_column"], 10**12)

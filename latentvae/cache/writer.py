@@ -137,31 +137,45 @@ class FailureLog:
 
 
 # ----------------------------------------------------------------------------- shards
-def row_moments(latents: dict):
+def row_moments(latents: dict, sample: bool = True, patch: int = 1):
     """Per row and channel, the sums [sum z, sum z^2] over positions of the latents a diffusion trainer
-    draws from these columns: the sample, the mean, or (with the log-variance) posterior samples,
-    exactly as moments.batch_moments counts them. (B, 2, C) float64."""
+    draws from these columns, exactly as moments.batch_moments counts them. (B, 2, C * patch**2) float64.
+
+    The draw (LatentDataset): the stored sample; the mean; or, with the log-variance and `sample` (a family
+    whose consumers sample, families.py), posterior samples. `patch` > 1: of the patchified latent
+    (flux2: its pipeline's statistics are per channel of the 2x2-patchified latent)."""
     import torch
 
+    from ..vae.conventions import patchify
     from ..vae.moments import batch_moments
 
     z = latents.get("latent_sample", latents.get("latent_mean"))
-    logvar = None if "latent_sample" in latents else latents.get("latent_logvar")
+    logvar = latents.get("latent_logvar") if sample and "latent_sample" not in latents else None
+    if patch > 1:
+        z, logvar = patchify(z, patch), None if logvar is None else patchify(logvar, patch)
     rows = [batch_moments(z[i:i + 1], None if logvar is None else logvar[i:i + 1]) for i in range(len(z))]
     return torch.stack([torch.stack([m.sum, m.sumsq]) for m in rows]).numpy()
 
 
 class ShardWriter:
-    """Collects encoded batches; writes exactly `shard_size` rows per shard (the last may be short)."""
+    """Collects encoded batches; writes exactly `shard_size` rows per shard (the last may be short).
 
-    def __init__(self, folder: Path, attempt: int, rank: int, shard_size: int, schema: pa.Schema):
+    `sample`, `patch`: what a trainer draws from the rows (row_moments), for the moments each shard records."""
+
+    def __init__(self, folder: Path, attempt: int, rank: int, shard_size: int, schema: pa.Schema,
+                 sample: bool = True, patch: int = 1):
         self.folder, self.attempt, self.rank, self.shard_size, self.schema = folder, attempt, rank, shard_size, schema
+        self.sample, self.patch = sample, patch
         self.pending: list[pa.Table] = []
         self.pending_moments: list[np.ndarray] = []  # (rows, 2, C) per-row channel sums, beside the rows
         self.n_pending, self.seq, self.written = 0, 0, []
 
+    def moments(self, latents: dict) -> np.ndarray:
+        """row_moments of `latents` ({column: (B, C, h, w)}) as this cache's trainers draw them."""
+        return row_moments(latents, self.sample, self.patch)
+
     def add(self, table: pa.Table, row_moments: np.ndarray) -> None:
-        """Rows, and per row the channel sums [sum z, sum z^2] of its latent (encode.row_moments)."""
+        """Rows, and per row the channel sums [sum z, sum z^2] of its latent (`moments`)."""
         self.pending.append(table.cast(self.schema))
         self.pending_moments.append(np.asarray(row_moments, dtype=np.float64))
         self.n_pending += table.num_rows
@@ -178,7 +192,8 @@ class ShardWriter:
         moments = np.concatenate(self.pending_moments)
         head, rest = table.slice(0, n), table.slice(n)
         shapes = head.column("latent_shape").to_pylist()
-        record = {"count": int(sum(h * w for _, h, w in shapes)), "sum": moments[:n, 0].sum(0).tolist(),
+        count = int(sum(h * w for _, h, w in shapes)) // self.patch ** 2  # positions per (patchified) channel
+        record = {"count": count, "sum": moments[:n, 0].sum(0).tolist(),
                   "sumsq": moments[:n, 1].sum(0).tolist()}
         head = head.replace_schema_metadata({**(head.schema.metadata or {}), MOMENTS_KEY: json.dumps(record)})
         path = self.folder / shard_name(self.attempt, self.rank, self.seq)

@@ -1,10 +1,12 @@
-"""Training a KL-regularized VAE (or a plain autoencoder): the step, the loop, checkpoints, losses.
+"""Training a KL-regularized VAE (or a plain autoencoder) of any family: the step, the loop, checkpoints, losses.
 
     from latentvae.train import Trainer
     Trainer(load_config("configs/quickstart.yaml"), "runs/x").run()
 
-step.py (one step, top to bottom), loop.py (Trainer: build, loop), checkpoint.py (save/resume a
-run's full state), report.py (logs, preview grids), ema.py, losses.py, discriminator.py.
+build.py (the VAE a run starts from, any family, checked against the config; the parts around it),
+step.py (one step, top to bottom), loop.py (Trainer: set up, loop), checkpoint.py (save/resume a
+run's full state), report.py (logs, preview grids), validation.py, data.py, ema.py, losses.py,
+discriminator.py, equivariance.py.
 """
 from .loop import NonFiniteError, Trainer, run
 

@@ -27,6 +27,7 @@ from typing import Callable, Optional
 
 from .. import runs
 from ..fsutil import fsync_dir
+from ..vae.families import family_of
 from .step import Parts, TrainState
 
 
@@ -54,7 +55,7 @@ def write_checkpoint(p: Parts, st: TrainState, tmp: Path) -> None:
         runs.save_tensors(tmp / "model.safetensors", p.vae.state_dict(),
                           metadata={"format": runs.STATE_FORMAT, "step": str(st.step)})
         if p.ema is not None:
-            runs.save_tensors(tmp / "ema.safetensors", p.ema.state_dict())
+            runs.save_tensors(tmp / "ema.safetensors", ema_state_dict(p))
         if p.disc is not None:
             runs.save_tensors(tmp / "disc.safetensors", p.disc_module().state_dict())
         for name, opt in (("g", p.opt_g), ("d", p.opt_d)):
@@ -70,12 +71,19 @@ def write_checkpoint(p: Parts, st: TrainState, tmp: Path) -> None:
             "scaler": p.scaler.state_dict() if p.scaler.is_enabled() else None,
             "ema_optimization_step": p.ema.updates if p.ema is not None else None,
             "config": p.cfg.to_dict(),
-            # the architecture actually trained (with model.init_from it comes from that folder)
-            "vae_config": {k: v for k, v in p.vae.config.items() if not k.startswith("_")},
+            # the architecture actually trained, its class included (with model.init_from, the loaded VAE's)
+            "vae_config": {"_class_name": family_of(p.vae).class_name,
+                           **{k: v for k, v in p.vae.config.items() if not k.startswith("_")}},
             "files": runs.checksums(tmp),  # every process's files are in by now (barrier above)
         }
         runs.write_json(tmp / "state.json", state)  # last: marks the folder complete
     acc.wait_for_everyone()
+
+
+def ema_state_dict(p: Parts) -> dict:
+    """ema.safetensors: the EMA of the parameters, with the module's buffers as they are (FLUX.2's BatchNorm
+    statistics), so that it loads as a whole state dict, as model.safetensors does."""
+    return {**p.vae.state_dict(), **p.ema.state_dict()}
 
 
 # ----------------------------------------------------------------------------- checkpoints/best

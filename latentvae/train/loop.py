@@ -5,14 +5,14 @@
 
     trainer = Trainer(cfg, "runs/x", resume="latest"); trainer.run()
 
-The step itself is step.train_step; checkpoints are checkpoint.py; logs and preview grids report.py;
+The VAE it starts from (any family, checked against the config) and the parts around it are build.py;
+the step itself is step.train_step; checkpoints are checkpoint.py; logs and preview grids report.py;
 validation (RUN/eval.jsonl, checkpoints/best) validation.py.
 Too many consecutive non-finite updates stop the run (NonFiniteError) after a last checkpoint of
 the (finite) weights.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 from pathlib import Path
@@ -25,18 +25,13 @@ from ..config import Config
 from ..errors import UserError
 from ..fsutil import atomic_write_bytes, atomic_write_json
 from ..interrupts import Interrupted, StopRequest
-from ..vae.loading import load_autoencoder
-from ..vae.model import build_vae, configure_for_training, describe
-from ..perceptual import load_lpips
-from ..precision import resolve_channels_last, resolve_mixed_precision
 from .validation import Validator, append_record, best_metric, best_record, better, load_val_images, prune_log
 from .checkpoint import (best_from, drop_best, load_checkpoint, read_best, recover_best, resume_point, save_best,
                          save_checkpoint)
+from .build import build_parts, initial_vae, starting_vae  # noqa: F401 (initial_vae: the tests' way in)
 from .data import CropStream, build_sources, make_loader, mix_seed
-from .discriminator import PatchDiscriminator
-from .ema import EMA
 from .report import LogWindow, eval_copy, flat_config, save_preview, tracker_list
-from .step import Autoencoder, Parts, TrainState, train_step
+from .step import TrainState, train_step
 
 SHARED_MARKER = ".latentvae-shared-check"
 SHARDED = {"FSDP", "DEEPSPEED", "MEGATRON_LM"}
@@ -96,77 +91,6 @@ def env_cpu() -> bool:
     return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
 
 
-def initial_vae(m):
-    """The VAE training starts from: `model.init_from` (any VAE loading.py reads), else a random one."""
-    from diffusers import AutoencoderKL
-
-    if not m.init_from:
-        return build_vae(m)
-    vae = load_autoencoder(m.init_from)
-    if not isinstance(vae, AutoencoderKL):
-        raise UserError(f"model.init_from={m.init_from}: training needs an AutoencoderKL, got {type(vae).__name__}")
-    return vae.float().train()
-
-
-# ----------------------------------------------------------------------------- optimizers
-def lr_lambda(cfg: Config):
-    t = cfg.train
-
-    def f(step: int) -> float:
-        if t.lr_warmup_steps and step < t.lr_warmup_steps:
-            return (step + 1) / t.lr_warmup_steps
-        if t.lr_schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - t.lr_warmup_steps) / max(1, t.steps - t.lr_warmup_steps))
-        if t.lr_schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0 - progress
-
-    return f
-
-
-def make_optimizer(params, lr: float, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW with torch's fused kernel, on CUDA and CPUs alike: one kernel over all parameters instead of
-    a chain of foreach ops (the `sd` preset's 84M parameters: 58 against 175 ms an update on the 2-core
-    AVX2 CPU, benchmarks/optimizer_step.py); the same update within float rounding."""
-    params = [p for p in params if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay,
-                             fused=True)
-
-
-def build_parts(cfg: Config, acc) -> Parts:
-    """The networks, optimizers, schedule, scaler and EMA of a run, prepared by accelerate."""
-    t = cfg.train
-    precision = resolve_mixed_precision(t.mixed_precision, acc.device.type)
-    channels_last = resolve_channels_last(t.channels_last, acc.device.type)
-    vae = configure_for_training(initial_vae(cfg.model), cfg.model)
-    ae = Autoencoder(vae, stochastic=cfg.model.mode == "vae", frozen_encoder=cfg.model.train_decoder_only)
-    lpips = load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_dir).to(acc.device) if cfg.loss.lpips_weight > 0 else None
-    opt_g = make_optimizer(ae.parameters(), t.lr, cfg)
-    disc = opt_d = None
-    if cfg.loss.gan:
-        disc = PatchDiscriminator(cfg.loss.disc_layers, cfg.loss.disc_channels)
-        opt_d = make_optimizer(disc.parameters(), cfg.loss.disc_lr or t.lr, cfg)
-    if channels_last:
-        for m in (ae, disc):
-            if m is not None:
-                m.to(memory_format=torch.channels_last)
-    # the schedule is stepped by us once per update (accelerate's wrapper steps it per process)
-    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda(cfg))
-    if disc is not None:
-        ae, disc, opt_g, opt_d = acc.prepare(ae, disc, opt_g, opt_d)
-    else:
-        ae, opt_g = acc.prepare(ae, opt_g)
-    if t.compile:
-        ae = torch.compile(ae)
-    if lpips is not None and t.compile_lpips:
-        lpips = torch.compile(lpips)  # Parts.lpips_eval is the plain network
-    scaler = torch.amp.GradScaler(acc.device.type, init_scale=t.fp16_init_scale, enabled=precision == "fp16")
-    ema = EMA(acc.unwrap_model(ae).vae, t.ema_decay) if t.ema_decay > 0 else None
-    return Parts(cfg=cfg, acc=acc, ae=ae, opt_g=opt_g, sched_g=sched_g, scaler=scaler, precision=precision,
-                 channels_last=channels_last, lpips=lpips, disc=disc, opt_d=opt_d, ema=ema)
-
-
 # ----------------------------------------------------------------------------- the run
 class Trainer:
     """Builds the parts (data, models, optimizers, precision) and `run()`s to `cfg.train.steps`."""
@@ -189,6 +113,8 @@ class Trainer:
         if acc.device.type == "cpu":
             torch.set_num_threads(t.cpu_threads or cpu_threads_per_process(acc.num_processes))
         set_seed(t.seed)  # identical initial weights on every process
+        # the VAE first: what its family cannot do is refused before any data is read
+        self.start = starting_vae(cfg)
         self.state = TrainState()
         train_src, val_src = build_sources(cfg.data)
         self.stream = CropStream(train_src, cfg.data, t.seed)
@@ -199,7 +125,7 @@ class Trainer:
                            if acc.is_main_process else (torch.empty(0, 3, 0, 0, dtype=torch.uint8), []))
         self.val = images[:t.preview_count].float() / 127.5 - 1  # the preview grids' images
         self.state.bad_images.extend(bad_val)
-        self.parts = build_parts(cfg, acc)
+        self.parts = build_parts(cfg, acc, self.start)
         self.validator = None
         if acc.is_main_process and self.eval_every and len(images):
             self.validator = Validator(cfg, images[:t.eval_count], acc.device, acc.print, self.parts.lpips_eval)
@@ -240,7 +166,7 @@ class Trainer:
             return st
         if acc.is_main_process:
             acc.init_trackers("tb", config=flat_config(self.cfg))
-            acc.print(describe(self.vae), f"| {len(self.stream.src)} training images | {acc.num_processes} process(es)"
+            acc.print(self.start.describe(), f"| {len(self.stream.src)} training images | {acc.num_processes} process(es)"
                       f" | precision {p.precision} | output: {self.out}")
         loader = make_loader(self.stream, t.batch_size, st.micro_step, acc.process_index, acc.num_processes,
                              self.cfg.data.num_workers)

@@ -11,7 +11,7 @@ detached reconstructions. Both return `(loss, logs)` with `logs` a flat dict of 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -84,9 +84,10 @@ def _lpips_inputs(x: torch.Tensor, y: torch.Tensor, crop: int):
 
 
 def generator_loss(cfg: LossConfig, x: torch.Tensor, x_hat: torch.Tensor, mean: torch.Tensor,
-                   logvar: torch.Tensor, step: int, *, lpips=None, disc=None, last_layer=None,
+                   logvar: Optional[torch.Tensor], step: int, *, lpips=None, disc=None, last_layer=None,
                    train_kl: bool = True):
-    """The autoencoder's loss. x, x_hat in [-1, 1]; (mean, logvar) the posterior's moments.
+    """The autoencoder's loss. x, x_hat in [-1, 1]; (mean, logvar) the posterior's moments, 4-D (logvar
+    None for a family without a posterior: no KL term).
 
     KL is summed over latent elements and divided by the pixel values per image (see LossConfig),
     so `kl_weight` keeps latent diffusion's meaning. `train_kl=False` (autoencoder mode) reports
@@ -105,14 +106,13 @@ def generator_loss(cfg: LossConfig, x: torch.Tensor, x_hat: torch.Tensor, mean: 
         p = lpips_distance(lpips, a, b).mean()
         nll = nll + cfg.lpips_weight * p
         logs["lpips"] = p.detach()
-    kl_elem = kl_per_element(mean, logvar)
-    pixels_per_image = x[0].numel()
-    kl = kl_elem.flatten(1).sum(1).mean() / pixels_per_image
-    logs["kl_per_elem"] = kl_elem.mean().detach()
     loss = nll
-    if train_kl:
-        kw = kl_weight_at(cfg, step)
-        loss = loss + kw * kl
+    if logvar is not None:  # None: a family without a posterior (DC, TAESD), so no KL to report or train
+        kl_elem = kl_per_element(mean, logvar)
+        kl = kl_elem.flatten(1).sum(1).mean() / x[0].numel()  # per image, over its pixel values
+        logs["kl_per_elem"] = kl_elem.mean().detach()
+        if train_kl:
+            loss = loss + kl_weight_at(cfg, step) * kl
     if disc is not None:
         g = G_LOSSES[cfg.gan_loss](disc(x_hat.float()))
         if cfg.adaptive_weight:

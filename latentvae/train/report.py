@@ -18,6 +18,7 @@ from ..config import Config, tracker_names
 from ..errors import UserError
 from ..fsutil import atomic_save_image
 from ..images import make_grid
+from ..vae.families import family_of
 from .step import Parts, TrainState
 
 PROGRESS_KEYS = ("loss", "rec", "lpips", "kl_per_elem", "g_loss", "d_loss")
@@ -68,8 +69,9 @@ def save_preview(p: Parts, val: torch.Tensor, run: Path, step: int) -> Optional[
         return None
     vae = eval_copy(p)
     x = val.to(p.acc.device)
+    fam = family_of(vae)
     with p.autocast():
-        x_hat = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+        x_hat = fam.decode(vae, fam.moments(vae, x)[0]).float().clamp(-1, 1)
     err = ((x_hat - x).abs().mean(1, keepdim=True).expand_as(x) * 2).clamp(0, 1) * 2 - 1
     grid = make_grid([x, x_hat, err])
     path = run / "samples" / f"recon-{step:08d}.png"

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..vae.model import downsample_factor, last_decoder_layer
+from ..vae.families import family_of
 from ..precision import AUTOCAST_DTYPES, autocast
 from .equivariance import draw as draw_transform
 from .ema import EMA
@@ -25,24 +25,31 @@ from .losses import discriminator_loss, equivariance_loss, generator_loss
 
 
 class Autoencoder(nn.Module):
-    """Wraps AutoencoderKL so one DDP-visible forward returns (x_hat, mean, logvar, x_t_hat).
+    """Wraps a VAE of any family so one DDP-visible forward returns (x_hat, mean, logvar, x_t_hat), all 4-D.
 
-    "vae" mode samples z = mean + std * eps (in fp32); "ae" mode uses z = mean. With `transform`
-    (train/equivariance.py) the same forward also decodes the transformed latent (x_t_hat; else None),
-    so DDP sees every use of the decoder in one forward.
+    The family (vae/families.py) runs the module: the 5-D classes (Qwen-Image, Wan) get T=1 added and
+    dropped there, so the losses only ever see (B, C, H, W). `stochastic` ("vae" mode, a family with a
+    posterior) samples z = mean + std * eps in fp32; otherwise z = mean, and a family without a posterior
+    (DC, TAESD) returns logvar None (no KL term). With `frozen_encoder` the encoder runs without autograd.
+    With `transform` (train/equivariance.py) the same forward also decodes the transformed latent
+    (x_t_hat; else None), so DDP sees every use of the decoder in one forward.
     """
 
     def __init__(self, vae, stochastic: bool, frozen_encoder: bool = False):
         super().__init__()
-        self.vae, self.stochastic, self.frozen_encoder = vae, stochastic, frozen_encoder
+        self.vae, self.frozen_encoder = vae, frozen_encoder
+        self.family = family_of(vae)
+        self.stochastic = stochastic and self.family.stochastic
 
     def forward(self, x: torch.Tensor, transform=None):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_encoder):
-            dist = self.vae.encode(x).latent_dist  # logvar clamped to [-30, 20] by diffusers
-        mean, logvar = dist.mean.float(), dist.logvar.float()
+            mean, logvar = self.family.moments(self.vae, x)  # logvar clamped to [-30, 20] by diffusers
+        dtype = mean.dtype
+        mean = mean.float()
+        logvar = None if logvar is None else logvar.float()
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if self.stochastic else mean
-        x_hat = self.vae.decode(z.to(dist.mean.dtype)).sample
-        x_t_hat = None if transform is None else self.vae.decode(transform.latent(z).to(dist.mean.dtype)).sample
+        x_hat = self.family.decode(self.vae, z.to(dtype))
+        x_t_hat = None if transform is None else self.family.decode(self.vae, transform.latent(z).to(dtype))
         return x_hat, mean, logvar, x_t_hat
 
 
@@ -103,13 +110,13 @@ def generator_step(p: Parts, x: torch.Tensor, step: int, gan: bool, micro_step: 
         disc.requires_grad_(False)
     lo, transform = p.cfg.loss, None
     if lo.equivariance_weight > 0:
-        f = downsample_factor(p.vae)
+        f = family_of(p.vae).factor(p.vae)
         hw = (x.shape[-2] // f, x.shape[-1] // f)
         transform = draw_transform(lo.equivariance_transforms, p.cfg.train.seed, micro_step, hw)
     with p.autocast():
         x_hat, mean, logvar, x_t_hat = p.ae(x, transform)
         loss, logs = generator_loss(lo, x, x_hat, mean, logvar, step, lpips=p.lpips, disc=disc,
-                                    last_layer=last_decoder_layer(p.vae) if disc else None,
+                                    last_layer=family_of(p.vae).last_decoder_layer(p.vae) if disc else None,
                                     train_kl=p.cfg.model.mode == "vae")
         if transform is not None:
             eq = equivariance_loss(lo, transform.image(x, hw, f), x_t_hat, p.lpips)

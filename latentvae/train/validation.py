@@ -29,7 +29,9 @@ from ..config import Config
 from ..fsutil import atomic_write_bytes
 from ..images import to_uint8
 from ..perceptual import LPIPSWeightsError, load_lpips, lpips_distance
+from ..precision import autocast
 from ..sources import ImageSource
+from ..vae.families import family_of
 from .data import load_val_batch
 
 EVAL_LOG = "eval.jsonl"
@@ -65,10 +67,12 @@ def finite_or_none(value: float) -> Optional[float]:
 
 @torch.inference_mode()
 def reconstruct(vae, x_u8: torch.Tensor, device) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> reconstruction from the posterior mean, fp32 in [-1, 1], on `device`."""
+    """uint8 (B, 3, H, W) -> reconstruction from the posterior mean (the latent, for a family without a
+    posterior), fp32 in [-1, 1], on `device`."""
     x = x_u8.to(device).float() / 127.5 - 1
-    with torch.autocast(torch.device(device).type, enabled=False):
-        return vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+    fam = family_of(vae)
+    with autocast(torch.device(device).type, None):  # fp32, whatever the run's precision
+        return fam.decode(vae, fam.moments(vae, x)[0]).float().clamp(-1, 1)
 
 
 class Validator:

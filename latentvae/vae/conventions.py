@@ -48,6 +48,16 @@ CONVENTIONS = {
     "qwenimage": "Qwen-Image and Wan: (z - latents_mean) / latents_std",
 }
 PATCH = {"flux2": 2}  # conventions that patchify before their formula
+CITES = {  # where diffusers 0.42.1 applies each formula (pipelines/..., as in the module doc): for export's records
+    "sd": "stable_diffusion/pipeline_stable_diffusion_img2img.py:771, pipeline_stable_diffusion.py:1085; "
+          "sana/pipeline_sana.py:961; hunyuan_image/pipeline_hunyuanimage.py:858",
+    "sdxl": "stable_diffusion_xl/pipeline_stable_diffusion_xl_img2img.py:696-751, pipeline_stable_diffusion_xl.py:1276-1287",
+    "sd3": "stable_diffusion_3/pipeline_stable_diffusion_3_img2img.py:702, pipeline_stable_diffusion_3.py:1141; "
+           "flux/pipeline_flux_img2img.py:474, pipeline_flux.py:962",
+    "flux2": "flux2/pipeline_flux2.py:457-470 (_patchify_latents), 610-617 (_encode_vae_image), 1019-1024 (__call__)",
+    "qwenimage": "qwenimage/pipeline_qwenimage_img2img.py:242-251, pipeline_qwenimage.py:705-714; "
+                 "wan/pipeline_wan_i2v.py:443-462, 824-832",
+}
 
 
 def check_convention(convention: str, channels: Optional[int] = None) -> str:

@@ -65,6 +65,8 @@ class Family:
     channels_of: Callable  # vae -> latent channels
     factor_of: Callable  # vae -> spatial downsampling factor
     grad_checkpointing: bool = False  # diffusers implements gradient checkpointing for the class
+    pinnable: bool = True  # a plain-autoencoder run (model.mode=ae) can pin its log-variance (model.py)
+    fp16_training: bool = True  # trains under fp16 autocast (else refused: bf16 or fp32)
 
     @property
     def cls(self) -> type:
@@ -210,18 +212,19 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("dc", "AutoencoderDC", "SANA (f32c32)", False, "latent",
            "AutoencoderDC.encode returns EncoderOutput.latent: no posterior", False, 1, ("sd",),
            "scaling_factor in config.json (pipelines/sana/pipeline_sana.py decodes latents / scaling_factor)",
-           _HALF_OK, ("evaluate", "encode", "decode", "export", "demo", "probe", "train-decoder"),
+           "inference in fp16 as export's fp16 check measures; training in bf16 or fp32 only (under fp16 autocast "
+           "its gradients overflow even unscaled)", ("evaluate", "encode", "decode", "export", "demo", "probe", "train-decoder"),
            {"train": "it has no posterior (a deterministic latent); fine-tune its decoder with "
                      "model.train_decoder_only=true",
             "single-file": "latentvae writes the LDM single-file layout of AutoencoderKL only; export a diffusers "
                            "folder (the default --format diffusers)"},
-           _KL_CHANNELS, lambda vae: 2 ** (len(vae.config.encoder_block_out_channels) - 1)),
+           _KL_CHANNELS, lambda vae: 2 ** (len(vae.config.encoder_block_out_channels) - 1), fp16_training=False),
     Family("hunyuanimage", "AutoencoderKLHunyuanImage", "HunyuanImage 2.1 (f32, 64 channels)", True, "sample",
            "pipelines/hunyuan_image/pipeline_hunyuanimage_refiner.py `retrieve_latents` default "
            "sample_mode=\"sample\" (the 2.1 pipeline never encodes)", False, 1, ("sd",),
            "scaling_factor in config.json (pipelines/hunyuan_image/pipeline_hunyuanimage.py decodes "
            "latents / scaling_factor)", _HALF_OK, ALL_JOBS, {"single-file": NO_SINGLE_FILE},
-           _KL_CHANNELS, lambda vae: vae.config.spatial_compression_ratio),
+           _KL_CHANNELS, lambda vae: vae.config.spatial_compression_ratio, pinnable=False),
     Family("tiny", "AutoencoderTiny", "TAESD previews (SD, SDXL, SD3, FLUX.1 latent spaces)", False, "latent",
            "AutoencoderTiny.encode returns AutoencoderTinyOutput.latents: no posterior", False, 1,
            ("sd", "sdxl", "sd3"), "nothing: TAESD latents are the target VAE's latents, already normalized",
@@ -249,8 +252,23 @@ def family_of(vae) -> Family:
                         f"{', '.join(BY_CLASS)}")
 
 
+# diffusers autoencoders that are not image VAEs: named in the refusal, so it says what the folder is
+NOT_IMAGE_VAES = {
+    **dict.fromkeys(("AutoencoderKLLTXVideo", "AutoencoderKLLTX2Video", "AutoencoderKLHunyuanVideo",
+                     "AutoencoderKLHunyuanVideo15", "AutoencoderKLMochi", "AutoencoderKLCogVideoX", "AutoencoderKLAllegro",
+                     "AutoencoderKLCosmos", "AutoencoderKLMagvit", "AutoencoderKLTemporalDecoder", "AutoencoderKLKVAEVideo",
+                     "AutoencoderKLMiniMaxH3", "AutoencoderVidTok"), "a video VAE (its latents have a time axis)"),
+    **dict.fromkeys(("AutoencoderOobleck", "AutoencoderKLLTX2Audio", "AutoencoderKLKVAEAudio", "MMAudioVAE",
+                     "AutoencoderKLMiniMaxH3Audio"), "an audio VAE"),
+    "ConsistencyDecoderVAE": "a decoder-only consistency model (no encoder of its own)",
+}
+
+
 def family_for_class(class_name, where: str) -> Family:
     """The entry for a config.json's `_class_name`; a one-line error naming `where` otherwise."""
+    if class_name in NOT_IMAGE_VAES:
+        raise BadInputError(f"{where}: _class_name is {class_name!r}, {NOT_IMAGE_VAES[class_name]}; latentvae's jobs "
+                            f"take the image VAEs {', '.join(BY_CLASS)} (AutoencoderKLWan as an image VAE, T=1)")
     if class_name not in BY_CLASS:
         raise BadInputError(f"{where}: _class_name is {class_name!r}; expected one of {', '.join(BY_CLASS)}")
     return BY_CLASS[class_name]

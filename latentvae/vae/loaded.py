@@ -32,6 +32,7 @@ FACTOR_ORIGINS = {
     "run": "NOT measured: a latentvae training run holds diffusers' default factors",
     "taesd": "none: TAESD latents are the SD/SDXL/SD3/FLUX latents and use that VAE's published factors",
     "published": "as published with this VAE (not measured by latentvae)",
+    "none": "none: an LDM weight file holds no latent factors (its config has diffusers' defaults)",
 }
 
 
@@ -145,9 +146,11 @@ def pinned_logvar(module) -> bool:
     if not fam.stochastic or not hasattr(module, "encoder") or not hasattr(module.encoder, "conv_out"):
         return False
     conv = getattr(module, "quant_conv", None) or module.encoder.conv_out
-    if not isinstance(conv, torch.nn.Conv2d) or conv.bias is None:
+    if not isinstance(conv, (torch.nn.Conv2d, torch.nn.Conv3d)) or conv.bias is None:
         return False
     c = fam.channels(module)
+    if conv.weight.shape[0] != 2 * c:
+        return False
     return bool((conv.weight[c:] == 0).all() and (conv.bias[c:] == DETERMINISTIC_LOGVAR).all())
 
 

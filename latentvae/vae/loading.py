@@ -61,7 +61,7 @@ from typing import Optional
 from .. import runs
 from ..errors import BadInputError, MissingInputError, UserError
 from . import convert
-from .families import family_for_class
+from .families import family_for_class, family_of
 from .folder import load_diffusers_folder, load_single_file
 from .hub import load_hub
 from .loaded import LoadedVae, make_record
@@ -93,7 +93,7 @@ def _read_checkpoint(path: str | Path, weights: str = "ema"):
         raise MissingInputError(f"{found}: no ema.safetensors (EMA was off in this run); use the raw weights "
                                 "(--weights raw, weights='raw', or the spec option [weights=raw])")
     vae.load_state_dict(runs.load_tensors(file), strict=True)
-    if _run_mode(state) == "ae":
+    if _run_mode(state) == "ae" and family_of(vae).stochastic:  # DC, TAESD: no posterior to pin
         make_posterior_deterministic(vae)  # its log-variance never trained: sample() must equal mode()
     return vae.eval(), found, state
 
@@ -176,7 +176,7 @@ def _factors_origin(kind: str, path: Optional[Path]) -> str:
     elif path is not None and path.is_file() and path.suffix == ".safetensors":
         meta = convert.export_metadata(path)
     if not isinstance(meta, dict):
-        return "published"
+        return "none" if kind == "single-file" else "published"  # LDM weights hold no factors
     origin = meta.get("scaling_origin", "measured" if meta.get("scaling_measured") in (True, "true") else "placeholder")
     return origin if origin in ("measured", "placeholder") else f"as published: kept by `latentvae export` from {origin}"
 
@@ -186,8 +186,13 @@ def _finish(vae, fields: dict) -> LoadedVae:
     fields["path"] = None if path is None else os.path.abspath(path)
     state = fields.pop("state", None)
     stochastic = None if state is None else _run_mode(state) != "ae"
-    return make_record(vae, fields, stochastic=stochastic,
-                       factors_origin=_factors_origin(fields["kind"], None if path is None else Path(path)))
+    origin = _factors_origin(fields["kind"], None if path is None else Path(path))
+    model = (state or {}).get("config", {}).get("model", {})
+    if origin == "run" and model.get("init_from") and model.get("train_decoder_only"):
+        # the encoder never trained: the latents, and so the factors of the VAE it started from, are unchanged
+        origin = (f"as published: kept from model.init_from={model['init_from']} (a decoder-only fine-tune: the "
+                  "encoder and its latents are unchanged)")
+    return make_record(vae, fields, stochastic=stochastic, factors_origin=origin)
 
 
 # ----------------------------------------------------------------------------- the one entry point

@@ -16,6 +16,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import BadInputError
 from .families import family, family_of
+from ..precision import autocast
 
 
 def diffusers_kwargs(m: ModelConfig) -> dict:
@@ -83,9 +84,13 @@ def make_posterior_deterministic(vae):
     A plain autoencoder (`model.mode: ae`) never trains the log-variance half of its moments, so
     without this, `sample()` (what img2img and diffusers' training scripts call) adds noise larger
     than the signal. The moments come from `quant_conv`, or from the encoder's last conv without it."""
+    fam = family_of(vae)
+    if not fam.pinnable:
+        raise BadInputError(f"model.mode=ae: {fam.class_name}'s encoder adds a residual to its moments; its "
+                            "log-variance cannot be pinned")
     conv = getattr(vae, "quant_conv", None)
     conv = conv if conv is not None else vae.encoder.conv_out
-    c = family_of(vae).channels(vae)
+    c = fam.channels(vae)
     if conv.weight.shape[0] != 2 * c or conv.bias is None:
         raise BadInputError(f"model.mode=ae: {type(vae).__name__} has no 1x1 moments conv to pin the log-variance of")
     conv.weight[c:].zero_()
@@ -133,7 +138,7 @@ class InferenceEncoder(torch.nn.Module):
             mean, logvar = self.family.moments(self.vae, x.to(self.dtype))
             return mean.float(), None if logvar is None else logvar.float().clamp(-30.0, 20.0)
         h = self.encoder(x.to(self.dtype))  # (B, 2C, h, w) moments; AutoencoderTiny: (B, C, h, w) latents
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast(x.device.type, None):
             h = h.float()
             if self.quant_conv is None and self.family.name == "tiny":
                 return h, None
