@@ -7,7 +7,7 @@
     gaussian_fit_distances(real, draws)  # how far latent draws fall from a Gaussian fit of `real`
 
 Image inputs are (H, W, 3) numpy arrays, `x` the original and `y` the reconstruction: uint8 for
-PSNR/SSIM; uint8 or float in [0, 1] for the sharpness ratios (evaluate.py passes the unquantized
+PSNR/SSIM; uint8 or float in [0, 1] for the sharpness ratios (evaluate/scoring.py passes the unquantized
 output there: rounding to 8 bits adds white noise, ~1/12 LSB², that would floor a heavily blurred
 image's high-frequency energy).
 PSNR and SSIM come from scikit-image (https://scikit-image.org/docs/stable/api/skimage.metrics.html);

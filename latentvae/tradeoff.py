@@ -17,7 +17,7 @@ evaluated with latentvae.evaluate (report in OUT/eval), then OUT gets perception
 PSNR), tradeoff.json and, last, tradeoff.md; the earlier ones are removed as soon as the new evaluation
 is in place, so what is there is of one sweep. A signal while a variant trains is passed on to its training, which
 stops after its current step with a checkpoint (the rerun resumes it) before the sweep stops. This
-module owns the sweep's variants and the plots; the numbers come from latentvae/evaluate.py.
+module owns the sweep's variants and the plots; the numbers come from latentvae/evaluate/.
 """
 from __future__ import annotations
 

@@ -284,6 +284,23 @@ def test_demo_commands_write_their_images(vae_folder, image_folder, tmp_path):
     assert numbers["mahalanobis_ratio_real"] == pytest.approx(1.0, abs=0.05)
 
 
+def test_demo_folders_are_replaced_whole_and_other_folders_refused(vae_folder, image_folder, tmp_path, capsys):
+    args = ["prior", "--vae", str(vae_folder), "--data", str(image_folder), "--limit", "2", "--resolution", "32"]
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        demo_main(args + ["--out", str(notes)])
+    assert e.value.code == 2 and "is a non-empty folder that is not an earlier prior demo" in capsys.readouterr().err
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"]
+    out = tmp_path / "p"
+    demo_main(args + ["--out", str(out)])
+    (out / "stale.txt").write_text("from before")
+    demo_main(args + ["--out", str(out), "--seed", "1"])  # an earlier prior demo: replaced whole
+    assert sorted(p.name for p in out.iterdir()) == ["prior.json", "prior.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "notes", "p", "tiny-vae"]  # no staging left
+
+
 @pytest.mark.parametrize("name", ["taesd:sd", "taesd:flux"])
 def test_taesd_references_evaluate(name, tmp_path):
     from latentvae.vae.convert import default_taesd_dir

@@ -144,9 +144,9 @@ def report_settings_text(settings: dict) -> str:
     latent = "posterior mean" if settings["latent"] == "mean" else f"a posterior sample (seed {settings['seed']})"
     tiles = ""
     if settings["tiles"]:
-        tiles = "; tiled encode/decode (diffusers): " + ", ".join(
-            f"{label} " + ", ".join(f"{k.removeprefix('tile_')} {v:g}" if isinstance(v, float) else
-                                    f"{k.removeprefix('tile_')} {v}" for k, v in t.items())
+        tiles = "; tiled encode/decode (diffusers): " + "; ".join(
+            f"{label}: " + ", ".join(f"{k.removeprefix('tile_')} {v:g}" if isinstance(v, float) else
+                                     f"{k.removeprefix('tile_')} {v}" for k, v in t.items())
             for label, t in settings["tiles"].items())
     return (f"{images}; z = {latent}; precision_resolved: {settings['precision_resolved']} "
             f"(--mixed-precision {settings['mixed_precision']}) on {settings['device']}{tiles}. Metrics on uint8 "
