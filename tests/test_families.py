@@ -172,13 +172,3 @@ def test_a_video_or_unknown_class_is_refused_in_one_line_naming_the_file(tmp_pat
                            "--data", str(tmp_path), "--out", str(tmp_path / "report")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "a video VAE" in proc.stderr, proc.stderr
-
-
-def test_a_run_of_each_trainable_architecture_loads_as_its_class(tmp_path):
-    """model.family builds the class; a checkpoint of it loads back as that class (state.json's vae_config)."""
-    from latentvae.config import load_config
-    from latentvae.vae.model import build_vae
-
-    for preset, cls in [("flux2-test", "AutoencoderKLFlux2"), ("qwenimage-test", "AutoencoderKLQwenImage")]:
-        vae = build_vae(load_config(None, [f"model.preset={preset}"]).model)
-        assert type(vae).__name__ == cls

@@ -7,7 +7,7 @@ Each family's tiny random instance (tests/families.py) is saved as a diffusers f
 32 px, fp32 and channels_last pinned (both are `auto` choices that differ between machines): a few
 steps on one fixed batch lower the loss, a decoder-only run leaves every encoder weight bit-equal and
 moves the decoder's, a run stopped after its first checkpoint resumes to the uninterrupted run's
-weights bit for bit (Qwen-Image and FLUX.2 also under a real SIGKILL), and `latentvae export RUN`
+weights bit for bit (every family also under a real SIGKILL), and `latentvae export RUN`
 writes a folder the class's own `from_pretrained` loads with the run's EMA weights. What a family
 cannot do exits 2 with one line, before anything is written. (LPIPS is off: it sees images, the same
 for every family.)
@@ -168,7 +168,11 @@ def _worker(out, kill, overrides):
 
 # kill point -> the checkpoints published when it lands: mid-update 3 (after the first checkpoint), and
 # in the second checkpoint's commit, staged complete but not yet renamed (it must not count)
-@pytest.mark.parametrize("name,kill", [("qwenimage", "publish:2"), ("flux2", "step:3")])
+KILLS = {"kl": "step:3", "flux2": "step:3", "qwenimage": "publish:2", "wan": "step:3", "dc": "publish:2",
+         "hunyuanimage": "publish:2", "tiny": "step:3"}
+
+
+@pytest.mark.parametrize("name,kill", sorted(KILLS.items()))
 def test_a_decoder_only_run_killed_with_sigkill_resumes_bit_exactly(name, kill, folders, image_folder, tmp_path):
     overrides = tiny_overrides(image_folder, **{**PINNED, **RUN, "train.cpu_threads": "1",
                                                 "model.init_from": str(folders[name]), "model.mode": _mode(name),
