@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "latentvae"
-JOBS = {"train", "cache", "export", "calibrate", "evaluate", "demos", "tradeoff", "probe", "cli", "__main__"}
+JOBS = {"train", "cache", "export", "evaluate", "demos", "tradeoff", "probe", "cli", "__main__"}
 
 
 def _module_name(path: Path) -> str:

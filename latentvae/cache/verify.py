@@ -98,11 +98,6 @@ def open_cache_vae(cache: Path, manifest: dict, vae_path: Optional[str]):
     return lv.require("decode", f"--vae {vae_path}" if vae_path else str(cache))
 
 
-def load_cache_vae(cache: Path, manifest: dict, vae_path: Optional[str]):
-    """open_cache_vae's module alone, for callers that need nothing else."""
-    return open_cache_vae(cache, manifest, vae_path).module
-
-
 def check_same_vae(vae, cache: Path, manifest: dict, vae_path: Optional[str]) -> None:
     """`vae` (a loaded record, or a module) must be the one that made the cache: the same weights hash."""
     from ..vae.loaded import LoadedVae, weights_sha256
