@@ -6,6 +6,7 @@ saved the ways users have them, all offline.
 """
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -65,12 +66,19 @@ def test_every_door_gives_the_same_record_and_identical_latents(name, tmp_path, 
     doors = {"folder": str(tmp_path / "folder"), "pipeline": str(tmp_path / "pipe"),
              "subfolder": f"{tmp_path / 'pipe'}[subfolder=vae]", "hub": f"org/{name}-vae"}
     records = {door: load_vae(spec) for door, spec in doors.items()}
+    half = copy.deepcopy(vae).half()
+    half.save_pretrained(str(tmp_path / "fp16"), variant="fp16", safe_serialization=True)
+    variant = load_vae(f"{tmp_path / 'fp16'}[variant=fp16]")  # the only variant there: also found without the option
     with torch.no_grad():
         ref = own_encode(vae, name, x)
         for door, lv in records.items():
             assert type(lv.module) is type(vae) and lv.family.name == name, door
             assert torch.equal(lv.moments(x)[0], ref), door
             assert lv.weights_sha256() == records["folder"].weights_sha256()
+        # a half-precision variant loads as fp32 (what every job runs), holding exactly the stored values
+        assert next(variant.module.parameters()).dtype == torch.float32 and variant.origin["variant"] == "fp16"
+        assert torch.equal(variant.moments(x)[0], own_encode(half.float(), name, x))
+        assert torch.equal(load_vae(tmp_path / "fp16").moments(x)[0], variant.moments(x)[0])
     assert {d: lv.origin["kind"] for d, lv in records.items()} == {
         "folder": "folder", "pipeline": "pipeline", "subfolder": "pipeline", "hub": "hub"}
     assert records["hub"].origin["repo_id"] == f"org/{name}-vae"
