@@ -180,3 +180,15 @@ def test_a_video_or_unknown_class_is_refused_in_one_line_naming_the_file(tmp_pat
                            "--data", str(tmp_path), "--out", str(tmp_path / "report")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "a video VAE" in proc.stderr, proc.stderr
+
+
+def test_an_original_layout_wan_or_dc_file_says_how_to_convert_it(tmp_path):
+    """diffusers converts these single files itself (from_single_file); latentvae says so in one line."""
+    from safetensors.torch import save_file
+
+    for key, cls in [("decoder.middle.0.residual.0.gamma", "AutoencoderKLWan"),
+                     ("encoder.project_in.conv.bias", "AutoencoderDC")]:
+        file = tmp_path / f"{cls}.safetensors"
+        save_file({key: torch.zeros(4), "encoder.conv1.weight": torch.zeros(4, 3, 3, 3)}, str(file))
+        with pytest.raises(NotAnAutoencoder, match=rf"^{file}: an original-layout {cls} file .*{cls}.from_single_file"):
+            load_vae(file)

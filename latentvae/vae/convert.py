@@ -151,9 +151,22 @@ def convert_ldm_vae(state: dict[str, torch.Tensor], norm_num_groups: int = 32, s
     return vae.eval()
 
 
+# keys by which diffusers' single-file loaders recognise the other classes it converts
+# (loaders/single_file_utils.py CHECKPOINT_KEY_NAMES "wan_vae", "autoencoder-dc", "autoencoder-dc-sana")
+OTHER_SINGLE_FILES = {"decoder.middle.0.residual.0.gamma": "AutoencoderKLWan",
+                      "decoder.stages.1.op_list.0.main.conv.conv.bias": "AutoencoderDC",
+                      "encoder.project_in.conv.bias": "AutoencoderDC"}
+
+
 def load_ldm_vae(path: str | Path, norm_num_groups: int = 32, allow_pickle: bool = False) -> AutoencoderKL:
     state = read_state_dict(path, allow_pickle)
     if not is_ldm_vae(state):
+        for key, cls in OTHER_SINGLE_FILES.items():
+            if key in state or f"vae.{key}" in state:
+                raise ConversionError(
+                    f"{path}: an original-layout {cls} file (it holds {key}); latentvae reads that class as a diffusers "
+                    f"folder: convert it once with diffusers, `{cls}.from_single_file(FILE).save_pretrained(DIR)` "
+                    "(it fetches the matching config from the hub, or pass config=A_DIFFUSERS_FOLDER)")
         sample = ", ".join(list(state)[:3])
         raise ConversionError(f"{path}: not an LDM VAE checkpoint (expected keys such as "
                               f"encoder.down.0.block.0.norm1.weight, optionally under first_stage_model.; "
