@@ -131,7 +131,8 @@ class InferenceEncoder(torch.nn.Module):
             self.encoder = vae.encoder if dtype == torch.float32 else copy.deepcopy(vae.encoder).to(dtype)
             self.quant_conv = None if self.family.name == "tiny" else vae.quant_conv
         else:
-            self.vae = vae if dtype == torch.float32 else copy.deepcopy(vae).to(dtype)
+            # nn.Module.to, not ModelMixin.to: its warning about modules to keep in fp32 names none for these
+            self.vae = vae if dtype == torch.float32 else torch.nn.Module.to(copy.deepcopy(vae), dtype)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         if not self.island:
