@@ -61,10 +61,9 @@ def synthesize(out: Path, rows: int, shard_size: int = 1000, chunk: int = 250) -
     """A cache of `rows` rows of SHAPE fp16 latents ~ N(0.3, 2), a caption each, written as `encode` would."""
     import datasets
 
-    from latentvae.cache.encode import row_moments
     from latentvae.cache.manifest import MANIFEST_FILE, SETTINGS_FILE, measured_statistics
     from latentvae.cache.schema import arrow_schema, make_table
-    from latentvae.cache.writer import ShardWriter, scan_shards
+    from latentvae.cache.writer import ShardWriter, row_moments, scan_shards
 
     (out / "data").mkdir(parents=True)
     features = datasets.Features({"caption": datasets.Value("string")})
@@ -84,10 +83,10 @@ def synthesize(out: Path, rows: int, shard_size: int = 1000, chunk: int = 250) -
     (out / SETTINGS_FILE).write_text("{}")
     shards = scan_shards(out)
     manifest = {"format_version": 1, "store": "mean", "dtype": "fp16",
-                "vae": {"latent_channels": C, "scaling_factor": 0.18215, "shift_factor": None,
-                        "factors": "synthetic benchmark cache"},
+                "vae": {"family": "kl", "class": "AutoencoderKL", "latent_channels": C, "scaling_factor": 0.18215,
+                        "shift_factor": None, "factors": "synthetic benchmark cache"},
                 "shards": [{"file": f"data/{s['name']}", "rows": s["rows"]} for s in shards],
-                "latent_statistics": measured_statistics(shards, C)}
+                "latent_statistics": measured_statistics(shards, C, ("sd", "sdxl", "sd3"))}
     (out / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 

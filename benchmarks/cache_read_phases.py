@@ -37,6 +37,7 @@ PHASES = ("gather", "normalize", "handover copy", "other columns", "row dicts", 
 
 def measure(cache: Path, hf_cache: str, workers: int, dtype: torch.dtype, out: Path) -> dict:
     """One epoch in this process (run in a fresh one per configuration); phase CPU ms per batch."""
+    from latentvae.cache import loader as L
     from latentvae.cache import reader as R
 
     totals: dict[str, float] = {}
@@ -55,7 +56,7 @@ def measure(cache: Path, hf_cache: str, workers: int, dtype: torch.dtype, out: P
     R.shared_copy = timed("handover copy", R.shared_copy)
     R.LatentDataset._latents = timed("latents", R.LatentDataset._latents)
     getitems = timed("getitems", R.LatentDataset.__getitems__)
-    collate = timed("collate", R.collate)
+    collate = timed("collate", L.collate)
 
     class Dataset(R.LatentDataset):
         calls = 0
@@ -70,7 +71,7 @@ def measure(cache: Path, hf_cache: str, workers: int, dtype: torch.dtype, out: P
             return result
 
     ds = Dataset(cache, convention="sd", cache_dir=hf_cache, dtype=dtype)
-    sampler = R.BucketBatchSampler(ds, batch_size=64, seed=0)
+    sampler = L.BucketBatchSampler(ds, batch_size=64, seed=0)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
     t0, batches = time.perf_counter(), 0
     for _ in loader:
