@@ -151,9 +151,6 @@ class Family:
         return (out.weight if isinstance(out, (torch.nn.Conv2d, torch.nn.Conv3d)) else convs[-1].weight)
 
     # ------------------------------------------------------------------ what it can do
-    def can(self, job: str) -> bool:
-        return job in self.jobs
-
     def require(self, job: str, label: str = "") -> None:
         """A FamilyCannot naming the family and the job unless the family can do it."""
         if job not in JOBS:
@@ -189,50 +186,71 @@ _KL_CHANNELS = lambda vae: vae.config.latent_channels  # noqa: E731
 _Z_DIM = lambda vae: vae.config.z_dim  # noqa: E731
 _HALF_OK = "fp16 as measured by export's fp16 check (force_upcast follows it)"
 
+NO_LDM_LAYOUT = ("latentvae writes the LDM single-file layout of AutoencoderKL only; export a diffusers folder (the "
+                 "default --format diffusers)")
+NO_POSTERIOR = ("it has no posterior (a deterministic latent); fine-tune its decoder with model.mode=ae and "
+                "model.train_decoder_only=true")
+IMAGE_JOBS = ("evaluate", "encode", "decode", "export", "demo", "probe", "train-decoder")
+
+# Lines cited are diffusers 0.42.1's pipelines/...; the formulas' own citations are in conventions.py.
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("kl", "AutoencoderKL", "SD 1.x/2.x, SDXL, SD3, FLUX.1, Z-Image, Chroma", True, "sample",
-           "examples/text_to_image/train_text_to_image_sdxl.py and train_dreambooth_lora_sd3.py: "
-           "vae.encode(pixels).latent_dist.sample()", False, 1, ("sd", "sdxl", "sd3"),
-           "scaling_factor (and shift_factor for sd3, latents_mean/latents_std for sdxl) in config.json",
-           _HALF_OK, ALL_JOBS + ("single-file",), {}, _KL_CHANNELS, _kl_factor, grad_checkpointing=True),
-    Family("flux2", "AutoencoderKLFlux2", "FLUX.2", True, "mode",
-           "pipelines/flux2/pipeline_flux2.py `_encode_vae_image`: retrieve_latents(..., sample_mode=\"argmax\")",
-           False, 2, ("flux2",),
-           "bn.running_mean / bn.running_var (BatchNorm buffers in the weights file) of the 2x2-patchified latent",
-           _HALF_OK, ALL_JOBS, {"single-file": NO_SINGLE_FILE}, _KL_CHANNELS, _kl_factor, grad_checkpointing=True),
-    Family("qwenimage", "AutoencoderKLQwenImage", "Qwen-Image, Qwen-Image-Edit", True, "sample",
-           "pipelines/qwenimage/pipeline_qwenimage_img2img.py `_encode_vae_image`: retrieve_latents(...) "
-           "(sample_mode \"sample\")", True, 1, ("qwenimage",), "latents_mean / latents_std in config.json",
-           _HALF_OK, ALL_JOBS, {"single-file": NO_SINGLE_FILE}, _Z_DIM, _wan_factor),
-    Family("wan", "AutoencoderKLWan", "Wan 2.x (as an image VAE, T=1)", True, "mode",
-           "pipelines/wan/pipeline_wan_i2v.py `prepare_latents`: retrieve_latents(..., sample_mode=\"argmax\")",
-           True, 1, ("qwenimage",), "latents_mean / latents_std in config.json", _HALF_OK, ALL_JOBS,
-           {"single-file": "latentvae writes the LDM single-file layout of AutoencoderKL only; export a diffusers "
-                           "folder (the default --format diffusers)"}, _Z_DIM, _wan_factor),
-    Family("dc", "AutoencoderDC", "SANA (f32c32)", False, "latent",
-           "AutoencoderDC.encode returns EncoderOutput.latent: no posterior", False, 1, ("sd",),
-           "scaling_factor in config.json (pipelines/sana/pipeline_sana.py decodes latents / scaling_factor)",
-           "inference in fp16 as export's fp16 check measures; training in bf16 or fp32 only (under fp16 autocast "
-           "its gradients overflow even unscaled)", ("evaluate", "encode", "decode", "export", "demo", "probe", "train-decoder"),
-           {"train": "it has no posterior (a deterministic latent); fine-tune its decoder with "
-                     "model.train_decoder_only=true",
-            "single-file": "latentvae writes the LDM single-file layout of AutoencoderKL only; export a diffusers "
-                           "folder (the default --format diffusers)"},
-           _KL_CHANNELS, lambda vae: 2 ** (len(vae.config.encoder_block_out_channels) - 1), fp16_training=False),
-    Family("hunyuanimage", "AutoencoderKLHunyuanImage", "HunyuanImage 2.1 (f32, 64 channels)", True, "sample",
-           "pipelines/hunyuan_image/pipeline_hunyuanimage_refiner.py `retrieve_latents` default "
-           "sample_mode=\"sample\" (the 2.1 pipeline never encodes)", False, 1, ("sd",),
-           "scaling_factor in config.json (pipelines/hunyuan_image/pipeline_hunyuanimage.py decodes "
-           "latents / scaling_factor)", _HALF_OK, ALL_JOBS, {"single-file": NO_SINGLE_FILE},
-           _KL_CHANNELS, lambda vae: vae.config.spatial_compression_ratio, pinnable=False),
-    Family("tiny", "AutoencoderTiny", "TAESD previews (SD, SDXL, SD3, FLUX.1 latent spaces)", False, "latent",
-           "AutoencoderTiny.encode returns AutoencoderTinyOutput.latents: no posterior", False, 1,
-           ("sd", "sdxl", "sd3"), "nothing: TAESD latents are the target VAE's latents, already normalized",
-           "fp16 safe (TAESD's published weights run in fp16)",
-           ("evaluate", "encode", "decode", "export", "demo", "probe", "train-decoder"),
-           {"train": "it has no posterior; fine-tune its decoder with model.train_decoder_only=true (or distill)",
-            "single-file": NO_SINGLE_FILE},
-           lambda vae: vae.config.latent_channels, _tiny_factor),
+    Family(name="kl", class_name="AutoencoderKL", used_by="SD 1.x/2.x, SDXL, SD3, FLUX.1, Z-Image, Chroma",
+           stochastic=True, consumer="sample",
+           consumer_cite="stable_diffusion/pipeline_stable_diffusion_img2img.py:769, stable_diffusion_xl/"
+                         "pipeline_stable_diffusion_xl_img2img.py:740, stable_diffusion_3/pipeline_stable_diffusion_3_"
+                         "img2img.py:700: retrieve_latents(...) (sample_mode \"sample\"), as the training scripts' "
+                         "latent_dist.sample()",
+           five_d=False, patch=1, conventions=("sd", "sdxl", "sd3"),
+           calibration="scaling_factor (and shift_factor for sd3, latents_mean/latents_std for sdxl) in config.json",
+           fp16=_HALF_OK, jobs=ALL_JOBS + ("single-file",), refusals={},
+           channels_of=_KL_CHANNELS, factor_of=_kl_factor, grad_checkpointing=True),
+    Family(name="flux2", class_name="AutoencoderKLFlux2", used_by="FLUX.2", stochastic=True, consumer="mode",
+           consumer_cite="flux2/pipeline_flux2.py:610 `_encode_vae_image`: retrieve_latents(..., sample_mode=\"argmax\")",
+           five_d=False, patch=2, conventions=("flux2",),
+           calibration="bn.running_mean / bn.running_var (BatchNorm buffers in the weights file) of the 2x2-"
+                       "patchified latent",
+           fp16=_HALF_OK, jobs=ALL_JOBS, refusals={"single-file": NO_SINGLE_FILE},
+           channels_of=_KL_CHANNELS, factor_of=_kl_factor, grad_checkpointing=True),
+    Family(name="qwenimage", class_name="AutoencoderKLQwenImage", used_by="Qwen-Image, Qwen-Image-Edit",
+           stochastic=True, consumer="sample",
+           consumer_cite="qwenimage/pipeline_qwenimage_img2img.py:235-240 `_encode_vae_image`: retrieve_latents(...) "
+                         "(sample_mode \"sample\")",
+           five_d=True, patch=1, conventions=("qwenimage",), calibration="latents_mean / latents_std in config.json",
+           fp16=_HALF_OK, jobs=ALL_JOBS, refusals={"single-file": NO_SINGLE_FILE},
+           channels_of=_Z_DIM, factor_of=_wan_factor),
+    Family(name="wan", class_name="AutoencoderKLWan", used_by="Wan 2.x (as an image VAE, T=1)", stochastic=True,
+           consumer="mode",
+           consumer_cite="wan/pipeline_wan_i2v.py:454-458 `prepare_latents`: retrieve_latents(..., sample_mode="
+                         "\"argmax\")",
+           five_d=True, patch=1, conventions=("qwenimage",), calibration="latents_mean / latents_std in config.json",
+           fp16=_HALF_OK, jobs=ALL_JOBS, refusals={"single-file": NO_LDM_LAYOUT},
+           channels_of=_Z_DIM, factor_of=_wan_factor),
+    Family(name="dc", class_name="AutoencoderDC", used_by="SANA (f32c32)", stochastic=False, consumer="latent",
+           consumer_cite="AutoencoderDC.encode returns EncoderOutput.latent: no posterior",
+           five_d=False, patch=1, conventions=("sd",),
+           calibration="scaling_factor in config.json (sana/pipeline_sana.py:961 decodes latents / scaling_factor)",
+           fp16="inference in fp16 as export's fp16 check measures; training in bf16 or fp32 only (under fp16 "
+                "autocast its gradients overflow even unscaled)",
+           jobs=IMAGE_JOBS, refusals={"train": NO_POSTERIOR, "single-file": NO_LDM_LAYOUT},
+           channels_of=_KL_CHANNELS, factor_of=lambda vae: 2 ** (len(vae.config.encoder_block_out_channels) - 1),
+           fp16_training=False),
+    Family(name="hunyuanimage", class_name="AutoencoderKLHunyuanImage", used_by="HunyuanImage 2.1 (f32, 64 channels)",
+           stochastic=True, consumer="sample",
+           consumer_cite="retrieve_latents' default sample_mode=\"sample\" (hunyuan_image/pipeline_hunyuanimage_"
+                         "refiner.py:125; the 2.1 pipeline never encodes)",
+           five_d=False, patch=1, conventions=("sd",),
+           calibration="scaling_factor in config.json (hunyuan_image/pipeline_hunyuanimage.py:858 decodes "
+                       "latents / scaling_factor)",
+           fp16=_HALF_OK, jobs=ALL_JOBS, refusals={"single-file": NO_SINGLE_FILE},
+           channels_of=_KL_CHANNELS, factor_of=lambda vae: vae.config.spatial_compression_ratio, pinnable=False),
+    Family(name="tiny", class_name="AutoencoderTiny", used_by="TAESD previews (SD, SDXL, SD3, FLUX.1 latent spaces)",
+           stochastic=False, consumer="latent",
+           consumer_cite="AutoencoderTiny.encode returns AutoencoderTinyOutput.latents: no posterior",
+           five_d=False, patch=1, conventions=("sd", "sdxl", "sd3"),
+           calibration="nothing: TAESD latents are the target VAE's latents, already normalized",
+           fp16="fp16 safe (TAESD's published weights run in fp16)",
+           jobs=IMAGE_JOBS, refusals={"train": NO_POSTERIOR, "single-file": NO_SINGLE_FILE},
+           channels_of=lambda vae: vae.config.latent_channels, factor_of=_tiny_factor),
 )}
 BY_CLASS = {f.class_name: f for f in FAMILIES.values()}
 
