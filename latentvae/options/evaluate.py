@@ -18,7 +18,7 @@ class EvaluateOptions:
     split: str = opt("train", "split of a `datasets` input")
     image_column: str = opt("image", "image column of a `datasets` input")
     limit: int = opt(0, "only the first N images (0: all)")
-    fit: Literal["crop", "pad"] = opt("crop", "center-crop or reflect-pad each image to the downsampling factor")
+    fit: Literal["crop", "pad"] = opt("crop", "center-crop or reflect-pad each image to a multiple of every VAE's downsampling factor")
     max_side: int = opt(0, "downscale images whose long side exceeds this first (0: never)")
     lpips: Literal["alex,vgg", "alex", "vgg", "none"] = opt("alex,vgg", "LPIPS networks: alex,vgg (both), alex, vgg "
                                                                     "or none", metavar="NETS")

@@ -16,8 +16,9 @@ class ExportOptions:
     out: str = opt(REQUIRED, "diffusers folder (--format diffusers) or .safetensors file (--format single-file) to "
                              "write, outside SRC")
     format: Literal["diffusers", "single-file"] = opt(
-        "diffusers", "diffusers: a folder for AutoencoderKL.from_pretrained; single-file: one .safetensors in the "
-                     "original LDM key layout (encoder.down.0.block.0...), latent statistics in its metadata")
+        "diffusers", "diffusers: a folder for the class's own from_pretrained (any family); single-file: one .safetensors in "
+                     "the original LDM key layout (encoder.down.0.block.0...; AutoencoderKL only), latent statistics in "
+                     "its metadata")
     weights: Literal["ema", "raw"] = opt("ema", "a training run's EMA or raw weights (other VAEs: the weights they "
                                                 "hold; raw is refused)")
     dtype: Literal["fp32", "fp16", "bf16"] = opt("fp32", "stored dtype of the weights")
