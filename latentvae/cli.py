@@ -92,10 +92,11 @@ COMMANDS: dict[str, Command] = {
                      "or from any VAE (model.init_from) (= accelerate launch train/train.py)", _config_keys),
     "export": Command(o.ExportOptions, export, "export any VAE to a diffusers folder or one single file, with "
                       "measured latent scaling"),
-    "encode": Command(o.EncodeOptions, encode, "encode images or a dataset to a resumable parquet cache of latents"),
+    "encode": Command(o.EncodeOptions, encode, "encode images, videos or a dataset to a resumable parquet cache of "
+                      "latents"),
     "decode": Command(o.DecodeOptions, decode, "decode random rows of a latent cache; PSNR against the sources"),
     "evaluate": Command(o.EvaluateOptions, evaluate, "compare autoencoders side by side: PSNR, SSIM, LPIPS, "
-                        "sharpness, speed"),
+                        "sharpness, speed; on videos per-frame figures, temporal PSNR, FVD, strips"),
     "probe": Command(o.ProbeOptions, probe, "the second number: how easily a small diffusion model learns each "
                      "cache's latent space"),
     "tradeoff": Command(o.TradeoffOptions, tradeoff, "the blur tradeoff: train or take several autoencoders, "

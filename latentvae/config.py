@@ -8,7 +8,9 @@ one raises ``ConfigError`` naming the key and the valid keys or choices.
 
 `model.family` is the class a preset builds from scratch (kl, flux2, qwenimage, wan); with
 `model.init_from` the architecture is the loaded VAE's, of any family, and its checks (the
-downsampling factor, what the family can train) are train/build.py's once it is loaded.
+downsampling factor, what the family can train) are train/build.py's once it is loaded; a video
+VAE's clip options (data.frames, data.frame_size, data.latent_tile) are checked against it by
+train/clips.py.
 """
 from __future__ import annotations
 
@@ -44,8 +46,11 @@ class ModelConfig:
                                          "LDM .safetensors, latentvae run or checkpoint, taesd:*")
     train_decoder_only: bool = opt(False, "freeze the encoder and train the decoder (the sd-vae-ft-mse recipe); "
                                           "every family can")
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward: less memory, slower "
-                                              "(AutoencoderKL and AutoencoderKLFlux2 only)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward: less memory, slower (AutoencoderKL, "
+                                              "Flux2, LTX-2, HunyuanVideo 1.5, CogVideoX; not Wan, Qwen-Image)")
+    tiling: bool = opt(False, "encode and decode clips in the class's spatial+temporal tiles (vae/model.py "
+                              "configure_tiling): memory set by the tile, not the clip (training and validation)")
+    tile_size: int = opt(0, "model.tiling's tile side in pixels (a multiple of the spatial factor); 0: the class's own")
 
 
 # Named architectures. `sd`/`flux` are the real trunks; the others are sized for a CPU.
@@ -109,6 +114,8 @@ class LossConfig:
     equivariance_weight: float = opt(0.0, "EQ-VAE's term: decode a rotated or downscaled latent and match it to "
                                           "the same transform of the image (reconstruction + LPIPS, as the main "
                                           "term); 0 disables it")
+    lpips_frames: int = opt(0, "clips: LPIPS and the GAN term see this many random frames of each clip per step "
+                               "(bounds their memory); 0: every frame")
     equivariance_transforms: tuple[str, ...] = opt(("rot90", "rot180", "rot270", "scale0.5", "scale0.75"),
                                                    "the transforms drawn from, one per micro-batch, seeded")
 
@@ -129,6 +136,15 @@ class DataConfig:
     val_resolution: int = opt(256, "center crop scored by validation and shown in the preview grids")
     num_workers: int = opt(2, "DataLoader workers decoding images")
     max_image_pixels: int = opt(100_000_000, "larger images are skipped (decompression bombs)")
+    # clips (data.source a folder of videos, or a `datasets` video column): train/clips.py
+    video_column: str = opt("video", "video column of a `datasets` source")
+    frames: int = opt(0, "frames per clip from video data: the VAE's 1 + step*k (Wan 81, LTX-2 121, CogVideoX 49)")
+    fps: float = opt(0.0, "clips resampled to this frame rate; 0: each video's own")
+    clip_stride: int = opt(0, "frames (at data.fps) between the starts of a video's clips; 0: = data.frames")
+    frame_size: Optional[str] = opt(None, "clip frames HEIGHTxWIDTH (e.g. 480x832), resized to cover and center "
+                                          "cropped; null: data.resolution square")
+    latent_tile: int = opt(0, "clips: decode a random latent_tile x latent_tile window of each clip's latent "
+                              "(all its frames) against the matching pixels; 0: the whole latent")
 
 
 @dataclass(frozen=True)
@@ -354,8 +370,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.fp16_init_scale must be positive, got {t.fp16_init_scale}")
     if d.short_side_max and d.short_side_max < d.short_side_min:
         raise ConfigError("data.short_side_max must be >= data.short_side_min (or 0 for native size)")
+    for key, value in {"data.frames": d.frames, "data.fps": d.fps, "data.clip_stride": d.clip_stride,
+                       "data.latent_tile": d.latent_tile, "loss.lpips_frames": lo.lpips_frames,
+                       "model.tile_size": m.tile_size}.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    frame_size(d)
     if lo.lpips_crop and lo.lpips_crop < 32:
         raise ConfigError(f"loss.lpips_crop must be 0 (whole image) or >= 32 (AlexNet and VGG need it), got {lo.lpips_crop}")
+
+
+def frame_size(d: DataConfig) -> tuple[int, int]:
+    """data.frame_size as (H, W); data.resolution square without it."""
+    if d.frame_size is None:
+        return d.resolution, d.resolution
+    parts = str(d.frame_size).lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError(f"data.frame_size={d.frame_size!r}: expected HEIGHTxWIDTH in pixels, e.g. 480x832")
+    return int(parts[0]), int(parts[1])
 
 
 # families whose blocks normalize with GroupNorm(model.norm_num_groups); Qwen-Image and Wan use RMS norms
@@ -404,4 +436,7 @@ def describe_keys() -> str:
     lines.append("fine-tuning any VAE: model.init_from=VAE (any family: AutoencoderKL, AutoencoderKLFlux2, "
                  "AutoencoderKLQwenImage, AutoencoderKLWan, AutoencoderKLHunyuanImage in full or decoder-only; "
                  "AutoencoderDC and AutoencoderTiny decoder-only, with model.mode=ae); docs/training.md")
+    lines.append("a video VAE's decoder on clips: model.init_from=VIDEO_VAE (Wan, LTX-2, HunyuanVideo 1.5, CogVideoX), "
+                 "model.train_decoder_only=true, data.source=VIDEO_FOLDER, data.frames=N; "
+                 "configs/video-decoder-finetune.yaml")
     return "\n".join(lines)

@@ -5,6 +5,8 @@
     hf_energy_ratio(x_u8, y_u8)          # radial power spectrum above half Nyquist, y over x
     laplacian_var_ratio(x_u8, y_u8)      # variance of the Laplacian, y over x
     gaussian_fit_distances(real, draws)  # how far latent draws fall from a Gaussian fit of `real`
+    frame_metrics(x_thw3, y_thw3, lpips) # a clip's per-frame PSNR, SSIM, LPIPS
+    temporal_psnr(x_thw3, y_thw3)        # PSNR of the frame differences: falls with flicker
 
 Image inputs are (H, W, 3) numpy arrays, `x` the original and `y` the reconstruction: uint8 for
 PSNR/SSIM; uint8 or float in [0, 1] for the sharpness ratios (evaluate/scoring.py passes the unquantized
@@ -14,6 +16,8 @@ PSNR and SSIM come from scikit-image (https://scikit-image.org/docs/stable/api/s
 LPIPS lives in perceptual.py. docs/evaluation.md states every convention and why.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 import torch
@@ -157,3 +161,34 @@ def image_metrics(ref: np.ndarray, out: np.ndarray, out_float: np.ndarray, lpips
             for net, model in lpips_models.items():
                 row[f"lpips_{net}"] = float(lpips_distance(model, a, b)[0])
     return row
+
+
+# ----------------------------------------------------------------------------- clips
+def temporal_psnr(x: np.ndarray, y: np.ndarray) -> Optional[float]:
+    """Temporal consistency of a reconstructed clip: PSNR in dB (peak 255, as per-frame PSNR) between the frame
+    differences y[t+1] - y[t] of the reconstruction and x[t+1] - x[t] of the original, over every t and pixel.
+    `x`, `y`: uint8 (T, H, W, 3). An error that stays put from frame to frame cancels in the differences; flicker
+    (an error that changes from frame to frame) does not, so it lowers this figure far more than per-frame PSNR.
+    inf where the motion is reproduced exactly; None for a single frame."""
+    if len(x) < 2:
+        return None
+    dx, dy = np.diff(x.astype(np.int16), axis=0), np.diff(y.astype(np.int16), axis=0)
+    mse = float(np.square((dy - dx).astype(np.float64)).mean())
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def frame_metrics(x: np.ndarray, y: np.ndarray, lpips_models: dict, chunk: int = 8) -> list[dict[str, float]]:
+    """Per-frame PSNR, SSIM and LPIPS of a clip: `x` the original, `y` the reconstruction, uint8 (T, H, W, 3);
+    one dict per frame (LPIPS as in image_metrics, `chunk` frames per forward)."""
+    rows = [{"psnr": psnr(a, b), "ssim": ssim(a, b)} for a, b in zip(x, y)]
+    if lpips_models:
+        from .perceptual import lpips_distance
+
+        a = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
+        b = torch.from_numpy(y).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.no_grad():
+            for net, model in lpips_models.items():
+                d = torch.cat([lpips_distance(model, a[i:i + chunk], b[i:i + chunk]) for i in range(0, len(a), chunk)])
+                for row, v in zip(rows, d.tolist()):
+                    row[f"lpips_{net}"] = v
+    return rows

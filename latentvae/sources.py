@@ -85,8 +85,8 @@ class FolderImageSource(ImageSource):
         self._parent, self._picked = None, None  # a subset's columns are its parent's, picked
 
     def subset(self, indices: list[int]) -> "FolderImageSource":
-        sub = FolderImageSource([self.items[i] for i in indices], [self.names[i] for i in indices], self.max_pixels,
-                                self.root)
+        sub = type(self)([self.items[i] for i in indices], [self.names[i] for i in indices], self.max_pixels,
+                         self.root)
         sub._parent, sub._picked = self, list(indices)
         return sub
 
@@ -279,7 +279,7 @@ class HFImageSource(ImageSource):
         return value, {"size": len(value), "fingerprint": self.fingerprint, "sha256": hashlib.sha256(value).hexdigest()}
 
     def subset(self, indices: list[int]) -> "HFImageSource":
-        return HFImageSource(self.dataset, self.column, [self.indices[i] for i in indices], self.max_pixels, self.label)
+        return type(self)(self.dataset, self.column, [self.indices[i] for i in indices], self.max_pixels, self.label)
 
     def relative_name(self, i: int) -> str:
         return f"[{self.indices[i]}]"
@@ -339,7 +339,7 @@ def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and any((path / f).exists() for f in DATASET_MARKERS)
 
 
-def _load_hf(source: str, split: str, column: str):
+def _load_hf(source: str, split: str, column: str, what: str = "image"):
     import datasets
     from datasets.features import Image as ImageFeature
 
@@ -361,8 +361,8 @@ def _load_hf(source: str, split: str, column: str):
                 raise
             raise BadInputError(f"data source {source}: {' '.join(str(e).split())}") from e
     if column not in ds.column_names:
-        raise BadInputError(f"{source}: no image column {column!r}; columns: {', '.join(ds.column_names)} "
-                            "(set --image-column, or data.image_column in a training config)")
+        raise BadInputError(f"{source}: no {what} column {column!r}; columns: {', '.join(ds.column_names)} "
+                            f"(set --{what}-column, or data.{what}_column in a training config)")
     if isinstance(ds.features[column], ImageFeature):
         ds = ds.cast_column(column, ImageFeature(decode=False))  # decode ourselves, to skip bad rows
     return ds

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 FAMILY_NAMES = ("kl", "flux2", "qwenimage", "wan", "dc", "hunyuanimage", "tiny")
+VIDEO_FAMILY_NAMES = ("wan", "ltx2", "hunyuanvideo15", "cogvideox")  # tiny_video_vae: clips, f8 spatially
+VIDEO_STEP = {"wan": 4, "ltx2": 8, "hunyuanvideo15": 4, "cogvideox": 8}  # clips of 1 + step*k frames
 TRAINABLE_FULL = ("kl", "flux2", "qwenimage", "wan", "hunyuanimage")  # a posterior: full fine-tune too
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -67,6 +69,53 @@ def tiny_vae(name: str, seed: int = 0):
             vae.bn.running_mean.copy_(torch.linspace(-0.3, 0.3, n))
             vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, n))
     return vae
+
+
+def _video_kwargs(name: str) -> dict:
+    """The video classes at diffusers' test sizes, each downsampling 32-px frames to 4x4 latents (/8) and time
+    by its published factor (4; LTX-2 8), with non-trivial latent factors."""
+    if name == "wan":
+        return dict(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+                    latents_mean=[0.1, -0.2, 0.3, -0.4], latents_std=[1.5, 0.5, 2.0, 1.0])
+    if name == "ltx2":  # spatial_compression_ratio given: diffusers' formula assumes every level downsamples space
+        return dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 32, 64),
+                    decoder_block_out_channels=(8, 16, 32), layers_per_block=(1, 1, 1, 1, 1),
+                    decoder_layers_per_block=(1, 1, 1, 1), spatio_temporal_scaling=(True, True, True, True),
+                    decoder_spatio_temporal_scaling=(True, True, True), decoder_inject_noise=(False,) * 4,
+                    downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
+                    upsample_type=("spatiotemporal",) * 3, upsample_residual=(True,) * 3, upsample_factor=(2, 2, 2),
+                    timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True,
+                    decoder_causal=False, spatial_compression_ratio=8, temporal_compression_ratio=8, scaling_factor=0.8)
+    if name == "hunyuanvideo15":
+        return dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                    spatial_compression_ratio=8, temporal_compression_ratio=4, scaling_factor=0.75)
+    if name == "cogvideox":
+        return dict(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=4,
+                    temporal_compression_ratio=4, scaling_factor=0.7)
+    raise KeyError(name)
+
+
+def tiny_video_vae(name: str, seed: int = 0):
+    """A random diffusers video VAE of family `name` (VIDEO_FAMILY_NAMES), eval mode, fp32; LTX-2 gets
+    non-trivial latents_mean/latents_std buffers."""
+    import diffusers
+    from latentvae.vae.families import family
+
+    torch.manual_seed(seed)
+    vae = getattr(diffusers, family(name).class_name)(**_video_kwargs(name)).eval()
+    if name == "ltx2":
+        with torch.no_grad():
+            vae.latents_mean.copy_(torch.tensor([0.1, -0.2, 0.3, -0.4]))
+            vae.latents_std.copy_(torch.tensor([1.5, 0.5, 2.0, 1.0]))
+    return vae
+
+
+def clips(n: int = 1, frames: int = 9, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """Smooth random clips (n, 3, frames, size, size) in [-1, 1] whose content drifts from frame to frame."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, size // 4, size // 4 + frames, generator=g) * 2 - 1
+    wide = torch.nn.functional.interpolate(low, size=(size, size + 4 * frames), mode="bilinear", align_corners=False)
+    return torch.stack([wide[..., 4 * t:4 * t + size] for t in range(frames)], dim=2)  # a pan, 4 px a frame
 
 
 def save_folder(vae, folder: Path) -> Path:

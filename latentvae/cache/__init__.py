@@ -14,9 +14,10 @@ A cache folder:
 
 The modules: schema (the columns and storage dtypes, what readers import), writer (shards written
 exactly once, failure logs), manifest (settings, manifest, dataset card, the VAE's identity: family,
-layout, formula), inputs (images in, rows out), encoder (the VAE checked, pixels to latent columns),
+layout, formula), inputs (images in, rows out), clips (video data: one input per clip of a video VAE, rows
+(C, T', h, w)), encoder (the VAE checked, pixels to latent columns),
 encode (the run and `latentvae encode`), update (what a rerun changes), verify (decode and compare,
-`latentvae decode`), and the reading side: reader (LatentDataset), normalize (the family's consumer rule
+`latentvae decode`; verify_clips: per frame, for clips), and the reading side: reader (LatentDataset), normalize (the family's consumer rule
 and formula), loader (BucketBatchSampler, LatentLoader, collate), memory (shared memory for workers).
 docs/encode.md describes the columns and how a trainer reads them.
 

@@ -47,7 +47,8 @@ from ..options import EncodeOptions, validated
 from ..precision import AUTOCAST_DTYPES
 from ..preprocess import Preprocess
 # encode_rows, resolve_batch_size and build_manifest are looked up here when a run calls them (tests patch them)
-from .encoder import OomBackoff, check_vae_fits, encode_rows, inference_encoder, prepare_vae, resolve_batch_size
+from .encoder import (OomBackoff, check_store, check_vae_fits, encode_rows, inference_encoder, prepare_vae,
+                      resolve_batch_size)
 from .inputs import (BucketBatcher, PreprocessedImages, batch_table, collate_list, open_inputs, resolve_workers,
                      rows_to_encode)
 from .manifest import (MANIFEST_FILE, README_FILE, SETTINGS_FILE, build_manifest, check_out_folder, check_settings,
@@ -66,14 +67,19 @@ class Job:
     vae: Any  # vae/loaded.LoadedVae, fp32 on the device (for --verify; the encoder is `encoder`)
     channels_last: bool
     precision: str  # --mixed-precision resolved: no | bf16 | fp16
-    pre: Preprocess
-    src: Any  # sources.ImageSource
+    pre: Any  # preprocess.Preprocess, or clips.ClipPreprocess for video data
+    src: Any  # sources.ImageSource, or video_sources.ClipSource (one input per clip)
     passthrough: Any  # the other columns of a `datasets` input (a datasets.Dataset), or None
     vae_id: dict
     settings: dict  # encode-settings.json: what every row of the cache shares
     n: int  # the inputs encoded: the first n of the source (--limit)
     encoder: Any  # model.InferenceEncoder: what encode_rows runs (`vae` itself stays fp32, for verify)
     weights_dtype: str  # --weights-dtype resolved: fp32 | bf16 | fp16 (half: no autocast)
+    tiles: Optional[dict] = None  # --tiling: the tile settings (model.configure_tiling)
+
+    @property
+    def video(self) -> bool:
+        return getattr(self.pre, "video", False)
 
     @property
     def autocast_dtype(self) -> Optional[torch.dtype]:
@@ -82,7 +88,8 @@ class Job:
     @property
     def schema(self) -> pa.Schema:
         """The shards' arrow schema: our columns, the latents of --store, the passthrough columns."""
-        return arrow_schema(self.opts.dtype, self.opts.store, None if self.passthrough is None else self.passthrough.features)
+        return arrow_schema(self.opts.dtype, self.opts.store, None if self.passthrough is None else self.passthrough.features,
+                            video=self.video)
 
     @property
     def flips(self) -> tuple[bool, ...]:
@@ -100,25 +107,35 @@ class Job:
 def prepare_job(opts: EncodeOptions, device) -> Job:
     """Every check of the inputs, in an order that names the first mistake; nothing is written."""
     from ..precision import resolve_mixed_precision
+    from ..vae.model import configure_tiling
+    from .clips import clip_preprocess, image_options, is_video_job, open_clip_inputs
 
     out = Path(opts.out)
     check_out_folder(out)
     lv, cl = prepare_vae(opts.vae, device, opts.channels_last)
     precision = resolve_mixed_precision(opts.mixed_precision, device.type)
-    check_vae_fits(opts, lv)
-    crops = opts.crops if opts.preprocess == "crops" else 0
-    # sides a multiple of the factor times the patch: flux2's pipeline patchifies 2x2 latent pixels
-    pre = Preprocess(opts.preprocess, opts.resolution, lv.layout.multiple, opts.max_aspect, opts.flip,
-                     crops=crops, crop_scale=opts.crop_scale if crops else 0, crop_seed=opts.seed if crops else 0)
-    src, passthrough = open_inputs(opts)
+    if is_video_job(opts):  # one input per clip (clips.py); the rest is the images' machinery
+        pre = clip_preprocess(opts, lv)
+        check_store(opts, lv)
+        src, passthrough = open_clip_inputs(opts, pre)
+    else:
+        opts = image_options(opts)
+        check_vae_fits(opts, lv)
+        crops = opts.crops if opts.preprocess == "crops" else 0
+        # sides a multiple of the factor times the patch: flux2's pipeline patchifies 2x2 latent pixels
+        pre = Preprocess(opts.preprocess, opts.resolution, lv.layout.multiple, opts.max_aspect, opts.flip,
+                         crops=crops, crop_scale=opts.crop_scale if crops else 0, crop_seed=opts.seed if crops else 0)
+        src, passthrough = open_inputs(opts)
     if len(src) == 0:
-        raise MissingInputError(f"--data {opts.data}: no images (split {opts.split!r} has no rows)")
+        raise MissingInputError(f"--data {opts.data}: no {'videos' if getattr(pre, 'video', False) else 'images'} "
+                                f"(split {opts.split!r} has no rows)")
+    tiles = configure_tiling(f"--vae {opts.vae}", lv.module, opts.tiling, opts.tile_size, encode=True)
     n = min(opts.limit, len(src)) if opts.limit else len(src)
     vae_id = vae_identity(lv, opts.vae)
     settings = run_settings(opts, vae_id, pre)
     check_settings(out, settings)
     encoder, weights = inference_encoder(opts, lv, precision)
-    return Job(opts, out, lv, cl, precision, pre, src, passthrough, vae_id, settings, n, encoder, weights)
+    return Job(opts, out, lv, cl, precision, pre, src, passthrough, vae_id, settings, n, encoder, weights, tiles)
 
 
 def first_missing(path: Path) -> Optional[Path]:
@@ -163,13 +180,19 @@ def encode_share(job: Job, state, todo: dict[int, list[bool]], attempt: int) -> 
     mine = sorted(todo)[rank::state.num_processes]
     log = FailureLog(failure_log_path(job.out, rank))
     writer = job.writer(attempt, rank)
-    batch_size = resolve_batch_size(opts.batch_size, state.device, opts.resolution)
-    backoff = OomBackoff(batch_size, state.device, log=lambda m: tqdm.write(m, file=sys.stderr))
+    if job.video:  # a clip too large for memory is listed and retried next run (`skip`); the run goes on
+        from .clips import clip_items
+
+        batch_size, items, skip = clip_items(job.src, mine, job.pre, opts.batch_size, state.device, log)
+    else:
+        batch_size = resolve_batch_size(opts.batch_size, state.device, opts.resolution)
+        items, skip = PreprocessedImages(job.src, mine, job.pre, opts.jpeg_draft), None
+    backoff = OomBackoff(batch_size, state.device, log=lambda m: tqdm.write(m, file=sys.stderr), skip=skip)
     loader = torch.utils.data.DataLoader(
-        PreprocessedImages(job.src, mine, job.pre, opts.jpeg_draft), batch_size=batch_size,
+        items, batch_size=batch_size,
         collate_fn=collate_list, num_workers=resolve_workers(opts.num_workers, state.device.type),
         pin_memory=state.device.type == "cuda", worker_init_fn=ignore_in_worker)  # stopped by us (interrupts.py)
-    bar = tqdm(total=sum(len(todo[i]) for i in mine), unit="img", dynamic_ncols=True,
+    bar = tqdm(total=sum(len(todo[i]) for i in mine), unit="clip" if job.video else "img", dynamic_ncols=True,
                disable=not (opts.progress and state.is_local_main_process), desc=f"encode x{state.num_processes}")
     batcher, encoded, t0 = BucketBatcher(batch_size), 0, time.perf_counter()
     timing = {"encoder_seconds": 0.0, "first_batch_seconds": 0.0, "first_batch_rows": 0}
@@ -183,11 +206,17 @@ def encode_share(job: Job, state, todo: dict[int, list[bool]], attempt: int) -> 
         t = time.perf_counter()
         latents = backoff(encode, batch)  # the latents come back on the CPU: the time is the device's
         dt = time.perf_counter() - t
+        if backoff.skipped:  # out of memory at one clip: in the failure log instead
+            batch = [r for r in batch if not any(r is s for s in backoff.skipped)]
+            bar.set_postfix(failed=log.count)
+        if latents is None:
+            bar.update(len(backoff.skipped))
+            return
         timing["encoder_seconds"] += dt
         if not timing["first_batch_rows"]:  # with --compile, the compilation is in here
             timing["first_batch_seconds"], timing["first_batch_rows"] = dt, len(batch)
         writer.add(batch_table(batch, latents, opts.dtype, job.passthrough), writer.moments(latents))
-        bar.update(len(batch))
+        bar.update(len(batch) + len(backoff.skipped))
         encoded += len(batch)
 
     for row in rows_to_encode(loader, todo, job.src, log, bar):
@@ -300,7 +329,7 @@ def write_generation(job: Job, state, t0: float, shards: list[dict], inputs, pla
                             "images_per_second": stats["rows_encoded"] / seconds if seconds > 0 else 0.0,
                             "mixed_precision": job.precision, "weights_dtype": job.weights_dtype,
                             "autocast": job.autocast_dtype is not None, "compile": job.opts.compile,
-                            "channels_last": job.channels_last}
+                            "channels_last": job.channels_last, "tiles": job.tiles}
     if job.opts.verify and state.is_main_process:
         manifest["verify"] = verify_cache(job.out, seed=job.opts.seed, vae=job.vae)
     return manifest
@@ -342,9 +371,10 @@ def run(opts: EncodeOptions) -> dict:
     this = manifest["this_run"]
     if this["process"] == 0:
         c = manifest["counts"]
+        unit = "clips" if "video" in manifest else "img"
         print(f"{opts.out}: {c['rows']} rows of {c['encoded_inputs']}/{c['inputs']} inputs in {c['shards']} shards, "
-              f"{c['failures']} failures; this run {this['rows_encoded']} rows at {this['images_per_second']:.2f} img/s "
-              f"on {this['processes']} process(es)")
+              f"{c['failures']} failures; this run {this['rows_encoded']} rows at {this['images_per_second']:.2f} "
+              f"{unit}/s on {this['processes']} process(es)")
         if this["update"]:  # a resume said so when it started (update.continuation)
             print(update_message(Path(opts.out), manifest["generation"], this["changes"]))
         if "verify" in manifest:

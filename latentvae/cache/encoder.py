@@ -6,8 +6,8 @@
     columns = encode_rows(encoder, rows, "moments", 0, device, torch.bfloat16, True)
     latents = OomBackoff(64, device)(encode, rows)                 # halves the batch on out-of-memory
 
-What is stored is the VAE's own latent, 4-D (Qwen-Image and Wan's T=1 dropped), never patchified nor
-scaled: `latent_mean` (the posterior mean, or a deterministic family's latent), `latent_logvar`, or
+What is stored is the VAE's own latent, 4-D (Qwen-Image and Wan's T=1 dropped; a video VAE's clips 5-D), never
+patchified nor scaled: `latent_mean` (the posterior mean, or a deterministic family's latent), `latent_logvar`, or
 `latent_sample`; the reader applies the family's consumer rule and formula (cache/normalize.py).
 """
 from __future__ import annotations
@@ -63,6 +63,11 @@ def check_vae_fits(opts: EncodeOptions, lv) -> None:
         what = (f"the downsampling factor {f}" if p == 1 else
                 f"{m} (the downsampling factor {f} times the {p}x{p} patch its {lv.family.name} pipeline applies)")
         raise BadInputError(f"--resolution {opts.resolution} is not a multiple of {what} of --vae {opts.vae}{hint}")
+    check_store(opts, lv)
+
+
+def check_store(opts: EncodeOptions, lv) -> None:
+    """--store against the family: a log-variance it does not have, a sample its consumers never take."""
     if opts.store != "mean" and not lv.stochastic:
         raise BadInputError(f"--store {opts.store} needs a log-variance, but --vae {opts.vae} is a deterministic "
                             f"{lv.class_name} ({lv.family.name} family, no trained posterior); use --store mean")
@@ -90,32 +95,43 @@ def inference_encoder(opts: EncodeOptions, lv, precision: str):
 
 
 # ----------------------------------------------------------------------------- batches
-def resolve_batch_size(requested: int, device: torch.device, resolution: int) -> int:
-    """--batch-size: as given, or (0) the device's pixel budget over resolution², 1 to MAX_AUTO_BATCH."""
+def resolve_batch_size(requested: int, device: torch.device, resolution: int, pixels: int = 0) -> int:
+    """--batch-size: as given, or (0) the device's pixel budget over resolution² (or over `pixels` a row:
+    a clip's T * H * W), 1 to MAX_AUTO_BATCH."""
     if requested > 0:
         return requested
     budget = AUTO_BATCH_PIXELS.get(device.type, AUTO_BATCH_PIXELS["cpu"])
-    return max(1, min(MAX_AUTO_BATCH, budget // (resolution * resolution)))
+    return max(1, min(MAX_AUTO_BATCH, budget // (pixels or resolution * resolution)))
 
 
 class OomBackoff:
     """Calls `fn` on at most `size` rows at a time; an out-of-memory error halves `size` (for the rest of
     the run) and retries the same rows, so every row is encoded exactly once, whatever size works. Out of
-    memory with one row is the allocator's error, raised as it is."""
+    memory with one row is the allocator's error, raised as it is; or, with `skip` (video clips: one clip
+    may be too large where the others fit), `skip(row)` is called, the row left out of the result and listed
+    in `skipped`, and the rest go on. A call whose every row was skipped returns None."""
 
-    def __init__(self, size: int, device: torch.device, log=print):
+    def __init__(self, size: int, device: torch.device, log=print, skip=None):
         self.size, self.device, self.log, self.halvings = size, device, log, 0
+        self.skip, self.skipped = skip, []
 
-    def __call__(self, fn, rows: list) -> dict:
-        parts, i = [], 0
+    def __call__(self, fn, rows: list) -> Optional[dict]:
+        parts, i, self.skipped = [], 0, []
         while i < len(rows):
             chunk, failed = rows[i:i + self.size], False
             try:
                 parts.append(fn(chunk))
             except torch.OutOfMemoryError:
-                if len(chunk) == 1:
+                if len(chunk) == 1 and self.skip is None:
                     raise
                 failed = True  # handled outside the except: its traceback holds the failed call's tensors
+            if failed and len(chunk) == 1:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.skip(chunk[0])
+                self.skipped.append(chunk[0])
+                i += 1
+                continue
             if failed:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -124,8 +140,8 @@ class OomBackoff:
                          f"{self.size} from now on (pass --batch-size to choose)")
                 continue
             i += len(chunk)
-        if len(parts) == 1:
-            return parts[0]
+        if len(parts) <= 1:
+            return parts[0] if parts else None
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -138,8 +154,9 @@ def sample_noise(shape, seed: int, key: str, flipped: bool) -> torch.Tensor:
 
 
 def encode_rows(encoder, rows: list[dict], store: str, seed: int, device, autocast_dtype, channels_last: bool) -> dict:
-    """Same-shape rows -> {column: float32 (B, C, h, w)} for the columns of `store`; `encoder`: a
-    model.InferenceEncoder (autocast_dtype None where its weights are half already)."""
+    """Same-shape rows -> {column: float32 (B, C, h, w)} for the columns of `store` (clips, rows of uint8
+    (3, T, H, W) pixels: (B, C, T', h, w)); `encoder`: a model.InferenceEncoder (autocast_dtype None where its
+    weights are half already)."""
     x = torch.stack([r["pixels"] for r in rows]).to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -134,7 +134,11 @@ def batch_table(rows: list[dict], latents: dict, dtype: str, passthrough) -> pa.
               "source_mtime_ns": [d.get("mtime_ns") for d in ids], "source_sha256": [d["sha256"] for d in ids],
               "source_fingerprint": [d.get("fingerprint") for d in ids],
               "metadata_sha256": table_metadata_hashes(extra) or [None] * len(rows),
-              "flipped": [r["flipped"] for r in rows], "pixel_size": [list(r["pixels"].shape[1:]) for r in rows],
+              "flipped": [r["flipped"] for r in rows], "pixel_size": [list(r["pixels"].shape[-2:]) for r in rows],
               "original_size": [list(r["original_size"]) for r in rows],
               "crop_top_left": [list(r["crop_top_left"]) for r in rows], "latent_shape": [shape] * len(rows)}
+    if "frame_indices" in rows[0]:  # clips (clips.py): which clip of which video, its frames and rate
+        from .clips import clip_values
+
+        values.update(clip_values(rows))
     return make_table(values, latents, dtype, extra)

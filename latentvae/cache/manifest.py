@@ -50,7 +50,8 @@ def vae_identity(lv, given: str) -> dict:
             "consumer": fam.consumer, "consumer_cite": fam.consumer_cite,
             "layout": {"channels": layout.channels, "factor": layout.factor, "patch": layout.patch,
                        "five_d": layout.five_d, "diffusion_channels": layout.diffusion_channels,
-                       "multiple": layout.multiple},
+                       "multiple": layout.multiple, "video": layout.video, "temporal": layout.temporal,
+                       "frame_step": layout.frame_step},
             "formula": {"convention": lv.convention, "conventions": list(fam.conventions),
                         "applies": CONVENTIONS[lv.convention], "entries": lv.factors},
             "factors": lv.provenance, "factors_origin": lv.factors_origin,
@@ -116,11 +117,13 @@ def data_location(given: str, src, out: Path) -> dict:
 
 # ----------------------------------------------------------------------------- encode-settings.json
 def run_settings(opts: EncodeOptions, vae_id: dict, pre: Preprocess) -> dict:
-    """What must be the same for the rows of one cache: the VAE's weights, the preprocessing, the storage.
-    Which inputs (--data's contents, --limit) may change: a rerun then updates the cache (update.py)."""
+    """What must be the same for the rows of one cache: the VAE's weights, the preprocessing (a video cache's:
+    clip length, rate, stride and size: clips.ClipPreprocess), the storage. Which inputs (--data's contents,
+    --limit) may change: a rerun then updates the cache (update.py)."""
+    video = getattr(pre, "video", False)
+    column = {"video_column": opts.video_column} if video else {"image_column": opts.image_column}
     return {"format_version": FORMAT_VERSION, "vae_weights_sha256": vae_id["weights_sha256"],
-            "source": {"data": opts.data, "kind": opts.data_kind, "split": opts.split,
-                       "image_column": opts.image_column},
+            "source": {"data": opts.data, "kind": opts.data_kind, "split": opts.split, **column},
             "preprocessing": pre.to_dict(), "jpeg_draft": opts.jpeg_draft, "max_image_pixels": opts.max_image_pixels,
             "store": opts.store, "dtype": opts.dtype, "seed": opts.seed if opts.store == "sample" else None}
 
@@ -240,6 +243,11 @@ def build_manifest(out: Path, settings: dict, vae_id: dict, opts: EncodeOptions,
                            f"{missing[:5]}, {len(both)} inputs both encoded and failed {both[:5]}, {len(extra)} rows "
                            f"of inputs that are gone {extra[:5]}")
     buckets = Counter(f"{w}x{h}" for s in shards for h, w in s["pixel_size"])
+    video = {}
+    if getattr(pre, "video", False):  # clips.ClipPreprocess: the clip rule, length, rate, size, temporal factor
+        from ..vae.families import family
+
+        video = {"video": {**pre.manifest_entry(family(vae_id["family"])), "videos": len(inputs.src.videos)}}
     return {
         "format_version": FORMAT_VERSION,
         "generation": generation,
@@ -248,7 +256,7 @@ def build_manifest(out: Path, settings: dict, vae_id: dict, opts: EncodeOptions,
         "cache": os.path.abspath(out),
         "limit": opts.limit,
         "preprocessing": {**pre.to_dict(), "jpeg_draft": opts.jpeg_draft,
-                          "resize": "bicubic, antialiased, cover + center crop",
+                          "resize": "bicubic, antialiased, cover + center crop" + (" (each frame alike)" if video else ""),
                           "pixel_range": "[-1, 1] = uint8 / 127.5 - 1"},
         "store": opts.store, "columns": list(STORES[opts.store]), "dtype": opts.dtype,
         "dtype_storage": DTYPE_STORAGE[opts.dtype],
@@ -261,6 +269,7 @@ def build_manifest(out: Path, settings: dict, vae_id: dict, opts: EncodeOptions,
         "inputs_sha256": inputs_fingerprint(inputs.src, inputs.n),
         "latent_statistics": measured_statistics(shards, vae_id["layout"]["diffusion_channels"],
                                                  tuple(vae_id["formula"]["conventions"])),
+        **video,
     }
 
 

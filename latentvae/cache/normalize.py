@@ -41,7 +41,8 @@ FACTOR_SOURCES = ("auto", "cache", "vae")
 UNMEASURED = ("placeholder", "run", "none")
 # the entries each convention's formula cannot do without (conventions.to_diffusion)
 READS = {"sd": ("scaling_factor",), "sdxl": ("scaling_factor",), "sd3": ("scaling_factor",),
-         "flux2": ("bn_running_mean", "bn_running_var", "batch_norm_eps"), "qwenimage": ("latents_mean", "latents_std")}
+         "flux2": ("bn_running_mean", "bn_running_var", "batch_norm_eps"), "qwenimage": ("latents_mean", "latents_std"),
+         "ltx2": ("latents_mean", "latents_std", "scaling_factor")}
 
 
 class _Default:
@@ -90,15 +91,15 @@ class Normalization:
         s = self.scale.flatten()
         return float(s[0]) if bool((s == s[0]).all()) else None
 
-    def output_shape(self, shape) -> tuple[int, int, int]:
-        """A stored latent's (C, h, w) -> the (C', h', w') a trainer gets."""
-        c, h, w = (int(v) for v in shape)
+    def output_shape(self, shape) -> tuple[int, ...]:
+        """A stored latent's (C, h, w) -> the (C', h', w') a trainer gets; a clip's (C, T, h, w) -> (C', T, h', w')."""
+        c, *rest, h, w = (int(v) for v in shape)
         p = self.patch
-        return (c * p * p, h // p, w // p)
+        return (c * p * p, *rest, h // p, w // p)
 
     def into(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """x (new float32, (B,) + output_shape) = conventions.to_diffusion(z, entries, convention) for stored
-        latents z (B, C, h, w) of any float dtype: z widened into x (patchified: the same copy, permuted, as
+        latents z (B, C, h, w) or clips (B, C, T, h, w) of any float dtype: z widened into x (patchified: the same copy, permuted, as
         pipeline_flux2.py `_patchify_latents`), then times scale, plus bias, in place."""
         if self.patch > 1:
             b, c, h, w = z.shape
@@ -107,9 +108,10 @@ class Normalization:
         else:
             x.copy_(z)
         if self.scale is not None:
-            x.mul_(self.scale)
+            per_channel = (1, -1, *([1] * (x.dim() - 2)))  # clips (B, C, T, h, w): the same scale at every T
+            x.mul_(self.scale.view(per_channel))
             if self.bias_nonzero:
-                x.add_(self.bias)
+                x.add_(self.bias.view(per_channel))
         return x
 
 

@@ -8,6 +8,7 @@
         loader.set_epoch(epoch)                                    # new order, new posterior noise
         for batch in loader:                                       # read ahead by a thread of this process
             x = batch["latents"]                                   # float32 (B, C', h', w'), ~N(0, 1)
+                                                                   # a video cache: (B, C, T', h', w')
 
 A batch holds what the family of the cache's VAE feeds its diffusion model (normalize.py): the latent its
 consumers take (FLUX.2, Wan: the posterior mode; SD/SDXL/SD3, Qwen-Image, HunyuanImage: a posterior sample
@@ -68,11 +69,12 @@ def stored_latents(column: Union[pa.ChunkedArray, pa.Array], dtype: str, count: 
     Python lists: the three list levels are flattened to the values buffer and reshaped."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    c = column.value_lengths()[0].as_py()
-    level2 = column.flatten()
-    h = level2.value_lengths()[0].as_py()
-    values = level2.flatten().flatten().to_numpy(zero_copy_only=False)
-    return _stored_tensor(values, dtype).view(count, c, h, values.size // (count * c * h))
+    shape = [count]
+    while pa.types.is_list(column.type.value_type):  # every level but the innermost: C, h (clips: C, T, h)
+        shape.append(column.value_lengths()[0].as_py())
+        column = column.flatten()
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return _stored_tensor(values, dtype).view(*shape, values.size // int(np.prod(shape)))
 
 
 def _stored_tensor(values: np.ndarray, dtype: str) -> torch.Tensor:
@@ -165,7 +167,8 @@ class LatentDataset(torch.utils.data.Dataset):
             flipped = self.data.data.column("flipped").to_numpy(zero_copy_only=False)
             self.rows = np.flatnonzero(~flipped.astype(bool)).astype(np.int64)
         col = self.data.data.column("latent_shape").combine_chunks()
-        self._shapes = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, 3).astype(np.int32)
+        ndim = col.value_lengths()[0].as_py() if len(col) else 3  # [C, h, w]; clips [C, T, h, w]
+        self._shapes = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, ndim).astype(np.int32)
         self._index_arrow()
 
     def _index_arrow(self) -> None:
@@ -181,13 +184,17 @@ class LatentDataset(torch.utils.data.Dataset):
         for name in self.latent_columns:
             leaves, chunk_of, starts, first = [], [], [], 0
             for k, chunk in enumerate(table.column(name).chunks):
-                l2 = chunk.values
-                l3 = l2.values
-                leaf = l3.values
-                if chunk.null_count or l2.null_count or l3.null_count or leaf.null_count:
+                levels = [chunk]  # the list levels, outermost first: C, h (clips: C, T, h), w
+                while pa.types.is_list(levels[-1].type):
+                    levels.append(levels[-1].values)
+                leaf = levels.pop()
+                if any(a.null_count for a in (*levels, leaf)):
                     return
-                o1, o2, o3 = (a.offsets.to_numpy(zero_copy_only=False) for a in (chunk, l2, l3))
-                at = o3[o2[o1]].astype(np.int64)  # the flat position of each row's first value, and the end
+                at = None  # the flat position of each row's first value, and the end
+                for a in reversed(levels):
+                    o = a.offsets.to_numpy(zero_copy_only=False)
+                    at = o if at is None else at[o]
+                at = at.astype(np.int64)
                 if not np.array_equal(np.diff(at), sizes[first:first + len(chunk)]):
                     return  # a row whose values are not its latent_shape's count
                 try:
@@ -214,11 +221,12 @@ class LatentDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def latent_shapes(self) -> np.ndarray:
-        """(len, 3) int array of every row's stored [C, h, w], from the `latent_shape` column only."""
+        """(len, 3) int array of every row's stored [C, h, w] (a video cache: (len, 4), [C, T, h, w]), from the
+        `latent_shape` column only."""
         return self._shapes[self.rows].astype(np.int64)
 
-    def output_shape(self, latent_shape) -> tuple[int, int, int]:
-        """The (C', h', w') of the `latents` of a row whose stored latent_shape is (C, h, w)."""
+    def output_shape(self, latent_shape) -> tuple[int, ...]:
+        """The (C', h', w') of the `latents` of a row whose stored latent_shape is (C, h, w) (clips: (C, T, h, w))."""
         return self.norm.output_shape(latent_shape)
 
     def __getitem__(self, i: int) -> dict:

@@ -9,6 +9,10 @@ Each row is one stored image (two per input with --flip): the ROW_COLUMNS (where
 from and what identifies it, how it was cropped, the latent's shape), then the latent columns of the --store (STORES),
 then every other column of a `datasets` input. A latent is a nested list (C, h, w) of the arrow
 type DTYPES[dtype] names; bf16 is stored as its raw 16 bits (uint16) since parquet has no bf16.
+
+A video cache (clips of a video VAE) stores one row per clip: the latent is (C, T', h, w), one list level
+deeper, `latent_shape` is [C, T', h, w], and the VIDEO_COLUMNS follow the ROW_COLUMNS (which clip of which
+video, its frame indices in the source and its frame rate).
 """
 from __future__ import annotations
 
@@ -38,6 +42,14 @@ ROW_COLUMNS: dict[str, pa.DataType] = {
     "crop_top_left": SIZE,  # [top, left] of the crop in the resized image (SDXL's crops_coords_top_left)
     "latent_shape": SIZE,  # [C, h, w]
 }
+# a video cache's rows (one per clip) also have these, after ROW_COLUMNS
+VIDEO_COLUMNS: dict[str, pa.DataType] = {
+    "video_key": pa.string(),  # the clip's video: its path relative to the folder, or `[row]` of a dataset
+    "clip_index": pa.int64(),  # k of `video_key#clipk`: the k-th clip of that video
+    "frame_indices": pa.list_(pa.int64()),  # the source frame of each of the clip's T frames (presentation order)
+    "fps": pa.float64(),  # frames per second of the clip (--fps, or its video's own)
+    "source_fps": pa.float64(),  # its video's frame rate
+}
 # --store: the latent columns each row holds
 STORES: dict[str, tuple[str, ...]] = {
     "mean": ("latent_mean",),
@@ -45,7 +57,7 @@ STORES: dict[str, tuple[str, ...]] = {
     "sample": ("latent_sample",),  # one posterior sample, seeded by (seed, source_key, flipped)
 }
 LATENT_COLUMNS = ("latent_mean", "latent_logvar", "latent_sample")
-OWN_COLUMNS = (*ROW_COLUMNS, *LATENT_COLUMNS)  # an input column of one of these names is refused
+OWN_COLUMNS = (*ROW_COLUMNS, *VIDEO_COLUMNS, *LATENT_COLUMNS)  # an input column of one of these names is refused
 # --dtype: torch dtype of the values and the arrow type they are stored as. bf16 is stored as its
 # raw 16 bits (uint16): exact and half the size of float32; parquet has no bf16 type.
 DTYPES: dict[str, tuple[torch.dtype, pa.DataType]] = {
@@ -56,16 +68,21 @@ DTYPES: dict[str, tuple[torch.dtype, pa.DataType]] = {
 DTYPE_STORAGE = {"fp16": "float16", "fp32": "float32", "bf16": "uint16 raw bfloat16 bits (float32 = bits << 16)"}
 
 
-def latent_type(dtype: str) -> pa.DataType:
-    """The arrow type of one latent: list<list<list<T>>>, (C, h, w)."""
-    return pa.list_(pa.list_(pa.list_(DTYPES[dtype][1])))
+def latent_type(dtype: str, ndim: int = 3) -> pa.DataType:
+    """The arrow type of one latent: list<list<list<T>>>, (C, h, w); ndim 4: one level more, (C, T, h, w)."""
+    t = DTYPES[dtype][1]
+    for _ in range(ndim):
+        t = pa.list_(t)
+    return t
 
 
 def nested_list_array(a: np.ndarray) -> pa.Array:
-    """(B, C, h, w) -> a list<list<list<T>>> array of B rows, so `datasets` gives (C, h, w) per row."""
-    B, C, h, w = a.shape
+    """(B, C, h, w) -> a list<list<list<T>>> array of B rows, so `datasets` gives (C, h, w) per row; (B, C, T, h, w)
+    -> one level more, (C, T, h, w) per row."""
     arr = pa.array(a.reshape(-1))
-    for step, count in ((w, B * C * h), (h, B * C), (C, B)):
+    count = a.size
+    for step in reversed(a.shape[1:]):  # innermost level first: w, h, (T,) C
+        count //= step
         arr = pa.ListArray.from_arrays(pa.array(np.arange(0, (count + 1) * step, step, dtype=np.int32)), arr)
     return arr
 
@@ -87,13 +104,14 @@ def from_storage(x: Any, dtype: str) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x, dtype=np.float32))
 
 
-def arrow_schema(dtype: str, store: str, extra_features=None) -> pa.Schema:
-    """The shards' arrow schema, with `datasets` features in its metadata: the ROW_COLUMNS, the
-    latent columns of `store`, then `extra_features` (a `datasets.Features` of passthrough columns,
-    ClassLabels and all)."""
+def arrow_schema(dtype: str, store: str, extra_features=None, video: bool = False) -> pa.Schema:
+    """The shards' arrow schema, with `datasets` features in its metadata: the ROW_COLUMNS (and a video
+    cache's VIDEO_COLUMNS), the latent columns of `store` ((C, T, h, w) for video), then `extra_features` (a
+    `datasets.Features` of passthrough columns, ClassLabels and all)."""
     import datasets
 
-    fields = [*ROW_COLUMNS.items(), *((name, latent_type(dtype)) for name in STORES[store])]
+    own = {**ROW_COLUMNS, **(VIDEO_COLUMNS if video else {})}
+    fields = [*own.items(), *((name, latent_type(dtype, 4 if video else 3)) for name in STORES[store])]
     features = datasets.Features.from_arrow_schema(pa.schema(fields))
     if extra_features is not None:
         features = datasets.Features({**features, **extra_features})
@@ -102,11 +120,12 @@ def arrow_schema(dtype: str, store: str, extra_features=None) -> pa.Schema:
 
 def make_table(values: dict[str, list], latents: dict[str, torch.Tensor], dtype: str,
                extra: Optional[pa.Table] = None) -> pa.Table:
-    """One batch of rows as an arrow table: `values` (a list per ROW_COLUMNS name; a missing source
-    identity column is null, as in synthetic caches), the latent
-    columns (float (B, C, h, w) each) stored as `dtype`, then the columns of `extra`."""
+    """One batch of rows as an arrow table: `values` (a list per ROW_COLUMNS name, and per VIDEO_COLUMNS name
+    for clips; a missing source identity column is null, as in synthetic caches), the latent
+    columns (float (B, C, h, w) each; clips (B, C, T, h, w)) stored as `dtype`, then the columns of `extra`."""
     n = len(values["source_index"])
-    cols = {name: pa.array(values.get(name, [None] * n), typ) for name, typ in ROW_COLUMNS.items()}
+    own = {**ROW_COLUMNS, **(VIDEO_COLUMNS if "frame_indices" in values else {})}
+    cols = {name: pa.array(values.get(name, [None] * n), typ) for name, typ in own.items()}
     for name, x in latents.items():
         cols[name] = nested_list_array(to_storage(x, dtype))
     table = pa.table(cols)

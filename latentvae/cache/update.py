@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 
 from ..fsutil import atomic_write_bytes, atomic_write_json, fsync_dir
 from ..images import BadImage
-from .schema import ROW_COLUMNS, from_storage
+from .schema import ROW_COLUMNS, VIDEO_COLUMNS, from_storage
 from .writer import COPY_RANK, ShardWriter, failure_log_paths, list_shards, read_jsonl, shard_attempt_rank
 
 JOURNAL_FILE = "update.json"
@@ -84,7 +84,7 @@ class Inputs:
     keys: list[str] = field(init=False)
     index: dict[str, int] = field(init=False)
     _stat: dict[int, Optional[dict]] = field(default_factory=dict, init=False)
-    _sha: dict[int, Optional[str]] = field(default_factory=dict, init=False)
+    _sha: dict = field(default_factory=dict, init=False)  # input index (or ("video", v)) -> sha256
     _meta: Optional[list] = field(default=None, init=False)
 
     def __post_init__(self):
@@ -101,13 +101,15 @@ class Inputs:
         return self._stat[i]
 
     def sha256(self, i: int) -> Optional[str]:
-        """sha256 of input i's bytes now (read once; None if unreadable)."""
-        if i not in self._sha:
+        """sha256 of input i's bytes now (read once; None if unreadable). The clips of one video (ClipSource:
+        `video(i)`) share its bytes: read once for all of them."""
+        key = ("video", self.src.video(i)) if hasattr(self.src, "video") else i
+        if key not in self._sha:
             try:
-                self._sha[i] = self.src.fetch(i)[1]["sha256"]
+                self._sha[key] = self.src.fetch(i)[1]["sha256"]
             except BadImage:
-                self._sha[i] = None
-        return self._sha[i]
+                self._sha[key] = None
+        return self._sha[key]
 
     def metadata(self, i: int) -> Optional[str]:
         if self.passthrough is None:
@@ -183,7 +185,8 @@ def make_plan(shards: list[dict], failure_records: list[dict], inputs: Inputs, f
             carry[s["name"]] = moves
     carried = sum(len(v) for v in carry.values())
     dropped = sum(s["rows"] for s in shards if s["name"] in carry) - carried
-    failures = live_failures(failure_records, inputs, {k for k, _ in kept})
+    # a failure to retry (out of memory: writer.FailureLog) is encoded again; the manifest lists it until then
+    failures = [rec for rec in live_failures(failure_records, inputs, {k for k, _ in kept}) if not rec.get("retry")]
     failed = {rec["source_key"] for rec in failures}
     todo = {}
     for i, key in enumerate(inputs.keys):
@@ -305,7 +308,7 @@ def carry_rows(out: Path, plan: Plan, inputs: Inputs, writer: ShardWriter, dtype
         part = pq.read_table(out / "data" / name).take(pa.array([r for r, _ in moves], pa.int64()))
         idx = [i for _, i in moves]
         now = [inputs.stat(i) or {} for i in idx]
-        cols = {c: part.column(c) for c in ROW_COLUMNS}
+        cols = {c: part.column(c) for c in (*ROW_COLUMNS, *VIDEO_COLUMNS) if c in part.column_names}
         for col, key in (("source_size", "size"), ("source_mtime_ns", "mtime_ns"), ("source_fingerprint", "fingerprint")):
             if any(key in n for n in now):
                 cols[col] = pa.array([n.get(key) for n in now], ROW_COLUMNS[col])

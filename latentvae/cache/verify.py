@@ -199,13 +199,19 @@ def verify_cache(cache: str | Path, limit: int = 8, seed: int = 0, *, vae=None, 
     tiles = configure_tiling("the cache's VAE", vae.module, tiling, tile_size, encode=False)
     s = manifest["source"]
     data = data_path or cache_data(cache, manifest)
+    column = "latent_mean" if "latent_mean" in manifest["columns"] else "latent_sample"
+    if manifest.get("video"):  # clips: decoded 5-D, PSNR per frame (verify_clips.py)
+        from .verify_clips import manifest_clips, verify_clips
+
+        clips = manifest_clips(manifest, data)
+        records = read_sampled_rows(cache, clips, data, column, limit, seed, s, manifest)
+        return verify_clips(cache, manifest, vae, clips, records, column, pairs_dir, tiles)
     src = open_source(data, s["kind"], s["split"], s["image_column"], 10**12)
     pre, draft = manifest_preprocess(manifest), manifest["preprocessing"]["jpeg_draft"]
     if pre.mode == "crops":
         from ..sources import CropSource
 
         src = CropSource(src, pre.crops, pre.crop_seed)
-    column = "latent_mean" if "latent_mean" in manifest["columns"] else "latent_sample"
     results = []
     for shard, row, rec, i in read_sampled_rows(cache, src, data, column, limit, seed, s, manifest):
         sid, flipped = rec["source_id"][0].as_py(), rec["flipped"][0].as_py()
@@ -229,11 +235,14 @@ def print_report(report: dict) -> None:
     print(f"{'shard:row':<28} {'flip':<5} {'PSNR dB':>8}  source")
     for r in report["samples"]:
         print(f"{r['shard'] + ':' + str(r['row']):<28} {str(r['flipped']):<5} {r['psnr']:8.2f}  {r['source_id']}")
+        if "frame_psnr" in r:  # a clip: its mean above, each frame's here
+            print(f"{'':<34}   per frame: {' '.join(f'{v:.1f}' for v in r['frame_psnr'])}")
     t = report.get("tiles")
     tiled = (f", decoded in tiles of {t['tile_sample_min_size']} px ({t['tile_latent_min_size']} latent, overlap "
              f"{t['tile_overlap_factor']:g})") if t else ""
     print(f"mean PSNR {report['mean_psnr']:.2f} dB, min {report['min_psnr']:.2f} dB over {len(report['samples'])} "
-          f"rows of {report['column']}{tiled}")
+          f"rows of {report['column']}{tiled}" + (f" (clips of {report['frames']} frames: each the mean of its frames' "
+                                                 "PSNR)" if "frames" in report else ""))
 
 
 def run(opts: DecodeOptions) -> dict:

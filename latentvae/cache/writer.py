@@ -124,11 +124,14 @@ class FailureLog:
         self.count = 0
 
     def add(self, index: int, source_id: str, reason: str, key: Optional[str] = None,
-            identity: Optional[dict] = None) -> None:
+            identity: Optional[dict] = None, retry: bool = False) -> None:
         """One input that could not be used: where it was, why, and what identified it then (its key and
-        stat identity: a rerun retries it once it changed)."""
+        stat identity: a rerun retries it once it changed). `retry`: a rerun tries it again anyway (a clip
+        that ran out of memory: the rerun may have --tiling); until then it counts as failed."""
         rec = {"source_index": index, "source_id": source_id, "reason": reason, "source_key": key,
                "identity": identity}
+        if retry:
+            rec["retry"] = True
         with open(self.path, "ab") as f:
             f.write((json.dumps(rec) + "\n").encode())
             f.flush()
@@ -151,6 +154,9 @@ def row_moments(latents: dict, sample: bool = True, patch: int = 1):
 
     z = latents.get("latent_sample", latents.get("latent_mean"))
     logvar = latents.get("latent_logvar") if sample and "latent_sample" not in latents else None
+    if z.dim() == 5:  # clips (B, C, T, h, w): per-channel sums, so time folds into height exactly
+        z = z.reshape(z.shape[0], z.shape[1], -1, z.shape[-1])
+        logvar = None if logvar is None else logvar.reshape(z.shape)
     if patch > 1:
         z, logvar = patchify(z, patch), None if logvar is None else patchify(logvar, patch)
     rows = [batch_moments(z[i:i + 1], None if logvar is None else logvar[i:i + 1]) for i in range(len(z))]
@@ -171,7 +177,8 @@ class ShardWriter:
         self.n_pending, self.seq, self.written = 0, 0, []
 
     def moments(self, latents: dict) -> np.ndarray:
-        """row_moments of `latents` ({column: (B, C, h, w)}) as this cache's trainers draw them."""
+        """row_moments of `latents` ({column: (B, C, h, w)}, or clips' (B, C, T, h, w)) as this cache's trainers
+        draw them."""
         return row_moments(latents, self.sample, self.patch)
 
     def add(self, table: pa.Table, row_moments: np.ndarray) -> None:
@@ -192,7 +199,7 @@ class ShardWriter:
         moments = np.concatenate(self.pending_moments)
         head, rest = table.slice(0, n), table.slice(n)
         shapes = head.column("latent_shape").to_pylist()
-        count = int(sum(h * w for _, h, w in shapes)) // self.patch ** 2  # positions per (patchified) channel
+        count = int(sum(np.prod(s[1:]) for s in shapes)) // self.patch ** 2  # positions per (patchified) channel
         record = {"count": count, "sum": moments[:n, 0].sum(0).tolist(),
                   "sumsq": moments[:n, 1].sum(0).tolist()}
         head = head.replace_schema_metadata({**(head.schema.metadata or {}), MOMENTS_KEY: json.dumps(record)})

@@ -19,8 +19,16 @@ otherwise; `--tiling` uses diffusers' tiled encode/decode. REPORT gets `per_imag
 layout) and `spectrum.png`, staged beside REPORT and renamed into place whole (fsutil.staged_folder).
 docs/evaluation.md states the conventions.
 
+Videos (`--data` a folder of video files or a dataset with a --video-column; video VAEs only):
+
+    latentvae evaluate --vae WAN --vae LTX2 --data videos/ --frames 17 --fps 8 --resolution 64x64 --out REPORT
+    latentvae evaluate --vae WAN --data videos/ --frames 49 --resolution 480x832 --tiling --i3d I3D.safetensors --out R
+
+per-frame PSNR/SSIM/LPIPS, temporal PSNR, FVD with --i3d, a strip PNG per clip (video.py, video_report.py).
+
 The package: inputs.py (the images, protocols and fit), scoring.py (one VAE over the images: rows,
-latent statistics, its summary), report.py (the files), job.py (the command).
+latent statistics, its summary), report.py (the files), job.py (the command), video.py (clips through every
+VAE: the clip rule, the scores, FVD), video_report.py (its files and strips).
 """
 from ..vae.model import configure_tiling
 from .inputs import FITS, PROTOCOLS, fit_crop, fit_pad

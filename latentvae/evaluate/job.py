@@ -2,6 +2,8 @@
 
     summary = run_evaluation(opts)       # the library call: summary.json's contents
     run(opts)                            # the command: progress on stderr, the table on stdout
+
+Video --data (video_sources.is_video_data) goes to video.py: clips, per-frame figures, FVD, strips.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from ..precision import cpu_capability, resolve_mixed_precision
 from ..vae.loaded import LoadedVae
 from ..vae.loading import NotAnAutoencoder, load_vae, with_flag
 from ..vae.model import configure_tiling
+from ..video_sources import is_video_data
 from .inputs import PROTOCOLS, common_multiple, open_images
 from .report import finite_or_none, is_report, markdown_table, vaes_table, write_report
 from .scoring import SPECTRUM_BINS, Rfid, evaluate_vae, summarize
@@ -105,6 +108,14 @@ def run_evaluation(opts: EvaluateOptions, log=print, vae_flag: str = "--vae") ->
     out = Path(opts.out)
     check_output_folder(out, "--out", is_report, "an evaluation report (summary.json)")
     dev = resolve_device(opts.device)
+    if is_video_data(opts.data, opts.data_kind, opts.video_column, opts.split):
+        from .video import check_image_only_options, run_video_evaluation
+
+        check_image_only_options(opts)
+        return run_video_evaluation(opts, dev, load_all(opts.vae, dev, vae_flag, job="evaluate-video"), log)
+    if opts.video_options():
+        raise BadInputError(f"{', '.join(opts.video_options())}: video options; --data {opts.data} holds images "
+                            "(clips take a folder of video files or a dataset with a --video-column)")
     vaes = load_all(opts.vae, dev, vae_flag)
     multiple = common_multiple(lv for _, lv in vaes.values())
     src = open_images(opts)
@@ -131,7 +142,11 @@ def run(opts: EvaluateOptions) -> dict:
 
     with says_if_published(opts.out, "report"):
         summary = run_evaluation(opts, log=lambda m: print(m, file=sys.stderr))
-    print(markdown_table(summary["vaes"]))
+    if summary["settings"].get("data_type") == "video":
+        from .video_report import VIDEO_COLUMNS
+        print(markdown_table(summary["vaes"], VIDEO_COLUMNS))
+    else:
+        print(markdown_table(summary["vaes"]))
     print()
     print(vaes_table(summary["vaes"]))
     print(f"report: {opts.out}/report.md")

@@ -41,12 +41,13 @@ def finite_or_none(value):
     return value
 
 
-def markdown_table(summary: dict[str, dict]) -> str:
-    keys = [k for k in TABLE_COLUMNS if any(s.get(k) is not None for s in summary.values())]
-    lines = ["| VAE | " + " | ".join(TABLE_COLUMNS[k][0] for k in keys) + " |",
+def markdown_table(summary: dict[str, dict], columns: dict = TABLE_COLUMNS) -> str:
+    """The figures of `columns` (summary key -> (header, format)) any VAE has, one row per VAE."""
+    keys = [k for k in columns if any(s.get(k) is not None for s in summary.values())]
+    lines = ["| VAE | " + " | ".join(columns[k][0] for k in keys) + " |",
              "|---|" + "---:|" * len(keys)]
     for label, s in summary.items():
-        cells = ["—" if s.get(k) is None else TABLE_COLUMNS[k][1].format(s[k]) for k in keys]
+        cells = ["—" if s.get(k) is None else columns[k][1].format(s[k]) for k in keys]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -91,6 +91,8 @@ class CalibrationConfig:
     split: str = "train"
     column: str = "image"
     keep_latents: int = 4  # posterior means kept for the fp16 decoder check
+    frames: int = 17  # a video source: clips of this many frames (the VAE's clip rule), `count` of them
+    fps: Optional[float] = None  # a video source: clips resampled to this rate (None: the video's own)
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,32 @@ def calibration_images(cfg: CalibrationConfig, multiple: int):
         yield (torch.stack(batch) if batch else None), skipped
 
 
+def calibration_clips(cfg: CalibrationConfig, lv: LoadedVae):
+    """As calibration_images for a video source: the first `count` clips of `frames` frames at `fps`,
+    (resolution x resolution), each one batch (clips are large); undecodable videos skipped with their reason."""
+    from ..video_sources import ClipSource, open_video_source
+
+    lo, hi = lv.layout.nearest_frames(cfg.frames)
+    if not lv.video:
+        lv.require("encode-video", f"--calibrate {cfg.source}")
+    if not lv.layout.frames_ok(cfg.frames):
+        raise BadInputError(f"--frames {cfg.frames}: {lv.class_name} takes clips of 1 + {lv.layout.frame_step}k "
+                            f"frames ({lv.family.frames_cite}); use {lo} or {hi}")
+    clips = ClipSource(open_video_source(cfg.source, cfg.kind, cfg.split, cfg.column if cfg.column != "image"
+                                         else "video"), cfg.frames, cfg.fps)
+    used = 0
+    for i in range(len(clips)):
+        if used >= cfg.count:
+            break
+        try:
+            pixels, _ = clips.load_clip(i, (cfg.resolution, cfg.resolution))
+        except BadImage as e:
+            yield None, [f"{clips.name(i)} ({e})"]
+            continue
+        used += 1
+        yield pixels.unsqueeze(0).float().div(127.5).sub(1.0), []
+
+
 def pipeline_view(mean: torch.Tensor, logvar: Optional[torch.Tensor], patch: int):
     """The posterior as the pipeline's formula sees it: 4-D VAE latents, p x p-patchified (flux2) or as they are."""
     if patch == 1:
@@ -152,7 +180,8 @@ def pipeline_view(mean: torch.Tensor, logvar: Optional[torch.Tensor], patch: int
 
 @torch.no_grad()
 def calibrate(lv: LoadedVae, cfg: CalibrationConfig) -> LatentStats:
-    """Encode `cfg.count` images; measure what the family's consumers take, on its pipeline's view, and the
+    """Encode `cfg.count` images (or clips of a video source: their 5-D latents, per channel over time and
+    space); measure what the family's consumers take, on its pipeline's view, and the
     entries of `cfg.convention` under which that formula gives zero-mean (sd: only unit-) variance latents."""
     fam, layout = lv.family, lv.layout
     check_resolution(lv, cfg.resolution)
@@ -160,7 +189,10 @@ def calibrate(lv: LoadedVae, cfg: CalibrationConfig) -> LatentStats:
     dtype = next(lv.module.parameters()).dtype
     posterior = consumed = None
     skipped, kept, n = [], [], 0
-    for x, bad in calibration_images(cfg, layout.multiple):
+    from ..video_sources import is_video_data
+
+    video = is_video_data(cfg.source, cfg.kind, "video", cfg.split)
+    for x, bad in (calibration_clips(cfg, lv) if video else calibration_images(cfg, layout.multiple)):
         skipped += bad
         if x is None:
             continue
@@ -173,7 +205,8 @@ def calibrate(lv: LoadedVae, cfg: CalibrationConfig) -> LatentStats:
         if sum(k.shape[0] for k in kept) < cfg.keep_latents:
             kept.append(mean)
     if consumed is None:
-        raise BadInputError(f"{cfg.source}: no decodable image to calibrate on (skipped: {len(skipped)})")
+        raise BadInputError(f"{cfg.source}: no decodable {'clip' if video else 'image'} to calibrate on (skipped: "
+                            f"{len(skipped)}{': ' + skipped[0] if skipped else ''})")
     channel_mean, channel_std = channel_mean_std(consumed)
     g_mean, g_std = global_mean_std(consumed)
     entries = diffusers_config(convention, channel_mean=channel_mean.tolist(), channel_std=channel_std.tolist(),

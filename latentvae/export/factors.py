@@ -31,6 +31,8 @@ UNMEASURED_SCALING = 1.0  # identity: diffusers needs some value; 1.0 is not pas
 TILE_SAMPLE_SIZE = 512  # a run's exported sample_size at least (the SD VAE's): diffusers tiles by it
 WHERE = {"flux2": "diffusion_pytorch_model.safetensors (bn.running_mean, bn.running_var: BatchNorm buffers its "
                   "encode/decode never apply; its pipeline reads them)",
+         "ltx2": "diffusion_pytorch_model.safetensors (latents_mean, latents_std: buffers its pipelines read) and "
+                 "config.json (scaling_factor)",
          "tiny": "nothing: TAESD latents are the target VAE's latents, already normalized"}
 
 
@@ -53,6 +55,8 @@ def placeholder(src: Source) -> dict:
         return {"bn_running_mean": [0.0] * n, "bn_running_var": [1.0] * n}
     if name in ("qwenimage", "wan"):
         return {"latents_mean": [0.0] * c, "latents_std": [1.0] * c}
+    if name == "ltx2":
+        return {"latents_mean": [0.0] * c, "latents_std": [1.0] * c, "scaling_factor": 1.0}
     if name == "tiny":
         return {}
     return {"scaling_factor": UNMEASURED_SCALING, "shift_factor": None, "latents_mean": None, "latents_std": None}
@@ -85,7 +89,8 @@ class FactorPlan:
 
 
 def kept_origin(src: Source) -> str:
-    where = "BatchNorm buffers" if src.lv.family.name == "flux2" else "config.json"
+    where = {"flux2": "BatchNorm buffers", "ltx2": "latents_mean/latents_std buffers"}.get(src.lv.family.name,
+                                                                                             "config.json")
     return f"the source's {where} ({src.lv.provenance})"
 
 

@@ -57,7 +57,8 @@ def measure(src: Source, options: ExportOptions, log) -> tuple[Optional[LatentSt
         log(f"latent statistics: NOT measured (no --calibrate); {written_where(src)} gets {kept}")
         return None, None
     stats = calibrate(src.lv, CalibrationConfig(options.calibrate, options.limit, options.resolution,
-                                                options.convention, keep_latents=options.fp16_images))
+                                                options.convention, keep_latents=options.fp16_images,
+                                                frames=options.frames, fps=options.fps))
     log(format_stats(stats))
     fp16 = fp16_check(src.lv, stats.sample_latents) if options.fp16_images > 0 else None
     log(format_fp16(fp16) if fp16 else "fp16 check: skipped (--fp16-images 0); force_upcast kept as it was")

@@ -2,32 +2,54 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+import re
+from typing import Literal, Optional, Union
 
 from .common import DATA_HELP, PRECISION_HELP, VAE_HELP, DataKind, Precision, _check_tile_size, _positive
 from .fields import REQUIRED, OptionError, opt
 
 
+def resolution_hw(value: Union[int, str]) -> tuple[int, int]:
+    """--resolution as (H, W): N is N x N, "HxW" (or "H,W") is H x W; OptionError for anything else."""
+    if isinstance(value, int):
+        return value, value
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX,]\s*(\d+))?\s*", str(value))
+    if not m:
+        raise OptionError(f"--resolution {value!r}: expected a side N or HEIGHTxWIDTH (e.g. 480x832)")
+    h = int(m.group(1))
+    return h, int(m.group(2) or h)
+
+
 @dataclass(frozen=True)
 class EncodeOptions:
-    """Encode an image folder or a `datasets` dataset to a resumable parquet cache of latents
-    (`accelerate launch -m latentvae encode ...` for several processes)."""
+    """Encode an image or video folder or a `datasets` dataset to a resumable parquet cache of latents
+    (`accelerate launch -m latentvae encode ...` for several processes). Video data (video files, or a
+    --video-column) is cut into clips of --frames frames at --fps, one row per clip (docs/encode.md, Videos)."""
     vae: str = opt(REQUIRED, VAE_HELP)
     data: str = opt(REQUIRED, DATA_HELP)
     out: str = opt(REQUIRED, "cache folder: new, empty, or an earlier cache of the same settings (resumed)")
     data_kind: DataKind = opt("auto", "what --data is (auto: from the path)")
     split: str = opt("train", "split of a `datasets` input")
     image_column: str = opt("image", "image column of a `datasets` input")
+    video_column: str = opt("video", "video column of a `datasets` input (video data)")
     limit: int = opt(0, "only the first N inputs (0: all); rerun with a larger N to encode the next ones")
     preprocess: Literal["center-crop", "buckets", "crops"] = opt(
         "center-crop", "resize and crop mode: center-crop, buckets (aspect-ratio buckets), crops (--crops random "
                        "squares per image)")
-    resolution: int = opt(256, "square side, a multiple of the VAE's downsampling factor; aspect buckets hold "
-                               "about its square")
+    resolution: Union[int, str] = opt(256, "square side, a multiple of the VAE's downsampling factor; aspect buckets "
+                                           "hold about its square; video data: N or HxW (e.g. 480x832)")
     max_aspect: float = opt(2.0, "widest bucket aspect ratio")
     crops: int = opt(16, "--preprocess crops: random resolution x resolution crops per image (seeded by --seed)")
     crop_scale: int = opt(0, "--preprocess crops: resize each image's short side to this first (0: native size)")
-    flip: bool = opt(False, "also store a horizontally flipped copy of every image")
+    flip: bool = opt(False, "also store a horizontally flipped copy of every image (or clip)")
+    frames: int = opt(0, "video data: frames per clip, 1 + k times the VAE's frame step (0: 49, which every video "
+                         "family takes)")
+    fps: float = opt(0.0, "video data: frames per second clips are resampled to (0: each video's own)")
+    clip_stride: int = opt(0, "video data: output frames from one clip's start to the next's (0: --frames, clips "
+                              "end to end)")
+    tiling: bool = opt(False, "video data: encode in the VAE class's own tiles (vae.enable_tiling(); in time too "
+                              "where diffusers does: LTX-2 framewise): memory bounded by the tile, not the clip")
+    tile_size: int = opt(0, "with --tiling: tile side in pixels (0: the model's own)")
     store: Literal["mean", "moments", "sample"] = opt("mean", "latent columns of each row")
     dtype: Literal["fp16", "bf16", "fp32"] = opt("fp16", "stored dtype of the latents")
     shard_size: int = opt(1000, "rows per parquet shard")
@@ -49,7 +71,12 @@ class EncodeOptions:
     progress: bool = opt(True, "progress bar")
 
     def check(self) -> None:
-        _positive(shard_size=self.shard_size, resolution=self.resolution)
+        _positive(shard_size=self.shard_size)
+        _positive(**{"resolution": min(resolution_hw(self.resolution))})
+        if self.frames < 0 or self.fps < 0 or self.clip_stride < 0:
+            raise OptionError(f"--frames, --fps and --clip-stride must be >= 0 (0: the default), got {self.frames}, "
+                              f"{self.fps:g}, {self.clip_stride}")
+        _check_tile_size(self.tiling, self.tile_size)
         if self.batch_size < 0:
             raise OptionError(f"--batch-size must be >= 0 (0: suited to the device), got {self.batch_size}")
         if self.limit < 0:

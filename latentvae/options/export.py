@@ -24,13 +24,18 @@ class ExportOptions:
     dtype: Literal["fp32", "fp16", "bf16"] = opt("fp32", "stored dtype of the weights")
     calibrate: Optional[str] = opt(None, "images to measure the latent statistics on (" + DATA_HELP + ")",
                                    metavar="DATA")
-    convention: Optional[Literal["sd", "sdxl", "sd3", "flux2", "qwenimage"]] = opt(
+    convention: Optional[Literal["sd", "sdxl", "sd3", "flux2", "qwenimage", "ltx2"]] = opt(
         None, "the pipeline formula that must give unit latents, one of the VAE family's: sd (SD 1.x/2.x, SANA, "
               "HunyuanImage: z * scaling_factor), sdxl (SDXL family: (z - latents_mean) * scaling_factor / "
               "latents_std, 4 channels), sd3 (SD3/FLUX.1: (z - shift_factor) * scaling_factor), flux2 (FLUX.2: "
-              "2x2 patchify, BatchNorm statistics), qwenimage (Qwen-Image, Wan: (z - latents_mean) / latents_std); "
+              "2x2 patchify, BatchNorm statistics), qwenimage (Qwen-Image, Wan: (z - latents_mean) / latents_std), ltx2 (LTX-2: "
+              "(z - latents_mean) * scaling_factor / latents_std, the VAE's buffers); "
               "default: the one the VAE's own factors are for (AutoencoderKL: sd3 for 16 channels, else sd)")
-    limit: int = opt(64, "calibration images")
+    limit: int = opt(64, "calibration images (of videos: clips)")
+    frames: int = opt(17, "--calibrate on videos (a video VAE): frames per clip, on the VAE's clip rule (1 + 4k; "
+                          "LTX-2 and CogVideoX 1 + 8k)")
+    fps: Optional[float] = opt(None, "--calibrate on videos: clips resampled to this frame rate (default: each "
+                                     "video's own)")
     resolution: int = opt(256, "calibration crop size")
     fp16_images: int = opt(2, "calibration images decoded in fp16 to check for overflow (0: skip the check, "
                               "keep force_upcast)")

@@ -55,7 +55,12 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return coerce(key, value, inner[0])
+        for arm in inner[:-1]:  # each arm in order (Union[int, str]: 256, then "480x832"); the last one's error
+            try:
+                return coerce(key, value, arm)
+            except OptionError:
+                pass
+        return coerce(key, value, inner[-1])
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise OptionError(f"{key}: expected a list, got {value!r}")

@@ -12,8 +12,9 @@ from .fields import REQUIRED, OptionError, opt
 class TrainOptions:
     """Train a KL-regularized VAE (or a plain autoencoder) of any diffusers family with Accelerate: from
     scratch (`--set model.preset=flux2-small`, listed below), or from any VAE (`--set model.init_from=VAE`,
-    in full or `--set model.train_decoder_only=true`). Every config key is listed below; `--set
-    section.key=value` overrides one (docs/training.md)."""
+    in full or `--set model.train_decoder_only=true`), or a video VAE's decoder on clips (`--set
+    data.source=VIDEOS --set data.frames=N`, configs/video-decoder-finetune.yaml). Every config key is listed
+    below; `--set section.key=value` overrides one (docs/training.md)."""
     out: str = opt(REQUIRED, "run folder: checkpoints, logs, preview grids")
     config: Optional[str] = opt(None, "YAML file of overrides (see configs/)")
     set: tuple[str, ...] = opt((), "override one config key, e.g. train.lr=1e-4 or model.preset=sd",

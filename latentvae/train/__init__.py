@@ -5,8 +5,8 @@
 
 build.py (the VAE a run starts from, any family, checked against the config; the parts around it),
 step.py (one step, top to bottom), loop.py (Trainer: set up, loop), checkpoint.py (save/resume a
-run's full state), report.py (logs, preview grids), validation.py, data.py, ema.py, losses.py,
-discriminator.py, equivariance.py.
+run's full state), report.py (logs, preview grids), validation.py, data.py, clips.py (a video VAE's
+decoder on clips: the clip stream, latent tiles), ema.py, losses.py, discriminator.py, equivariance.py.
 """
 from .loop import NonFiniteError, Trainer, run
 

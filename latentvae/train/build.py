@@ -9,7 +9,9 @@ A VAE of any family in the table (vae/families.py) trains: in full where its cla
 family. What a family cannot do is refused here, in one line, before any data is read or any step
 runs: a full fine-tune of a class without a posterior (DC, TAESD), `model.mode=vae` (posterior
 samples and a KL term) for one, gradient checkpointing where diffusers has none for the class, and
-a `data.resolution` that is not a multiple of the loaded VAE's downsampling factor.
+a `data.resolution` that is not a multiple of the loaded VAE's downsampling factor; for clips (a video
+VAE's decoder on video data, train/clips.py) a frame count off the VAE's clip rule, a frame size off its
+spatial factor, a full fine-tune (the family table's NO_VIDEO_FULL).
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from ..precision import resolve_channels_last, resolve_mixed_precision
 from ..vae.families import FamilyCannot
 from ..vae.loaded import LoadedVae, make_record
 from ..vae.loading import load_vae
-from ..vae.model import build_vae, configure_for_training
+from ..vae.model import build_vae, configure_for_training, configure_tiling
+from .clips import check_clips, clip_data
 from .discriminator import PatchDiscriminator
 from .ema import EMA
 from .step import Autoencoder, Parts
@@ -53,12 +56,18 @@ def starting_vae(cfg: Config) -> LoadedVae:
     if cfg.train.mixed_precision == "fp16" and not fam.fp16_training:
         raise FamilyCannot(f"train.mixed_precision=fp16: {fam.class_name} ({fam.name} family) {fam.fp16}; set "
                            "train.mixed_precision to bf16, no or auto")
+    video = clip_data(cfg.data)
+    check_clips(cfg, lv, label, video)  # clips: the VAE's clip rule, frame size, decoder only (train/clips.py)
     factor = lv.layout.factor
     for key, value in (("data.resolution", cfg.data.resolution), ("data.val_resolution", cfg.data.val_resolution)):
-        if value % factor:
+        if value % factor and not video:
             raise ConfigError(f"{key}={value} must be a multiple of the downsampling factor {factor} of {label} "
                               f"({fam.class_name})")
     configure_for_training(lv.module, m, label)  # the family's refusals: full fine-tune, gradient checkpointing
+    if m.tiling:
+        if not video:
+            raise ConfigError("model.tiling: tiles the encoding of clips (video data); images train untiled")
+        configure_tiling(label, lv.module, True, m.tile_size)
     lv.module.float().train()
     return lv
 

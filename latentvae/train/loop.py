@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from .. import runs
-from ..config import Config
+from ..config import Config, frame_size
 from ..errors import UserError
 from ..fsutil import atomic_write_bytes, atomic_write_json
 from ..interrupts import Interrupted, StopRequest
@@ -29,6 +29,7 @@ from .validation import Validator, append_record, best_metric, best_record, bett
 from .checkpoint import (best_from, drop_best, load_checkpoint, read_best, recover_best, resume_point, save_best,
                          save_checkpoint)
 from .build import build_parts, initial_vae, starting_vae  # noqa: F401 (initial_vae: the tests' way in)
+from .clips import ClipStream, clip_data, clip_sources, load_val_clips
 from .data import CropStream, build_sources, make_loader, mix_seed
 from .report import LogWindow, eval_copy, flat_config, save_preview, tracker_list
 from .step import TrainState, train_step
@@ -116,13 +117,20 @@ class Trainer:
         # the VAE first: what its family cannot do is refused before any data is read
         self.start = starting_vae(cfg)
         self.state = TrainState()
-        train_src, val_src = build_sources(cfg.data)
-        self.stream = CropStream(train_src, cfg.data, t.seed)
-        # validation and preview grids are the main process's: only it holds the images (uint8)
+        self.clips = clip_data(cfg.data)  # a video VAE's decoder on clips (train/clips.py)
+        if self.clips:
+            train_src, val_src = clip_sources(cfg.data)
+            self.stream = ClipStream(train_src, cfg.data, t.seed)
+        else:
+            train_src, val_src = build_sources(cfg.data)
+            self.stream = CropStream(train_src, cfg.data, t.seed)
+        # validation and preview grids are the main process's: only it holds the images or clips (uint8)
         self.eval_every = t.save_every if t.eval_every is None else t.eval_every
         count = max(t.eval_count if self.eval_every else 0, t.preview_count)
-        images, bad_val = (load_val_images(val_src, cfg.data.val_resolution, count)
-                           if acc.is_main_process else (torch.empty(0, 3, 0, 0, dtype=torch.uint8), []))
+        images, bad_val = torch.empty(0, 3, 0, 0, dtype=torch.uint8), []
+        if acc.is_main_process:
+            images, bad_val = (load_val_clips(val_src, frame_size(cfg.data), count) if self.clips else
+                               load_val_images(val_src, cfg.data.val_resolution, count))
         self.val = images[:t.preview_count].float() / 127.5 - 1  # the preview grids' images
         self.state.bad_images.extend(bad_val)
         self.parts = build_parts(cfg, acc, self.start)
@@ -166,8 +174,9 @@ class Trainer:
             return st
         if acc.is_main_process:
             acc.init_trackers("tb", config=flat_config(self.cfg))
-            acc.print(self.start.describe(), f"| {len(self.stream.src)} training images | {acc.num_processes} process(es)"
-                      f" | precision {p.precision} | output: {self.out}")
+            what = "clips" if self.clips else "images"
+            acc.print(self.start.describe(), f"| {len(self.stream.src)} training {what} | {acc.num_processes} "
+                      f"process(es) | precision {p.precision} | output: {self.out}")
         loader = make_loader(self.stream, t.batch_size, st.micro_step, acc.process_index, acc.num_processes,
                              self.cfg.data.num_workers)
         bar = None
@@ -239,7 +248,9 @@ class Trainer:
             record = self.validator.evaluate(eval_copy(self.parts), st.step)
             acc.log({f"val/{k}": v for k, v in record.items() if k != "step" and v is not None}, step=st.step)
             append_record(self.out, record)
-            acc.print(f"step {st.step}: validation on {record['images']} image(s): " + ", ".join(
+            what = f"{record['images']} frame(s) of {record['clips']} clip(s)" if "clips" in record else \
+                f"{record['images']} image(s)"
+            acc.print(f"step {st.step}: validation on {what}: " + ", ".join(
                 f"{k} {record[k]:.4g}" for k in ("psnr", "ssim", "lpips_alex", "lpips_vgg", "rfid")
                 if record.get(k) is not None))
             if metric != "none" and better(metric, record.get(metric), self.best_value):

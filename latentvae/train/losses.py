@@ -85,14 +85,15 @@ def _lpips_inputs(x: torch.Tensor, y: torch.Tensor, crop: int):
 
 def generator_loss(cfg: LossConfig, x: torch.Tensor, x_hat: torch.Tensor, mean: torch.Tensor,
                    logvar: Optional[torch.Tensor], step: int, *, lpips=None, disc=None, last_layer=None,
-                   train_kl: bool = True):
+                   train_kl: bool = True, frames: Optional[torch.Tensor] = None):
     """The autoencoder's loss. x, x_hat in [-1, 1]; (mean, logvar) the posterior's moments, 4-D (logvar
     None for a family without a posterior: no KL term).
 
     KL is summed over latent elements and divided by the pixel values per image (see LossConfig),
     so `kl_weight` keeps latent diffusion's meaning. `train_kl=False` (autoencoder mode) reports
     the KL but does not add it. `disc` (the discriminator, or None before `gan_start`) adds the
-    adversarial term with the adaptive weight computed at `last_layer`.
+    adversarial term with the adaptive weight computed at `last_layer`. `frames` (clips folded into the
+    batch: train/clips.py) picks the images LPIPS and the GAN term see; None: all of them.
     """
     logs: dict[str, torch.Tensor] = {}
     x32, x_hat32 = x.float(), x_hat.float()
@@ -102,7 +103,7 @@ def generator_loss(cfg: LossConfig, x: torch.Tensor, x_hat: torch.Tensor, mean: 
     if cfg.lpips_weight > 0:
         if lpips is None:
             raise ValueError("loss.lpips_weight > 0 but no LPIPS module was given")
-        a, b = _lpips_inputs(x_hat32, x32, cfg.lpips_crop)
+        a, b = _lpips_inputs(*((x_hat32, x32) if frames is None else (x_hat32[frames], x32[frames])), cfg.lpips_crop)
         p = lpips_distance(lpips, a, b).mean()
         nll = nll + cfg.lpips_weight * p
         logs["lpips"] = p.detach()
@@ -114,7 +115,7 @@ def generator_loss(cfg: LossConfig, x: torch.Tensor, x_hat: torch.Tensor, mean: 
         if train_kl:
             loss = loss + kl_weight_at(cfg, step) * kl
     if disc is not None:
-        g = G_LOSSES[cfg.gan_loss](disc(x_hat.float()))
+        g = G_LOSSES[cfg.gan_loss](disc((x_hat if frames is None else x_hat[frames]).float()))
         if cfg.adaptive_weight:
             if last_layer is None:
                 raise ValueError("the adaptive GAN weight needs the decoder's last layer")

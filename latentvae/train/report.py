@@ -64,7 +64,8 @@ def eval_copy(p: Parts):
 
 @torch.no_grad()
 def save_preview(p: Parts, val: torch.Tensor, run: Path, step: int) -> Optional[Path]:
-    """Reconstruction grid of the held-aside images (original | reconstruction | |error| x2), main process only."""
+    """Reconstruction grid of the held-aside images or clips (original | reconstruction | |error| x2), main process
+    only."""
     if not p.acc.is_main_process or len(val) == 0:
         return None
     vae = eval_copy(p)
@@ -73,7 +74,9 @@ def save_preview(p: Parts, val: torch.Tensor, run: Path, step: int) -> Optional[
     with p.autocast():
         x_hat = fam.decode(vae, fam.moments(vae, x)[0]).float().clamp(-1, 1)
     err = ((x_hat - x).abs().mean(1, keepdim=True).expand_as(x) * 2).clamp(0, 1) * 2 - 1
-    grid = make_grid([x, x_hat, err])
+    # clips: three rows per clip, its frames along them
+    grid = make_grid([x, x_hat, err] if x.dim() == 4 else
+                     [r[c].transpose(0, 1) for c in range(len(x)) for r in (x, x_hat, err)])
     path = run / "samples" / f"recon-{step:08d}.png"
     atomic_save_image(grid, path)
     log_image(p.acc, "val/reconstruction", grid, step)

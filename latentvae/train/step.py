@@ -20,6 +20,7 @@ from ..config import Config
 from ..vae.families import family_of
 from ..precision import AUTOCAST_DTYPES, autocast
 from .equivariance import draw as draw_transform
+from .clips import Cut, draw_cut, fold
 from .ema import EMA
 from .losses import discriminator_loss, equivariance_loss, generator_loss
 
@@ -32,7 +33,8 @@ class Autoencoder(nn.Module):
     posterior) samples z = mean + std * eps in fp32; otherwise z = mean, and a family without a posterior
     (DC, TAESD) returns logvar None (no KL term). With `frozen_encoder` the encoder runs without autograd.
     With `transform` (train/equivariance.py) the same forward also decodes the transformed latent
-    (x_t_hat; else None), so DDP sees every use of the decoder in one forward.
+    (x_t_hat; else None), so DDP sees every use of the decoder in one forward. A video VAE's clips stay
+    5-D; with `cut` (train/clips.Cut) only its window of the latent is decoded.
     """
 
     def __init__(self, vae, stochastic: bool, frozen_encoder: bool = False):
@@ -41,9 +43,11 @@ class Autoencoder(nn.Module):
         self.family = family_of(vae)
         self.stochastic = stochastic and self.family.stochastic
 
-    def forward(self, x: torch.Tensor, transform=None):
+    def forward(self, x: torch.Tensor, transform=None, cut=None):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_encoder):
             mean, logvar = self.family.moments(self.vae, x)  # logvar clamped to [-30, 20] by diffusers
+        if cut is not None:  # clips (train/clips.py): decode a window of the latent only
+            mean, logvar = cut.latent(mean), None if logvar is None else cut.latent(logvar)
         dtype = mean.dtype
         mean = mean.float()
         logvar = None if logvar is None else logvar.float()
@@ -99,15 +103,20 @@ class Parts:
         return autocast(self.acc.device.type, dtype)
 
 
-def generator_step(p: Parts, x: torch.Tensor, step: int, gan: bool, micro_step: int = 0) -> tuple[torch.Tensor, dict]:
+def generator_step(p: Parts, x: torch.Tensor, step: int, gan: bool, micro_step: int = 0,
+                   cut: Optional[Cut] = None) -> tuple[torch.Tensor, dict]:
     """The autoencoder's forward, loss and backward; returns the detached reconstruction and logs.
 
     With the GAN on, the discriminator judges the reconstruction without learning from it. With
     loss.equivariance_weight, micro-batch `micro_step` also decodes a transformed latent (its
-    transform drawn from (train.seed, micro_step)) against the transformed image."""
+    transform drawn from (train.seed, micro_step)) against the transformed image. Clips (5-D, with
+    their `cut`): the losses per frame (frames folded into the batch), no KL term (the encoder is
+    frozen); the reconstruction returned is the folded frames the discriminator sees."""
     disc = p.disc_module() if gan else None
     if disc is not None:
         disc.requires_grad_(False)
+    if cut is not None:
+        return clip_generator_step(p, x, step, disc, cut)
     lo, transform = p.cfg.loss, None
     if lo.equivariance_weight > 0:
         f = family_of(p.vae).factor(p.vae)
@@ -128,6 +137,21 @@ def generator_step(p: Parts, x: torch.Tensor, step: int, gan: bool, micro_step: 
     return x_hat.detach(), logs
 
 
+def clip_generator_step(p: Parts, x: torch.Tensor, step: int, disc, cut: Cut) -> tuple[torch.Tensor, dict]:
+    """generator_step for a micro-batch of clips (B, 3, T, H, W) and its cut (train/clips.py)."""
+    target = fold(cut.pixels(x))  # (B*T, 3, h, w): the pixels of the latent window
+    with p.autocast():
+        x_hat, mean, _, _ = p.ae(x, None, cut)
+        x_hat = fold(x_hat)
+        loss, logs = generator_loss(p.cfg.loss, target, x_hat, mean, None, step, lpips=p.lpips, disc=disc,
+                                    last_layer=family_of(p.vae).last_decoder_layer(p.vae) if disc else None,
+                                    train_kl=False, frames=cut.frames)
+    p.acc.backward(p.scaler.scale(loss))
+    if disc is not None:
+        disc.requires_grad_(True)
+    return cut.perceptual(x_hat.detach()), logs
+
+
 def discriminator_step(p: Parts, x: torch.Tensor, x_hat: torch.Tensor) -> dict:
     """The discriminator's forward, loss and backward on real images and detached reconstructions."""
     with p.autocast():
@@ -141,13 +165,14 @@ def train_step(p: Parts, st: TrainState, x: torch.Tensor) -> Optional[dict[str, 
     (0-d tensors, read them rarely: reading syncs with the device) after an update, else None."""
     x = x.to(p.acc.device, non_blocking=True)
     if p.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     gan = p.gan_active(st.step)
+    cut = draw_cut(p.cfg, family_of(p.vae).factor(p.vae), x) if x.dim() == 5 else None  # clips
     with p.acc.accumulate(*([p.ae, p.disc] if p.disc is not None else [p.ae])):
         # forward, losses, backward: the autoencoder, then the discriminator
-        x_hat, logs = generator_step(p, x, st.step, gan, st.micro_step)
+        x_hat, logs = generator_step(p, x, st.step, gan, st.micro_step, cut)
         if gan:
-            logs.update(discriminator_step(p, x, x_hat))
+            logs.update(discriminator_step(p, x if cut is None else cut.perceptual(fold(cut.pixels(x))), x_hat))
         st.micro_step += 1
         if not p.acc.sync_gradients:
             return None

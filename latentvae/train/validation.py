@@ -9,6 +9,7 @@ The numbers are those of `latentvae evaluate`: per image `metrics.image_metrics`
 sharpness ratios on the uint8 reconstruction), LPIPS on the same uint8 images mapped back to [-1, 1]
 (batched on the device: `metrics.image_metrics` would run it image by image on the CPU), rFID from
 `fid.py`; the record holds their means over the images. The VAE runs in fp32 on the posterior mean.
+Clips (N, 3, T, H, W) are scored per frame: "images" counts frames, "clips" clips.
 RUN/eval.jsonl is appended to, one JSON object per evaluation; a line cut by a crash is skipped when
 read, and at start the lines after the step the run resumes from are dropped (`prune_log`).
 """
@@ -32,6 +33,7 @@ from ..perceptual import LPIPSWeightsError, load_lpips, lpips_distance
 from ..precision import autocast
 from ..sources import ImageSource
 from ..vae.families import family_of
+from .clips import fold
 from .data import load_val_batch
 
 EVAL_LOG = "eval.jsonl"
@@ -106,8 +108,11 @@ class Validator:
 
     def _fid_setup(self) -> tuple:
         t = self.cfg.train
-        if len(self.images) < t.eval_fid_min:
-            self.notes.append(f"validation: rFID not computed: {len(self.images)} validation image(s), "
+        clips = self.images.dim() == 5
+        n = len(self.images) * (self.images.shape[2] if clips else 1)  # clips: their frames
+        if n < t.eval_fid_min:
+            what = f"{n} validation frame(s) of {len(self.images)} clip(s)" if clips else f"{n} validation image(s)"
+            self.notes.append(f"validation: rFID not computed: {what}, "
                               f"fewer than train.eval_fid_min={t.eval_fid_min}")
             return None, None
         try:
@@ -137,6 +142,8 @@ class Validator:
         for i in range(0, len(self.images), self.cfg.train.batch_size):
             ref_u8 = self.images[i:i + self.cfg.train.batch_size]
             x_hat = reconstruct(vae, ref_u8, self.device)
+            if x_hat.dim() == 5:  # clips: scored per frame
+                ref_u8, x_hat = fold(ref_u8), fold(x_hat)
             out_u8 = to_uint8(x_hat).cpu()
             out_float = ((x_hat.double() + 1) / 2).cpu()  # unquantized, for the sharpness ratios
             batch_rows = []
@@ -153,7 +160,9 @@ class Validator:
                 fid_rec.add(self.inception, out_u8)
                 if fid_real is not None:
                     fid_real.add(self.inception, ref_u8)
-        record = {"step": step, "images": len(rows)}
+        record = {"step": step, "images": len(rows)}  # clips: frames
+        if self.images.dim() == 5:
+            record["clips"] = len(self.images)
         for key in rows[0] if rows else ():
             record[key] = finite_or_none(float(np.mean([r[key] for r in rows])))
         record["psnr_pooled"] = finite_or_none(metrics.pooled_psnr(sq_err, values)) if values else None

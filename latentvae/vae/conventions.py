@@ -21,7 +21,18 @@ applies its factors (pipelines/...):
             The statistics are the VAE's BatchNorm buffers, which its own encode/decode never apply.
   qwenimage (z - latents_mean) / latents_std per channel (the pipelines keep 1 / latents_std), decoded as
             x * latents_std + latents_mean (qwenimage/pipeline_qwenimage_img2img.py:242-251,
-            pipeline_qwenimage.py:705-714; Wan: wan/pipeline_wan_i2v.py:443-462, 824-832).
+            pipeline_qwenimage.py:705-714; Wan: wan/pipeline_wan_i2v.py:443-462, 824-832,
+            pipeline_wan_video2video.py:428-435, 723-731).
+  ltx2      (z - latents_mean) * scaling_factor / latents_std per channel, decoded as x * latents_std /
+            scaling_factor + latents_mean; the statistics are the VAE's `latents_mean`/`latents_std` buffers (in its
+            weights file), scaling_factor its config's (ltx2/pipeline_ltx2.py:687-705 `_normalize_latents`/
+            `_denormalize_latents`, 781-783, 1629-1631, 1654-1656; pipeline_ltx2_image2video.py:846 normalizes
+            its conditioning latents with scaling_factor 1.0, which is what the published VAE holds).
+  HunyuanVideo 1.5 and CogVideoX are `sd`: z * scaling_factor (hunyuan_video1_5/pipeline_hunyuan_video1_5_
+            image2video.py:387, pipeline_hunyuan_video1_5.py:825; cogvideo/pipeline_cogvideox_video2video.py:388,
+            pipeline_cogvideox.py:353).
+
+Every formula works on images (B, C, h, w) and clips (B, C, T, h, w) alike: the statistics are per channel.
 
     entries = diffusers_config("sdxl", channel_mean=m, channel_std=s, mean=mu, std=sigma)
     x = to_diffusion(z, entries, "sdxl")          # what the diffusion model sees: ~N(0, 1) on the data
@@ -46,17 +57,21 @@ CONVENTIONS = {
     "sd3": "SD3 / FLUX.1: (z - shift_factor) * scaling_factor",
     "flux2": "FLUX.2: 2x2 patchify, then (z - bn.running_mean) / sqrt(bn.running_var + eps)",
     "qwenimage": "Qwen-Image and Wan: (z - latents_mean) / latents_std",
+    "ltx2": "LTX-2: (z - latents_mean) * scaling_factor / latents_std (the VAE's buffers)",
 }
 PATCH = {"flux2": 2}  # conventions that patchify before their formula
 CITES = {  # where diffusers 0.42.1 applies each formula (pipelines/..., as in the module doc): for export's records
     "sd": "stable_diffusion/pipeline_stable_diffusion_img2img.py:771, pipeline_stable_diffusion.py:1085; "
-          "sana/pipeline_sana.py:961; hunyuan_image/pipeline_hunyuanimage.py:858",
+          "sana/pipeline_sana.py:961; hunyuan_image/pipeline_hunyuanimage.py:858; hunyuan_video1_5/pipeline_hunyuan_"
+          "video1_5_image2video.py:387, pipeline_hunyuan_video1_5.py:825; cogvideo/pipeline_cogvideox_video2video.py:"
+          "388, pipeline_cogvideox.py:353",
     "sdxl": "stable_diffusion_xl/pipeline_stable_diffusion_xl_img2img.py:696-751, pipeline_stable_diffusion_xl.py:1276-1287",
     "sd3": "stable_diffusion_3/pipeline_stable_diffusion_3_img2img.py:702, pipeline_stable_diffusion_3.py:1141; "
            "flux/pipeline_flux_img2img.py:474, pipeline_flux.py:962",
     "flux2": "flux2/pipeline_flux2.py:457-470 (_patchify_latents), 610-617 (_encode_vae_image), 1019-1024 (__call__)",
     "qwenimage": "qwenimage/pipeline_qwenimage_img2img.py:242-251, pipeline_qwenimage.py:705-714; "
-                 "wan/pipeline_wan_i2v.py:443-462, 824-832",
+                 "wan/pipeline_wan_i2v.py:443-462, 824-832, pipeline_wan_video2video.py:428-435, 723-731",
+    "ltx2": "ltx2/pipeline_ltx2.py:687-705 (_normalize_latents/_denormalize_latents), 781-783, 1629-1631, 1654-1656",
 }
 
 
@@ -106,13 +121,16 @@ def diffusers_config(convention: str, *, channel_mean: Sequence[float], channel_
         return {"scaling_factor": 1.0, "shift_factor": None, "latents_mean": cm, "latents_std": cs}
     if convention == "qwenimage":
         return {"latents_mean": cm, "latents_std": cs}
+    if convention == "ltx2":
+        return {"latents_mean": cm, "latents_std": cs, "scaling_factor": 1.0}
     # flux2: sqrt(running_var + eps) must be the measured std
     return {"bn_running_mean": cm, "bn_running_var": [max(s * s - batch_norm_eps, 0.0) for s in cs],
             "batch_norm_eps": batch_norm_eps}
 
 
 def _view(values, z: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
+    """Per-channel values shaped to broadcast over (B, C, h, w) or (B, C, T, h, w)."""
+    return torch.tensor(values, dtype=z.dtype, device=z.device).view(1, -1, *([1] * (z.dim() - 2)))
 
 
 def _has_stats(entries: dict) -> bool:
@@ -130,7 +148,7 @@ def to_diffusion(z: torch.Tensor, entries: dict, convention: str) -> torch.Tenso
     if convention == "qwenimage":
         return (z - _view(entries["latents_mean"], z)) * (1.0 / _view(entries["latents_std"], z))
     sf = entries["scaling_factor"]
-    if convention == "sdxl" and _has_stats(entries):
+    if convention == "ltx2" or (convention == "sdxl" and _has_stats(entries)):
         return (z - _view(entries["latents_mean"], z)) * sf / _view(entries["latents_std"], z)
     if convention == "sd3":
         return (z - (entries.get("shift_factor") or 0.0)) * sf
@@ -146,7 +164,7 @@ def from_diffusion(x: torch.Tensor, entries: dict, convention: str) -> torch.Ten
     if convention == "qwenimage":
         return x / (1.0 / _view(entries["latents_std"], x)) + _view(entries["latents_mean"], x)
     sf = entries["scaling_factor"]
-    if convention == "sdxl" and _has_stats(entries):
+    if convention == "ltx2" or (convention == "sdxl" and _has_stats(entries)):
         return x * _view(entries["latents_std"], x) / sf + _view(entries["latents_mean"], x)
     if convention == "sd3":
         return x / sf + (entries.get("shift_factor") or 0.0)
@@ -167,7 +185,7 @@ def affine(entries: dict, convention: str, channels: int) -> tuple[torch.Tensor,
         scale = 1.0 / t(entries["latents_std"])
         return scale, -t(entries["latents_mean"]) * scale
     sf = float(entries["scaling_factor"])
-    if convention == "sdxl" and _has_stats(entries):
+    if convention == "ltx2" or (convention == "sdxl" and _has_stats(entries)):
         scale = sf / t(entries["latents_std"])
         return scale, -t(entries["latents_mean"]) * scale
     if convention == "sd3":

@@ -8,9 +8,11 @@
     lv.factors, lv.factors_origin          # what its pipeline's formula reads; measured / placeholder / published / ...
     lv.origin                              # {"spec", "kind", "path", "repo_id", "revision", "subfolder", "variant", "weights"}
     lv.weights_sha256()                    # sha256 of its state dict (computed once, on demand)
-    mean, logvar = lv.moments(x)           # 4-D, whatever the family (5-D classes get T=1 added and dropped)
+    mean, logvar = lv.moments(x)           # images: 4-D, whatever the family (5-D classes get T=1 added and dropped)
+    mean, logvar = lv.moments(clips)       # a video VAE's clips (B, 3, T, H, W): 5-D (B, C, T', H', W')
     z = lv.latent(x, generator)            # what the family's consumers take (sample or mode)
-    x_hat = lv.decode(z)
+    x_hat = lv.decode(z)                   # 4-D -> images, 5-D -> clips
+    lv.video, lv.layout.frames_ok(49)      # a video VAE? a clip length it takes?
 
 Nothing downstream re-reads a config.json, walks parent folders or inspects weights to learn what
 the loader already knew: it is all here.
@@ -39,11 +41,28 @@ FACTOR_ORIGINS = {
 @dataclass(frozen=True)
 class LatentLayout:
     """The latent's shape: `channels` of the VAE latent at 1/`factor` the image size; the pipeline patchifies
-    `patch` x `patch` of them into channels before its formula (flux2: 2); `five_d`: the class takes (B, C, T, H, W)."""
+    `patch` x `patch` of them into channels before its formula (flux2: 2); `five_d`: the class takes (B, C, T, H, W).
+    A video VAE (`video`) downsamples time by `temporal`; its clips are 1 + `frame_step` * k frames long."""
     channels: int
     factor: int
     patch: int = 1
     five_d: bool = False
+    temporal: int = 1
+    frame_step: int = 1
+    video: bool = False
+
+    def frames_ok(self, n: int) -> bool:
+        """Whether a clip of `n` frames decodes to `n` frames (1 + frame_step * k)."""
+        return n >= 1 and (n - 1) % self.frame_step == 0
+
+    def latent_frames(self, n: int) -> int:
+        """T' of a clip of `n` frames: 1 + (n - 1) // temporal, as the pipelines compute it."""
+        return 1 + (n - 1) // self.temporal
+
+    def nearest_frames(self, n: int) -> tuple[int, int]:
+        """The valid clip lengths either side of `n` (the lower at least 1)."""
+        lo = 1 + max(0, (n - 1) // self.frame_step) * self.frame_step
+        return lo, lo if lo == n else lo + self.frame_step
 
     @property
     def diffusion_channels(self) -> int:
@@ -58,6 +77,8 @@ class LatentLayout:
         shape = f"{self.channels} x H/{self.factor} x W/{self.factor}"
         if self.patch > 1:
             shape += f" (patchified {self.patch}x{self.patch}: {self.diffusion_channels} x H/{self.multiple} x W/{self.multiple})"
+        if self.video:
+            return shape + f", clips of 1 + {self.frame_step}k frames -> 1 + (T-1)/{self.temporal} latent frames"
         return shape + (", 5-D (T=1)" if self.five_d else "")
 
 
@@ -89,6 +110,10 @@ class LoadedVae:
     @property
     def path(self) -> Optional[str]:
         return self.origin.get("path")
+
+    @property
+    def video(self) -> bool:
+        return self.layout.video
 
     @property
     def class_name(self) -> str:
@@ -162,7 +187,8 @@ def make_record(module, origin: dict, *, stochastic: Optional[bool] = None, fact
     module = module.eval()
     fam = family_of(module)
     channels = fam.channels(module)
-    layout = LatentLayout(channels, fam.factor(module), fam.patch, fam.five_d)
+    layout = LatentLayout(channels, fam.factor(module), fam.patch, fam.five_d, fam.temporal(module),
+                          fam.frame_step(module), fam.video)
     if stochastic is None:
         stochastic = fam.stochastic and not pinned_logvar(module)
     if convention is None:

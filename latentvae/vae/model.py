@@ -154,7 +154,8 @@ def configure_tiling(label: str, vae, tiling: bool, tile_size: int = 0, encode: 
     replacing the model's minimum tile (kl, flux2, hunyuanimage, tiny: tile_sample_min_size and
     tile_latent_min_size = tile_size / factor); returns the tile settings, None without `tiling`.
     `encode=False`: only decoding will be tiled (diffusers' AutoencoderTiny tiles latents of any channel
-    count when decoding, of 4 only when encoding). Qwen-Image, Wan and DC tile with their own defaults."""
+    count when decoding, of 4 only when encoding). Qwen-Image and DC tile with their own defaults; the video
+    classes with `tile_size` px tiles (or their defaults), and in time where they need it (_video_tiling)."""
     if not tiling:
         return None
     fam = family_of(vae)
@@ -167,6 +168,8 @@ def configure_tiling(label: str, vae, tiling: bool, tile_size: int = 0, encode: 
                             f"{vae.spatial_scale_factor}; run it without --tiling")
     if tile_size and tile_size % factor:
         raise BadInputError(f"--tile-size {tile_size}: must be a multiple of {label}'s downsampling factor {factor}")
+    if fam.video:
+        return _video_tiling(vae, fam, tile_size)
     if tile_size and not hasattr(vae, "tile_sample_min_size"):
         raise BadInputError(f"--tile-size: {label} is a {fam.class_name}, whose tiles diffusers sizes by height and "
                             "width; use --tiling without --tile-size (its own tile sizes)")
@@ -174,6 +177,34 @@ def configure_tiling(label: str, vae, tiling: bool, tile_size: int = 0, encode: 
     if tile_size:
         vae.tile_sample_min_size, vae.tile_latent_min_size = tile_size, tile_size // factor
     return {k: v for k, v in sorted(vars(vae).items()) if k.startswith("tile_")}
+
+
+LTX2_TILE = 256  # px: LTX-2's tiles when --tile-size is not given (see _video_tiling)
+
+
+def _video_tiling(vae, fam, tile_size: int) -> dict:
+    """A video class's own spatial tiling (tiles of `tile_size` px overlapping by a quarter, else its defaults;
+    LTX-2: LTX2_TILE),
+    and its temporal tiling where diffusers has one: LTX-2 encodes and decodes framewise (its
+    `use_framewise_encoding/decoding`, which `enable_tiling` leaves off); Wan, HunyuanVideo 1.5 and CogVideoX
+    already run their causal encoders and decoders a few frames at a time, so time never needs tiling."""
+    kwargs = {}
+    if not tile_size and fam.name == "ltx2":
+        # its default 512-px tiles fail in diffusers 0.42.1 on 480-px frames: tiled_decode steps through every
+        # side by the stride once one side needs tiles, leaving a 1-latent-row tile its reflect padding refuses
+        tile_size = LTX2_TILE
+    if tile_size:
+        kwargs = dict(tile_sample_min_height=tile_size, tile_sample_min_width=tile_size)
+        if fam.name in ("wan", "ltx2"):
+            stride = max(fam.factor(vae), tile_size * 3 // 4 // fam.factor(vae) * fam.factor(vae))
+            kwargs.update(tile_sample_stride_height=stride, tile_sample_stride_width=stride)
+        if fam.name == "hunyuanvideo15":
+            kwargs.update(tile_latent_min_height=tile_size // fam.factor(vae),
+                          tile_latent_min_width=tile_size // fam.factor(vae))
+    vae.enable_tiling(**kwargs)
+    if fam.name == "ltx2":
+        vae.use_framewise_encoding = vae.use_framewise_decoding = True
+    return {k: v for k, v in sorted(vars(vae).items()) if k.startswith(("tile_", "use_framewise"))}
 
 
 def decode(vae, z: torch.Tensor) -> torch.Tensor:

@@ -37,13 +37,14 @@ def kl_to_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Ten
 
 
 def batch_moments(mean: torch.Tensor, logvar: Optional[torch.Tensor]) -> LatentMoments:
-    """(B, C, h, w) posterior mean/logvar -> the moments of samples z ~ N(mean, exp(logvar)).
+    """(B, C, h, w) or (B, C, T, h, w) posterior mean/logvar -> the per-channel moments of samples z ~ N(mean,
+    exp(logvar)) over every other axis.
 
     In float64 on purpose: sums of ~1e6 squares lose digits in fp32.
     """
     mu = mean.detach().double()
     var = torch.zeros_like(mu) if logvar is None else logvar.detach().double().exp()
-    dims = (0, 2, 3)
+    dims = (0, *range(2, mu.dim()))
     kl = None
     if logvar is not None:
         kl = kl_to_standard_normal(mu, logvar.detach().double()).sum(dims)
