@@ -33,19 +33,24 @@ class BadImage(ValueError):
     Per image, and skipped by design where many images are read; not a UserError."""
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    """Every image file below `folder` (recursive, by extension), sorted for reproducibility.
+def list_files(folder: str | Path, extensions, kind: str = "image") -> list[Path]:
+    """Every file below `folder` (recursive) whose suffix is one of `extensions`, sorted for reproducibility.
 
-    MissingInputError for a missing or image-less folder, BadInputError for a file."""
+    MissingInputError for a missing folder or one without such files, BadInputError for a file."""
     folder = Path(folder)
     if folder.is_file():
-        raise BadInputError(f"image folder {folder} is a file; expected a folder of images")
+        raise BadInputError(f"{kind} folder {folder} is a file; expected a folder of {kind}s")
     if not folder.is_dir():
-        raise MissingInputError(f"image folder {folder} does not exist")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        raise MissingInputError(f"{kind} folder {folder} does not exist")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in extensions and p.is_file())
     if not files:
-        raise MissingInputError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found below {folder}")
+        raise MissingInputError(f"no {kind} files ({', '.join(sorted(extensions))}) found below {folder}")
     return files
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Every image file below `folder` (recursive, by extension), sorted: list_files."""
+    return list_files(folder, IMAGE_EXTENSIONS, "image")
 
 
 def _to_8bit_rgb(img: Image.Image) -> Image.Image:

@@ -21,6 +21,7 @@ and goes on, and a rerun retries it once the file changes.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -45,20 +46,23 @@ class _Videos:
         raise TypeError("a source of videos has no load(); cut it into clips with ClipSource")
 
     def raw(self, i: int) -> Any:
-        try:
+        with _as_bad_video():
             return super().raw(i)
-        except BadVideo:
-            raise
-        except BadImage as e:
-            raise BadVideo(str(e)) from e
 
     def fetch(self, i: int) -> tuple[Any, dict]:
-        try:
+        with _as_bad_video():
             return super().fetch(i)
-        except BadVideo:
-            raise
-        except BadImage as e:
-            raise BadVideo(str(e)) from e
+
+
+@contextmanager
+def _as_bad_video():
+    """A source of images' BadImage raised as BadVideo (its message names the file already)."""
+    try:
+        yield
+    except BadVideo:
+        raise
+    except BadImage as e:
+        raise BadVideo(str(e)) from e
 
 
 class FolderVideoSource(_Videos, FolderImageSource):

@@ -35,8 +35,8 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import BadInputError, MissingInputError
-from .images import BadImage
+from .errors import BadInputError
+from .images import BadImage, list_files
 
 VIDEO_EXTENSIONS = {".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v"}
 RESIZE_MODES = {
@@ -68,18 +68,10 @@ class VideoInfo(NamedTuple):
 
 
 def list_videos(folder: str | Path) -> list[Path]:
-    """Every video file below `folder` (recursive, by extension: VIDEO_EXTENSIONS), sorted.
+    """Every video file below `folder` (recursive, by extension: VIDEO_EXTENSIONS), sorted (images.list_files).
 
     MissingInputError for a missing or video-less folder, BadInputError for a file."""
-    folder = Path(folder)
-    if folder.is_file():
-        raise BadInputError(f"video folder {folder} is a file; expected a folder of videos")
-    if not folder.is_dir():
-        raise MissingInputError(f"video folder {folder} does not exist")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
-    if not files:
-        raise MissingInputError(f"no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) found below {folder}")
-    return files
+    return list_files(folder, VIDEO_EXTENSIONS, "video")
 
 
 IMAGE_BRANDS = {b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}  # ftyp, not video

@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
-from torch.utils.data import Dataset
 
 from ..config import Config, ConfigError, DataConfig, frame_size
 from ..errors import MissingInputError
 from ..images import BadImage
 from ..vae.families import NO_VIDEO_FULL, FamilyCannot
-from .data import mix_seed
+from .data import PermutedStream
 
 
 # ----------------------------------------------------------------------------- which data
@@ -126,45 +125,21 @@ def clip_sources(d: DataConfig):
     return hold_aside(videos, clips, d.val_count, d.source)
 
 
-class ClipStream(Dataset):
+class ClipStream(PermutedStream):
     """Item k: clip perm_{k // N}[k % N] as (3, T, H, W) float in [-1, 1], flipped at random with data.flip;
     a clip that cannot be read is replaced by the next one of the permutation and listed in "bad"."""
+    what = "clips"
 
     def __init__(self, src: ClipSubset, cfg: DataConfig, seed: int):
-        if len(src) == 0:
-            raise MissingInputError(f"data.source={cfg.source}: no training clips")
-        self.src, self.cfg, self.seed, self.size = src, cfg, seed, frame_size(cfg)
-        self._perm_epoch, self._perm = -1, None
-        self._bad: set[int] = set()
+        super().__init__(src, cfg, seed)
+        self.size = frame_size(cfg)
 
-    def _permutation(self, epoch: int) -> list[int]:
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(mix_seed(self.seed, -1 - epoch))
-            self._perm, self._perm_epoch = torch.randperm(len(self.src), generator=g).tolist(), epoch
-        return self._perm
+    def read(self, i: int) -> torch.Tensor:
+        return self.src.load_clip(i, self.size)[0]  # uint8 (3, T, H, W)
 
-    def __getitem__(self, k: int) -> dict[str, Any]:
-        n = len(self.src)
-        epoch, pos = divmod(k, n)
-        perm = self._permutation(epoch)
-        bad = []
-        for j in range(n):
-            i = perm[(pos + j) % n]
-            if i in self._bad:
-                continue
-            try:
-                clip, _ = self.src.load_clip(i, self.size)  # uint8 (3, T, H, W)
-            except BadImage as e:  # BadVideo: too short, unreadable, corrupt
-                self._bad.add(i)
-                bad.append(str(e))
-                continue
-            x = clip.float() / 127.5 - 1
-            g = torch.Generator().manual_seed(mix_seed(self.seed, k))
-            if self.cfg.flip and bool(torch.rand((), generator=g) < 0.5):
-                x = x.flip(-1)
-            return {"pixels": x, "bad": bad}
-        raise MissingInputError(f"data.source={self.cfg.source}: none of the {n} clips could be read; "
-                                f"first errors: {bad[:3]}")
+    def augment(self, clip: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        x = clip.float() / 127.5 - 1
+        return x.flip(-1) if self.cfg.flip and bool(torch.rand((), generator=g) < 0.5) else x
 
 
 def load_val_clips(src: ClipSubset, size: tuple[int, int], count: int) -> tuple[torch.Tensor, list[str]]:

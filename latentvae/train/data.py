@@ -48,15 +48,25 @@ def mix_seed(seed: int, k: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest(), "little") >> 1
 
 
-class CropStream(Dataset):
-    """Item k: an augmented crop of image perm_{k // N}[k % N]; bad images replaced by the next one."""
+class PermutedStream(Dataset):
+    """Item k: input perm_{k // N}[k % N] of `src`, the permutation drawn afresh each epoch from the run's seed,
+    augmented by a generator seeded by (seed, k); an input that cannot be read (BadImage, BadVideo) is replaced
+    by the next one of the permutation and listed in the item's "bad". Subclasses say how an input is read
+    (`read`) and augmented (`augment`)."""
+    what = "images"
 
-    def __init__(self, src: ImageSource, cfg: DataConfig, seed: int):
+    def __init__(self, src, cfg: DataConfig, seed: int):
         if len(src) == 0:
-            raise MissingInputError(f"data.source={cfg.source}: no training images")
+            raise MissingInputError(f"data.source={cfg.source}: no training {self.what}")
         self.src, self.cfg, self.seed = src, cfg, seed
         self._perm_epoch, self._perm = -1, None
         self._bad: set[int] = set()
+
+    def read(self, i: int):
+        raise NotImplementedError
+
+    def augment(self, item, g: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
 
     def _permutation(self, epoch: int) -> list[int]:
         if epoch != self._perm_epoch:
@@ -74,15 +84,25 @@ class CropStream(Dataset):
             if i in self._bad:
                 continue
             try:
-                img = self.src.load(i)
-            except BadImage as e:
+                item = self.read(i)
+            except BadImage as e:  # BadVideo too: too short, unreadable, corrupt
                 self._bad.add(i)
                 bad.append(str(e))
                 continue
             g = torch.Generator().manual_seed(mix_seed(self.seed, k))
-            return {"pixels": random_crop(img, self.cfg, g), "bad": bad}
-        raise RuntimeError(f"data.source={self.cfg.source}: none of the {n} images could be decoded; "
-                           f"first errors: {bad[:3]}")
+            return {"pixels": self.augment(item, g), "bad": bad}
+        raise MissingInputError(f"data.source={self.cfg.source}: none of the {n} {self.what} could be read; "
+                                f"first errors: {bad[:3]}")
+
+
+class CropStream(PermutedStream):
+    """Item k: an augmented crop of image perm_{k // N}[k % N]; bad images replaced by the next one."""
+
+    def read(self, i: int) -> Image.Image:
+        return self.src.load(i)
+
+    def augment(self, img: Image.Image, g: torch.Generator) -> torch.Tensor:
+        return random_crop(img, self.cfg, g)
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
