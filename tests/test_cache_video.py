@@ -266,7 +266,6 @@ def test_a_clip_out_of_memory_is_listed_naming_tiling_and_retried_on_the_next_ru
     assert m["this_run"]["rows_encoded"] == 1 and m["counts"]["rows"] == 3 and not m["failures"]
 
 
-@pytest.mark.slow  # ~18 s on the 2-core CPU: two 64-px encodes
 def test_tiled_latents_are_the_classs_own_tiled_encode_and_near_the_untiled(tmp_path):
     """--tiling --tile-size 32 on 64-px frames runs the class's own tiled encode (tiles of 32 px, stride 24 =
     model._video_tiling's three quarters). Measured on this tiny random Wan (fp32, 5 frames, 64x64, latents of
