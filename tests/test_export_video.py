@@ -68,6 +68,7 @@ def test_factors_measured_on_clips_give_unit_latents_under_the_pipeline_formula(
         assert flat.mean(1).abs().max() < 1e-3 and (flat.std(1, correction=0) - 1).abs().max() < 1e-3
     meta = json.loads((out / "latentvae_export.json").read_text())
     assert meta["scaling_measured"] and meta["family"] == name
+    assert f"Measured on 3 clips of {FRAMES[name]} frames" in (out / "README.md").read_text()
 
 
 def test_calibrating_a_video_vae_on_clips_off_its_rule_is_one_line(videos, tmp_path, capsys):

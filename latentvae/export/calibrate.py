@@ -111,13 +111,20 @@ class LatentStats:
     source: str
     skipped: tuple[str, ...]  # images that could not be decoded
     sample_latents: Optional[torch.Tensor] = None  # (k, C, h, w) VAE latents (posterior means), for fp16_check
+    frames: int = 0  # a video source: `images` counts clips of this many frames (0: images)
+
+    @property
+    def inputs(self) -> str:
+        """What was measured on, in words: "6 images" or "3 clips of 17 frames"."""
+        return f"{self.images} clips of {self.frames} frames" if self.frames else f"{self.images} images"
 
     def to_dict(self) -> dict:
         h = self.health
         return {**self.entries, "convention": self.convention, "formula": CONVENTIONS[self.convention],
                 "measured": CONSUMER_WORDS[self.consumer], "patchified": self.patch > 1,
                 "channel_mean": list(self.channel_mean), "channel_std": list(self.channel_std),
-                "mean": self.mean, "std": self.std, "images": self.images, "resolution": self.resolution,
+                "mean": self.mean, "std": self.std, "images": self.images, "frames": self.frames or None,
+                "inputs": self.inputs, "resolution": self.resolution,
                 "source": self.source, "skipped": list(self.skipped),
                 "health": {"channel_std": list(h.channel_std), "channel_kl": h.channel_kl and list(h.channel_kl),
                            "kl_per_element": h.kl_per_element, "dead_channels": list(h.dead_channels),
@@ -214,7 +221,7 @@ def calibrate(lv: LoadedVae, cfg: CalibrationConfig) -> LatentStats:
     consumer = fam.consumer if lv.stochastic or fam.consumer == "latent" else "mode"
     return LatentStats(convention, entries, tuple(channel_mean.tolist()), tuple(channel_std.tolist()), g_mean, g_std,
                        consumer, fam.patch, health(posterior), n, cfg.resolution, cfg.source, tuple(skipped),
-                       torch.cat(kept)[:cfg.keep_latents] if kept else None)
+                       torch.cat(kept)[:cfg.keep_latents] if kept else None, cfg.frames if video else 0)
 
 
 def _eps(lv: LoadedVae) -> dict:
@@ -231,7 +238,7 @@ def format_stats(s: LatentStats) -> str:
     written = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k} per channel" for k, v in s.entries.items()
                         if v is not None and k != "batch_norm_eps")
     view = f"{s.patch}x{s.patch}-patchified latent, " if s.patch > 1 else ""
-    lines = [f"latent statistics ({s.convention} convention: {CONVENTIONS[s.convention]}; {s.images} images at "
+    lines = [f"latent statistics ({s.convention} convention: {CONVENTIONS[s.convention]}; {s.inputs} at "
              f"{s.resolution}px from {s.source}; measured on {view}{CONSUMER_WORDS[s.consumer]}, as its pipelines "
              "take it):",
              f"  entries: {written}",

@@ -68,7 +68,7 @@ def scaling_section(meta: dict[str, Any]) -> list[str]:
                 "images.", "", *_entries(factors)]
     kl = stats["health"]["kl_per_element"]
     view = "the 2x2-patchified latent (per patchified channel), " if stats["patchified"] else ""
-    lines = [f"Measured on {stats['images']} images ({stats['resolution']}px, `{stats['source']}`), on {view}"
+    lines = [f"Measured on {stats.get('inputs') or str(stats['images']) + ' images'} ({stats['resolution']}px, `{stats['source']}`), on {view}"
              f"{stats['measured']}, as its pipelines take it. {said} The entries below give latents of mean 0 "
              "and std 1 under it on those images (sd never shifts: std 1 only).", "", f"Written to: {where}.", "",
              *_entries(factors), "",
