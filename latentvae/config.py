@@ -23,6 +23,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from .options import OptionError, apply, opt
+from .options.fields import parse_size
 
 ConfigError = OptionError  # a configuration key, type or value that cannot be used
 
@@ -384,10 +385,7 @@ def frame_size(d: DataConfig) -> tuple[int, int]:
     """data.frame_size as (H, W); data.resolution square without it."""
     if d.frame_size is None:
         return d.resolution, d.resolution
-    parts = str(d.frame_size).lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise ConfigError(f"data.frame_size={d.frame_size!r}: expected HEIGHTxWIDTH in pixels, e.g. 480x832")
-    return int(parts[0]), int(parts[1])
+    return parse_size(d.frame_size, "data.frame_size")
 
 
 # families whose blocks normalize with GroupNorm(model.norm_num_groups); Qwen-Image and Wan use RMS norms

@@ -2,22 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-import re
 from typing import Literal, Optional, Union
 
 from .common import DATA_HELP, PRECISION_HELP, VAE_HELP, DataKind, Precision, _check_tile_size, _positive
-from .fields import REQUIRED, OptionError, opt
+from .fields import REQUIRED, OptionError, opt, parse_size
 
 
 def resolution_hw(value: Union[int, str]) -> tuple[int, int]:
-    """--resolution as (H, W): N is N x N, "HxW" (or "H,W") is H x W; OptionError for anything else."""
-    if isinstance(value, int):
-        return value, value
-    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX,]\s*(\d+))?\s*", str(value))
-    if not m:
-        raise OptionError(f"--resolution {value!r}: expected a side N or HEIGHTxWIDTH (e.g. 480x832)")
-    h = int(m.group(1))
-    return h, int(m.group(2) or h)
+    """--resolution as (H, W): N is N x N, "HxW" (or "H,W") is H x W (fields.parse_size)."""
+    return parse_size(value, "--resolution")
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,11 @@
 """`latentvae evaluate`, `latentvae probe` and `latentvae demo ...`: the options of the jobs that compare VAEs."""
 from __future__ import annotations
 
-import re
-
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 from .common import DATA_HELP, PRECISION_HELP, VAE_HELP, DataKind, Precision, _check_tile_size, _positive
-from .fields import REQUIRED, OptionError, opt
+from .fields import REQUIRED, OptionError, opt, parse_size
 
 
 @dataclass(frozen=True)
@@ -74,12 +72,8 @@ class EvaluateOptions:
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
-    """--resolution: `HxW` (480x832) or one side (256: a square) -> (H, W)."""
-    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
-    if not m or int(m[1]) < 1 or (m[2] is not None and int(m[2]) < 1):
-        raise OptionError(f"--resolution {text!r}: expected HxW (e.g. 480x832) or one side (e.g. 256)")
-    h = int(m[1])
-    return h, int(m[2]) if m[2] is not None else h
+    """--resolution: `HxW` (480x832) or one side (256: a square) -> (H, W) (fields.parse_size)."""
+    return parse_size(text, "--resolution")
 
 
 @dataclass(frozen=True)

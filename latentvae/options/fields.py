@@ -16,12 +16,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import MISSING, field, fields, replace
 from typing import Any, Literal, Optional
 
 from ..errors import UserError
+
+
+def parse_size(value, label: str) -> tuple[int, int]:
+    """A frame size as (H, W): N (or "N") is N x N, "HxW" or "H,W" is H x W, sides >= 1; OptionError naming
+    `label` (the flag or key) otherwise. The one parser of --resolution HxW and data.frame_size."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX,]\s*(\d+)\s*)?", str(value)) if isinstance(value, str) else None
+    if not m or int(m[1]) < 1 or (m[2] is not None and int(m[2]) < 1):
+        raise OptionError(f"{label} {value!r}: expected a side N or HEIGHTxWIDTH in pixels (e.g. 480x832)")
+    return int(m[1]), int(m[2] or m[1])
 
 
 class OptionError(UserError, ValueError):
