@@ -108,14 +108,15 @@ def test_full_fine_tune_trains_the_encoder_too_with_the_kl_term(name, folders, i
 
 # ----------------------------------------------------------------------------- resume, export
 def _resume_and_export(cfg, tmp_path, name):
-    """Train 4 steps (checkpoints at 2 and 4), and again from the step-2 checkpoint: the same step-4
-    checkpoint bit for bit. Then `latentvae export RUN --out OUT` and the class's own from_pretrained."""
+    """Train cfg.train.steps steps, and again from the checkpoint before the last: the same final checkpoint
+    bit for bit. Then `latentvae export RUN --out OUT` and the class's own from_pretrained."""
+    steps = cfg.train.steps
     fresh_trainer(cfg, tmp_path / "a").run()
-    full = ckpt.final_dir(tmp_path / "a", 4)
+    full = ckpt.final_dir(tmp_path / "a", steps)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    shutil.rmtree(ckpt.final_dir(tmp_path / "b", 4))
+    shutil.rmtree(ckpt.final_dir(tmp_path / "b", steps))
     fresh_trainer(cfg, tmp_path / "b", resume="latest").run()
-    assert_same_checkpoint(full, ckpt.final_dir(tmp_path / "b", 4),
+    assert_same_checkpoint(full, ckpt.final_dir(tmp_path / "b", steps),
                            {"model.safetensors", "ema.safetensors", "disc.safetensors", "optim-g.safetensors"})
 
     cli.main(["export", str(tmp_path / "a"), "--out", str(tmp_path / "out")])

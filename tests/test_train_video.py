@@ -24,13 +24,12 @@ import torch
 from conftest import REPO, fresh_trainer, tiny_overrides
 from families import VIDEO_FAMILY_NAMES, VIDEO_STEP, save_folder, tiny_video_vae
 from helpers_ckpt import assert_same_checkpoint
-from latentvae import cli
 from latentvae import runs as ckpt
 from latentvae.config import load_config
 from latentvae.train.clips import draw_cut
 from latentvae.train.step import train_step
 from latentvae.vae.families import family
-from test_train_families import DECODER, _train, _worker
+from test_train_families import DECODER, _resume_and_export, _train, _worker
 from videos import broken_video, moving_shapes
 
 PINNED = {"train.mixed_precision": "no", "train.channels_last": "false", "train.cpu_threads": "2",
@@ -136,19 +135,7 @@ def test_a_clip_run_resumes_bit_exactly_and_exports_a_folder_its_class_loads(fol
     """Latent tiles, LPIPS frames and the GAN's frames are drawn each step: the resumed run draws the same."""
     name = "cogvideox"
     cfg = _config(videos, folders, name, **{**RUN, "train.steps": "2", "train.save_every": "1"})
-    fresh_trainer(cfg, tmp_path / "a").run()
-    full = ckpt.final_dir(tmp_path / "a", 2)
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    shutil.rmtree(ckpt.final_dir(tmp_path / "b", 2))
-    fresh_trainer(cfg, tmp_path / "b", resume="latest").run()
-    assert_same_checkpoint(full, ckpt.final_dir(tmp_path / "b", 2),
-                           {"model.safetensors", "ema.safetensors", "disc.safetensors", "optim-g.safetensors"})
-    cli.main(["export", str(tmp_path / "a"), "--out", str(tmp_path / "out")])
-    exported = family(name).cls.from_pretrained(str(tmp_path / "out"))
-    assert type(exported) is family(name).cls
-    ema = ckpt.load_tensors(full / "ema.safetensors")
-    for k, v in exported.named_parameters():
-        assert torch.equal(v, ema[k]), k
+    _resume_and_export(cfg, tmp_path, name)
 
 
 def test_a_clip_run_killed_with_sigkill_resumes_bit_exactly(folders, videos, tmp_path):
